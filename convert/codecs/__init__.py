@@ -1,0 +1,28 @@
+"""One codec per GGML block type, looked up by `codec(qtype)` (a GGMLQuantizationType or its name)."""
+
+from __future__ import annotations
+
+from gguf import GGMLQuantizationType
+
+from .base import AffineGrid, Codec
+
+CODECS: dict[GGMLQuantizationType, Codec] = {}
+
+
+def register(cls: type[Codec]) -> type[Codec]:
+    CODECS[cls.qtype] = cls()
+    return cls
+
+
+def codec(qtype: GGMLQuantizationType | str) -> Codec:
+    if isinstance(qtype, str):
+        qtype = GGMLQuantizationType[qtype]
+    try:
+        return CODECS[qtype]
+    except KeyError:
+        raise ValueError(f"no codec for {qtype.name}; have {', '.join(t.name for t in CODECS)}") from None
+
+
+__all__ = ["AffineGrid", "Codec", "CODECS", "codec", "register"]
+
+# Codec modules register themselves on import (one line each, keep sorted).

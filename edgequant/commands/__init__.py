@@ -1,0 +1,1 @@
+"""Subcommands of the `edgequant` CLI, one module each (see edgequant.cli)."""

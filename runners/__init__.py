@@ -1,0 +1,1 @@
+"""llama.cpp drivers: run, eval, bench, parity (installed as edgequant.runners)."""
