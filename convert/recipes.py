@@ -1,0 +1,276 @@
+"""Which GGML type each tensor gets for a llama.cpp file type ("recipe"), as a pure function.
+
+`tensor_type` reproduces the choice `llama-quantize in.gguf out.gguf <FTYPE>` makes per tensor
+(llama.cpp src/llama-quant.cpp: the default type of the ftype, the per-role bumps, the output/embedding
+rule and the fallback for rows that do not split into whole blocks), so that a GGUF we write at a
+given --target mixes types exactly like llama.cpp's own file of that name.
+
+Layer positions: llama.cpp walks tensors sorted by block number and counts attn_v-like and ffn_down
+tensors as it goes; its "is this one of the first/last layers" tests use those running counters.
+With exactly one such tensor per block (every dense model) the counter equals the block index, so
+here the caller passes `layer` (the N of `blk.N.`) and `n_layers` (the block count) directly.
+
+Reproduced for dense Llama/Mistral/Qwen2/Qwen3 GGUFs, plus the cheap model-wide bumps (the
+"70B" attn_v bump, the 8-expert attention bumps). Not reproduced: IQ*/TQ*/MXFP4/Q2_K_S recipes,
+Falcon-specific branches, --pure, --tensor-type/--output-tensor-type/--token-embedding-type
+overrides and --leave-output-tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import gguf
+
+from edgequant.errors import UserError
+
+Q = gguf.GGMLQuantizationType
+_FT = gguf.LlamaFileType
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """The model facts the recipes look at."""
+
+    n_head: int
+    n_head_kv: int
+    has_output: bool = True  # False when token_embd doubles as the output projection (tied embeddings)
+    n_expert: int = 0
+    name: str = "llama"  # GGUF general.architecture
+
+    @property
+    def gqa(self) -> int:
+        """Query heads per KV head, integer-divided as llama.cpp does (0 without KV heads)."""
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+
+@dataclass(frozen=True)
+class _Spot:
+    """Where a per-block tensor sits: what a rule may depend on."""
+
+    layer: int
+    n_layers: int
+    arch: ArchFacts
+    has_imatrix: bool
+
+
+# A rule gives the role's type for one tensor, or None to keep the recipe's default type.
+_Rule = Callable[[_Spot], "Q | None"]
+
+
+def _more_bits(s: _Spot) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the blocks, and every third one between."""
+    i, n = s.layer, s.n_layers
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _below(fraction: int) -> Callable[[_Spot], bool]:
+    """True for the first n_layers // fraction blocks."""
+    return lambda s: s.layer < s.n_layers // fraction
+
+
+def _first(count: int) -> Callable[[_Spot], bool]:
+    """True for the first `count` blocks."""
+    return lambda s: s.layer < count
+
+
+def _gqa_at_least(k: int) -> Callable[[_Spot], bool]:
+    return lambda s: s.arch.gqa >= k
+
+
+def _with_imatrix_below(fraction: int) -> Callable[[_Spot], bool]:
+    return lambda s: s.has_imatrix and s.layer < s.n_layers // fraction
+
+
+def _pick(test: Callable[[_Spot], bool], then: Q, otherwise: Q | None = None) -> _Rule:
+    return lambda s: then if test(s) else otherwise
+
+
+def _always(qtype: Q) -> _Rule:
+    return lambda s: qtype
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    file_type: gguf.LlamaFileType  # written to general.file_type
+    base: Q  # what every quantizable tensor gets unless a rule says otherwise
+    rules: Mapping[str, _Rule] = field(default_factory=dict)  # role -> rule
+
+
+# Roles with rules: "attn_v" (also fused attn_qkv and MLA attn_kv_b: llama.cpp routes them through its
+# attn_v branch first, so its separate attn_qkv branch never fires), "ffn_down", "attn_output".
+# attn_q/ffn_gate/ffn_up only move in the IQ recipes (not reproduced).
+_RECIPES: dict[str, _Recipe] = {
+    "F32": _Recipe(_FT.ALL_F32, Q.F32),
+    "F16": _Recipe(_FT.MOSTLY_F16, Q.F16),
+    "BF16": _Recipe(_FT.MOSTLY_BF16, Q.BF16),
+    "Q8_0": _Recipe(_FT.MOSTLY_Q8_0, Q.Q8_0),
+    # With an imatrix, the first eighth of ffn_down goes to the 1-variant (guards early-layer outliers).
+    "Q4_0": _Recipe(_FT.MOSTLY_Q4_0, Q.Q4_0, {"ffn_down": _pick(_with_imatrix_below(8), Q.Q4_1)}),
+    "Q4_1": _Recipe(_FT.MOSTLY_Q4_1, Q.Q4_1),
+    "Q5_0": _Recipe(_FT.MOSTLY_Q5_0, Q.Q5_0, {"ffn_down": _pick(_with_imatrix_below(8), Q.Q5_1)}),
+    "Q5_1": _Recipe(_FT.MOSTLY_Q5_1, Q.Q5_1),
+    "Q2_K": _Recipe(_FT.MOSTLY_Q2_K, Q.Q2_K, {
+        "attn_v": _pick(_gqa_at_least(4), Q.Q4_K, Q.Q3_K),
+        "ffn_down": _always(Q.Q3_K),
+        "attn_output": _always(Q.Q3_K),
+    }),
+    "Q3_K_S": _Recipe(_FT.MOSTLY_Q3_K_S, Q.Q3_K),
+    "Q3_K_M": _Recipe(_FT.MOSTLY_Q3_K_M, Q.Q3_K, {
+        "attn_v": _pick(_first(2), Q.Q5_K, Q.Q4_K),
+        "ffn_down": _pick(_below(16), Q.Q5_K, Q.Q4_K),
+        "attn_output": _always(Q.Q4_K),
+    }),
+    "Q3_K_L": _Recipe(_FT.MOSTLY_Q3_K_L, Q.Q3_K, {
+        "attn_v": _always(Q.Q5_K),
+        "ffn_down": _always(Q.Q5_K),
+        "attn_output": _always(Q.Q5_K),
+    }),
+    "Q4_K_S": _Recipe(_FT.MOSTLY_Q4_K_S, Q.Q4_K, {
+        "attn_v": _pick(_first(4), Q.Q5_K),
+        "ffn_down": _pick(_below(8), Q.Q5_K),
+    }),
+    "Q4_K_M": _Recipe(_FT.MOSTLY_Q4_K_M, Q.Q4_K, {
+        "attn_v": _pick(_more_bits, Q.Q6_K),
+        "ffn_down": _pick(_more_bits, Q.Q6_K),
+    }),
+    "Q5_K_S": _Recipe(_FT.MOSTLY_Q5_K_S, Q.Q5_K),
+    "Q5_K_M": _Recipe(_FT.MOSTLY_Q5_K_M, Q.Q5_K, {
+        "attn_v": _pick(_more_bits, Q.Q6_K),
+        "ffn_down": _pick(_more_bits, Q.Q6_K),
+    }),
+    "Q6_K": _Recipe(_FT.MOSTLY_Q6_K, Q.Q6_K),
+}
+
+#: --target names -> the GGUF general.file_type value llama-quantize writes for them.
+FTYPES: Mapping[str, gguf.LlamaFileType] = MappingProxyType({k: r.file_type for k, r in _RECIPES.items()})
+
+_UNQUANTIZED = frozenset({Q.F32, Q.F16, Q.BF16})
+
+# With 8 experts, these ftypes put attn_output at Q5_K (and attn_v/attn_k always go to Q8_0).
+_EIGHT_EXPERT_Q5K_ATTN_OUTPUT = frozenset({"Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"})
+
+# Where a type whose block does not divide a row goes instead (then F16 if that does not fit either).
+_SMALLER_BLOCK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+# Substring -> role, first match wins (llama.cpp's tensor categories, reduced to the roles used here).
+_ROLE_BY_SUBSTRING = (
+    ("attn_qkv.weight", "attn_v"),
+    ("attn_kv_b.weight", "attn_v"),
+    ("attn_v.weight", "attn_v"),
+    ("attn_k.weight", "attn_k"),
+    ("attn_output.weight", "attn_output"),
+    ("ffn_down", "ffn_down"),
+)
+_EMBEDDING_NAMES = frozenset({"token_embd.weight", "per_layer_token_embd.weight"})
+
+
+def _role(name: str) -> str:
+    """The recipe role of a GGUF tensor name: "output", "token_embd", a _ROLE_BY_SUBSTRING role, or "other"."""
+    if name == "output.weight":
+        return "output"
+    if name in _EMBEDDING_NAMES:
+        return "token_embd"
+    return next((role for part, role in _ROLE_BY_SUBSTRING if part in name), "other")
+
+
+def tensor_type(
+    name: str,
+    layer: int | None,
+    n_layers: int,
+    ftype: str,
+    shape: tuple[int, ...],
+    arch: ArchFacts,
+    *,
+    has_imatrix: bool = False,
+) -> Q:
+    """The GGML type llama-quantize gives tensor `name` (numpy `shape`) in a file of type `ftype`.
+
+    `layer` is the block index of a `blk.N.` tensor (None for others), `n_layers` the block count.
+    `has_imatrix` matters only for Q4_0/Q5_0 (first eighth of ffn_down). Tensors llama.cpp never
+    quantizes (norms, biases, 1-D, MoE routers) come back F32: the type our converter stores them in
+    (llama.cpp keeps their source type).
+    """
+    recipe = _recipe(ftype)
+    if not _is_quantizable(name, shape):
+        return Q.F32
+    if recipe.base in _UNQUANTIZED:
+        return recipe.base
+    ncols = shape[-1]
+    role = _role(name)
+    if role == "output" or (role == "token_embd" and not arch.has_output):
+        chosen = _output_type(recipe.base, ncols)
+    elif role == "token_embd":
+        chosen = recipe.base
+    else:
+        chosen = _block_tensor_type(role, ftype, recipe, layer, n_layers, arch, has_imatrix, name)
+    return _fit_rows(chosen, ncols)
+
+
+def _recipe(ftype: str) -> _Recipe:
+    try:
+        return _RECIPES[ftype]
+    except KeyError:
+        raise UserError(f"unknown target type {ftype!r}; choose one of: {', '.join(_RECIPES)}") from None
+
+
+def _is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """llama.cpp quantizes only weights with >= 2 non-trivial dims (ggml_n_dims), except norms and routers."""
+    leading_ones = next((i for i, n in enumerate(shape) if n > 1), len(shape))
+    n_dims = max(1, len(shape) - leading_ones)
+    return (
+        n_dims >= 2
+        and name.endswith("weight")
+        and "_norm.weight" not in name
+        and "ffn_gate_inp.weight" not in name
+    )
+
+
+def _output_type(base: Q, ncols: int) -> Q:
+    """The output projection (and a tied token_embd): Q6_K, or Q8_0 for Q8_0 files and odd row lengths."""
+    if base == Q.Q8_0 or ncols % _block(base):
+        return Q.Q8_0
+    return Q.Q6_K
+
+
+def _block_tensor_type(
+    role: str, ftype: str, recipe: _Recipe, layer: int | None, n_layers: int,
+    arch: ArchFacts, has_imatrix: bool, name: str,
+) -> Q:
+    rule = recipe.rules.get(role)
+    chosen = None
+    if rule is not None:
+        if layer is None:
+            raise ValueError(f"{name}: the {ftype} rule for {role} needs the block index")
+        chosen = rule(_Spot(layer, n_layers, arch, has_imatrix))
+    if chosen is None:
+        chosen = recipe.base
+    if role == "attn_v" and _is_70b(arch, n_layers) and chosen in (Q.Q3_K, Q.Q4_K):
+        chosen = Q.Q5_K  # 8 query heads share each V head: more bits are nearly free
+    if arch.n_expert == 8:
+        if role in ("attn_v", "attn_k"):
+            chosen = Q.Q8_0
+        elif role == "attn_output":
+            chosen = Q.Q5_K if ftype in _EIGHT_EXPERT_Q5K_ATTN_OUTPUT else recipe.base
+    return chosen
+
+
+def _is_70b(arch: ArchFacts, n_layers: int) -> bool:
+    """llama.cpp's LLM_TYPE_70B for the architectures handled here (Llama-2/3 70B, Qwen2-72B)."""
+    if n_layers != 80:
+        return False
+    return arch.name == "qwen2" or (arch.name == "llama" and arch.n_head != arch.n_head_kv)
+
+
+def _block(qtype: Q) -> int:
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def _fit_rows(qtype: Q, ncols: int) -> Q:
+    """Fall back to a smaller-block type when a row (ncols = GGUF ne[0]) is not a whole number of blocks."""
+    if ncols % _block(qtype) == 0:
+        return qtype
+    fallback = _SMALLER_BLOCK.get(qtype, qtype)
+    return fallback if ncols % _block(fallback) == 0 else Q.F16

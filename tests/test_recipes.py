@@ -1,0 +1,268 @@
+"""Per-tensor type choice (edgequant.convert.recipes) against hand-derived tables and llama.cpp itself.
+
+The tables spell out llama.cpp's recipes for a few model shapes; the oracle tests then quantize tiny
+synthetic GGUFs with llama.cpp's own llama_model_quantize (libllama from llama-cpp-python) and compare
+every tensor's type with ours, for every ftype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import pytest
+
+from edgequant.convert.recipes import FTYPES, ArchFacts, tensor_type
+from edgequant.errors import UserError
+
+Q = gguf.GGMLQuantizationType
+
+BLOCK_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A dense model's shape: enough to name and shape every tensor."""
+
+    n_layers: int
+    n_head: int
+    n_head_kv: int
+    hidden: int
+    ffn: int
+    tied: bool = False
+    arch: str = "llama"
+    n_expert: int = 0
+
+    @property
+    def facts(self) -> ArchFacts:
+        return ArchFacts(self.n_head, self.n_head_kv, not self.tied, self.n_expert, self.arch)
+
+    def ncols(self, role: str) -> int:
+        return self.ffn if role == "ffn_down" else self.hidden
+
+    def tensors(self, rows: int = 4) -> list[tuple[str, int | None, tuple[int, ...]]]:
+        """(GGUF name, block index, numpy shape); `rows` is free: recipes only look at row length."""
+        out = [("token_embd.weight", None, (rows, self.hidden)), ("output_norm.weight", None, (self.hidden,))]
+        if not self.tied:
+            out.append(("output.weight", None, (rows, self.hidden)))
+        for i in range(self.n_layers):
+            out += [(f"blk.{i}.{r}.weight", i, (rows, self.ncols(r))) for r in BLOCK_ROLES]
+            out += [(f"blk.{i}.{n}.weight", i, (self.hidden,)) for n in ("attn_norm", "ffn_norm")]
+        return out
+
+    def type_of(self, ftype: str, name: str, layer: int | None = None, **kw) -> Q:
+        shape = {n: s for n, _, s in self.tensors()}[name]
+        return tensor_type(name, layer, self.n_layers, ftype, shape, self.facts, **kw)
+
+
+GQA8 = Model(n_layers=8, n_head=8, n_head_kv=2, hidden=512, ffn=1536)  # gqa 4, untied
+MHA2_TIED = Model(n_layers=2, n_head=4, n_head_kv=4, hidden=512, ffn=1536, tied=True)  # gqa 1
+# rows of 544/1440 split into 32-blocks only; 1000 not even that
+ODD = Model(n_layers=2, n_head=4, n_head_kv=4, hidden=544, ffn=1440)
+ODDER = Model(n_layers=2, n_head=4, n_head_kv=4, hidden=544, ffn=1000, tied=True)
+
+K2, K3, K4, K5, K6 = Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K
+
+# ftype -> role -> types at GQA8's layers 0, 1, 3, 4, 7 (use_more_bits(i, 8) holds for 0, 3, 6, 7).
+GQA8_LAYERS = (0, 1, 3, 4, 7)
+GQA8_TABLE = {
+    "Q2_K": {"attn_v": (K4,) * 5, "ffn_down": (K3,) * 5, "attn_output": (K3,) * 5, "attn_q": (K2,) * 5},
+    "Q3_K_S": {"attn_v": (K3,) * 5, "ffn_down": (K3,) * 5, "attn_output": (K3,) * 5, "ffn_up": (K3,) * 5},
+    "Q3_K_M": {"attn_v": (K5, K5, K4, K4, K4), "ffn_down": (K4,) * 5, "attn_output": (K4,) * 5, "attn_k": (K3,) * 5},
+    "Q3_K_L": {"attn_v": (K5,) * 5, "ffn_down": (K5,) * 5, "attn_output": (K5,) * 5, "ffn_gate": (K3,) * 5},
+    "Q4_K_S": {"attn_v": (K5, K5, K5, K4, K4), "ffn_down": (K5, K4, K4, K4, K4), "attn_output": (K4,) * 5},
+    "Q4_K_M": {"attn_v": (K6, K4, K6, K4, K6), "ffn_down": (K6, K4, K6, K4, K6), "attn_q": (K4,) * 5},
+    "Q5_K_S": {"attn_v": (K5,) * 5, "ffn_down": (K5,) * 5},
+    "Q5_K_M": {"attn_v": (K6, K5, K6, K5, K6), "ffn_down": (K6, K5, K6, K5, K6), "ffn_up": (K5,) * 5},
+    "Q6_K": {"attn_v": (K6,) * 5, "ffn_down": (K6,) * 5},
+    "Q8_0": {"attn_v": (Q.Q8_0,) * 5, "ffn_down": (Q.Q8_0,) * 5},
+    "Q4_0": {"attn_v": (Q.Q4_0,) * 5, "ffn_down": (Q.Q4_0,) * 5},
+    "Q4_1": {"attn_v": (Q.Q4_1,) * 5, "ffn_down": (Q.Q4_1,) * 5},
+    "Q5_0": {"attn_v": (Q.Q5_0,) * 5, "ffn_down": (Q.Q5_0,) * 5},
+    "Q5_1": {"attn_v": (Q.Q5_1,) * 5, "ffn_down": (Q.Q5_1,) * 5},
+    "F16": {"attn_v": (Q.F16,) * 5, "ffn_down": (Q.F16,) * 5},
+    "BF16": {"attn_v": (Q.BF16,) * 5, "attn_q": (Q.BF16,) * 5},
+    "F32": {"attn_v": (Q.F32,) * 5, "ffn_down": (Q.F32,) * 5},
+}
+
+# ftype -> (output, token_embd) for GQA8 (untied): output goes to Q6_K unless the file is Q8_0 or unquantized.
+GQA8_ENDS = {
+    "Q2_K": (K6, K2), "Q3_K_S": (K6, K3), "Q3_K_M": (K6, K3), "Q3_K_L": (K6, K3), "Q4_K_S": (K6, K4),
+    "Q4_K_M": (K6, K4), "Q5_K_S": (K6, K5), "Q5_K_M": (K6, K5), "Q6_K": (K6, K6), "Q8_0": (Q.Q8_0, Q.Q8_0),
+    "Q4_0": (K6, Q.Q4_0), "Q4_1": (K6, Q.Q4_1), "Q5_0": (K6, Q.Q5_0), "Q5_1": (K6, Q.Q5_1),
+    "F16": (Q.F16, Q.F16), "BF16": (Q.BF16, Q.BF16), "F32": (Q.F32, Q.F32),
+}
+
+# ftype -> (attn_v, ffn_down) at MHA2_TIED's layers 0 and 1 (use_more_bits(i, 2) only for 1; gqa 1), and
+# the tied token_embd, which takes the output rules.
+MHA2_TABLE = {
+    "Q2_K": ((K3, K3), (K3, K3), K6),
+    "Q3_K_M": ((K5, K5), (K4, K4), K6),
+    "Q3_K_L": ((K5, K5), (K5, K5), K6),
+    "Q4_K_S": ((K5, K5), (K4, K4), K6),
+    "Q4_K_M": ((K4, K6), (K4, K6), K6),
+    "Q5_K_M": ((K5, K6), (K5, K6), K6),
+    "Q4_0": ((Q.Q4_0, Q.Q4_0), (Q.Q4_0, Q.Q4_0), K6),
+    "Q8_0": ((Q.Q8_0, Q.Q8_0), (Q.Q8_0, Q.Q8_0), Q.Q8_0),
+    "F16": ((Q.F16, Q.F16), (Q.F16, Q.F16), Q.F16),
+}
+
+# Rows that are not whole 256-blocks: (model, ftype, name, layer, expected).
+FALLBACKS = [
+    (ODD, "Q4_K_M", "blk.1.attn_q.weight", 1, Q.Q5_0),  # Q4_K -> Q5_0
+    (ODD, "Q4_K_M", "blk.1.attn_v.weight", 1, Q.Q8_0),  # more_bits: Q6_K -> Q8_0
+    (ODD, "Q4_K_M", "blk.0.ffn_down.weight", 0, Q.Q5_0),
+    (ODD, "Q4_K_M", "output.weight", None, Q.Q8_0),  # row not a Q4_K row -> output straight to Q8_0
+    (ODD, "Q4_K_M", "token_embd.weight", None, Q.Q5_0),
+    (ODD, "Q5_K_S", "blk.0.attn_k.weight", 0, Q.Q5_1),
+    (ODD, "Q2_K", "blk.0.ffn_up.weight", 0, Q.Q4_0),
+    (ODD, "Q2_K", "blk.0.attn_output.weight", 0, Q.Q4_0),  # Q3_K -> Q4_0
+    (ODD, "Q3_K_L", "blk.0.attn_v.weight", 0, Q.Q5_1),  # Q5_K -> Q5_1
+    (ODD, "Q6_K", "blk.0.ffn_gate.weight", 0, Q.Q8_0),
+    (ODD, "Q4_0", "blk.0.attn_q.weight", 0, Q.Q4_0),  # 32-blocks fit
+    (ODD, "Q4_0", "output.weight", None, Q.Q8_0),  # Q6_K -> Q8_0
+    (ODDER, "Q4_K_M", "blk.0.ffn_down.weight", 0, Q.F16),  # 1000 columns: not even Q5_0 fits
+    (ODDER, "Q4_0", "blk.1.ffn_down.weight", 1, Q.F16),
+    (ODDER, "Q8_0", "blk.1.ffn_down.weight", 1, Q.F16),
+    (ODDER, "Q4_K_M", "token_embd.weight", None, Q.Q8_0),  # tied: output rules
+    (ODDER, "F16", "blk.1.ffn_down.weight", 1, Q.F16),
+]
+
+
+@pytest.mark.parametrize("ftype", sorted(GQA8_TABLE))
+def test_gqa8_block_tensors(ftype):
+    for role, expected in GQA8_TABLE[ftype].items():
+        got = tuple(GQA8.type_of(ftype, f"blk.{i}.{role}.weight", i) for i in GQA8_LAYERS)
+        assert got == expected, (ftype, role)
+
+
+@pytest.mark.parametrize("ftype", sorted(GQA8_ENDS))
+def test_gqa8_output_and_untied_embeddings(ftype):
+    output, embd = GQA8_ENDS[ftype]
+    assert GQA8.type_of(ftype, "output.weight") == output
+    assert GQA8.type_of(ftype, "token_embd.weight") == embd
+
+
+@pytest.mark.parametrize("ftype", sorted(MHA2_TABLE))
+def test_two_layer_tied_model(ftype):
+    attn_v, ffn_down, embd = MHA2_TABLE[ftype]
+    assert tuple(MHA2_TIED.type_of(ftype, f"blk.{i}.attn_v.weight", i) for i in (0, 1)) == attn_v
+    assert tuple(MHA2_TIED.type_of(ftype, f"blk.{i}.ffn_down.weight", i) for i in (0, 1)) == ffn_down
+    assert MHA2_TIED.type_of(ftype, "token_embd.weight") == embd
+
+
+@pytest.mark.parametrize(("model", "ftype", "name", "layer", "expected"), FALLBACKS)
+def test_row_length_fallback(model, ftype, name, layer, expected):
+    assert model.type_of(ftype, name, layer) == expected
+
+
+@pytest.mark.parametrize("ftype", sorted(FTYPES))
+def test_norms_and_vectors_stay_f32(ftype):
+    assert GQA8.type_of(ftype, "blk.3.attn_norm.weight", 3) == Q.F32
+    assert GQA8.type_of(ftype, "output_norm.weight") == Q.F32
+    facts = GQA8.facts
+    assert tensor_type("blk.0.attn_q.bias", 0, 8, ftype, (512,), facts) == Q.F32
+    assert tensor_type("blk.0.attn_q_norm.weight", 0, 8, ftype, (1, 64), facts) == Q.F32  # ne = [64, 1]: 1-D
+
+
+def test_imatrix_moves_first_ffn_down_of_q4_0_and_q5_0():
+    assert GQA8.type_of("Q4_0", "blk.0.ffn_down.weight", 0, has_imatrix=True) == Q.Q4_1
+    assert GQA8.type_of("Q5_0", "blk.0.ffn_down.weight", 0, has_imatrix=True) == Q.Q5_1
+    assert GQA8.type_of("Q4_0", "blk.1.ffn_down.weight", 1, has_imatrix=True) == Q.Q4_0
+
+
+def test_fused_qkv_follows_attn_v():
+    got = tensor_type("blk.3.attn_qkv.weight", 3, 8, "Q4_K_M", (1536, 512), GQA8.facts)
+    assert got == Q.Q6_K
+
+
+def test_ftypes_name_the_gguf_file_types():
+    assert FTYPES["Q4_K_M"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert FTYPES["F32"] == gguf.LlamaFileType.ALL_F32
+    assert len(FTYPES) == 17
+
+
+def test_unknown_ftype_is_a_user_error():
+    with pytest.raises(UserError, match="Q4_K_M"):
+        GQA8.type_of("Q4_K_X", "blk.0.attn_v.weight", 0)
+
+
+# --- llama.cpp itself as the reference -------------------------------------------------------------
+
+ORACLE_MODELS = {
+    "gqa8": Model(n_layers=8, n_head=8, n_head_kv=2, hidden=256, ffn=512),
+    "mha2-tied": Model(n_layers=2, n_head=4, n_head_kv=4, hidden=256, ffn=768, tied=True),
+    "gqa32": Model(n_layers=32, n_head=32, n_head_kv=8, hidden=256, ffn=512),
+    "odd3-tied": Model(n_layers=3, n_head=4, n_head_kv=4, hidden=288, ffn=1000, tied=True),
+    "odd5": Model(n_layers=5, n_head=4, n_head_kv=1, hidden=544, ffn=1440),
+    "qwen3-28": Model(n_layers=28, n_head=16, n_head_kv=8, hidden=256, ffn=512, tied=True, arch="qwen3"),
+    "llama-70b": Model(n_layers=80, n_head=64, n_head_kv=8, hidden=256, ffn=512),
+    "qwen2-72b": Model(n_layers=80, n_head=8, n_head_kv=8, hidden=256, ffn=512, arch="qwen2"),
+    "experts8": Model(n_layers=4, n_head=8, n_head_kv=2, hidden=256, ffn=512, n_expert=8),
+}
+
+
+def _write_f16_gguf(path, model: Model) -> None:
+    w = gguf.GGUFWriter(str(path), model.arch)
+    w.add_context_length(64)
+    w.add_embedding_length(model.hidden)
+    w.add_block_count(model.n_layers)
+    w.add_feed_forward_length(model.ffn)
+    w.add_head_count(model.n_head)
+    w.add_head_count_kv(model.n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    if model.n_expert:
+        w.add_expert_count(model.n_expert)
+        w.add_expert_used_count(2)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    rng = np.random.default_rng(0)
+    for name, _, shape in model.tensors():
+        dtype = np.float16 if len(shape) > 1 else np.float32
+        w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _llama_quantize(src, dst, ftype: str, with_imatrix: bool) -> dict[str, Q]:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(FTYPES[ftype])
+    params.nthread = 1
+    if with_imatrix:  # an entry for no tensor: llama.cpp only notes that an imatrix was given
+        data = (ctypes.c_float * 1)(1.0)
+        entries = (llama_cpp.llama_model_imatrix_data * 2)()
+        entries[0].name, entries[0].data, entries[0].size = b"unused", data, 1
+        params.imatrix = entries
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    return {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(dst).tensors}
+
+
+@pytest.fixture(scope="module", params=sorted(ORACLE_MODELS))
+def f16_model(request, tmp_path_factory):
+    model = ORACLE_MODELS[request.param]
+    path = tmp_path_factory.mktemp("recipes") / f"{request.param}-f16.gguf"
+    _write_f16_gguf(path, model)
+    return model, path
+
+
+@pytest.mark.parametrize("ftype", sorted(FTYPES))
+def test_matches_llama_quantize(f16_model, ftype, tmp_path):
+    model, src = f16_model
+    theirs = _llama_quantize(src, tmp_path / "out.gguf", ftype, with_imatrix=False)
+    ours = {name: tensor_type(name, layer, model.n_layers, ftype, shape, model.facts)
+            for name, layer, shape in model.tensors()}
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q5_0", "Q4_K_M"])
+def test_matches_llama_quantize_with_imatrix(ftype, tmp_path):
+    model = ORACLE_MODELS["gqa32"]
+    _write_f16_gguf(tmp_path / "in.gguf", model)
+    theirs = _llama_quantize(tmp_path / "in.gguf", tmp_path / "out.gguf", ftype, with_imatrix=True)
+    ours = {name: tensor_type(name, layer, model.n_layers, ftype, shape, model.facts, has_imatrix=True)
+            for name, layer, shape in model.tensors()}
+    assert ours == theirs
