@@ -56,3 +56,38 @@ def quantize_chunk(qtype: GGMLQuantizationType, w: np.ndarray, importance: np.nd
     written = lib.ggml_quantize_chunk(int(qtype), w.ctypes.data, out.ctypes.data, 0, rows, n, imat)
     assert written == out.nbytes, (written, out.nbytes)
     return out
+
+
+def _row_function(template: str, qtype: GGMLQuantizationType):
+    """libggml-base's row function `template` names for qtype (quantize_row_{}_ref -> quantize_row_q8_K_ref)."""
+    name = template.format(qtype.name.lower().replace("_k", "_K"))
+    fn = getattr(base(), name)
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return fn
+
+
+def quantize_row_ref(qtype: GGMLQuantizationType, w: np.ndarray) -> np.ndarray:
+    """quantize_row_<type>_ref on a (rows, n_per_row) float32 array, for types ggml_quantize_chunk lacks (Q8_K)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    block, size = GGML_QUANT_SIZES[qtype]
+    out = np.zeros((w.shape[0], w.shape[1] // block * size), dtype=np.uint8)
+    _row_function("quantize_row_{}_ref", qtype)(w.ctypes.data, out.ctypes.data, w.size)
+    return out
+
+
+def dequantize_row(qtype: GGMLQuantizationType, raw: np.ndarray) -> np.ndarray:
+    """dequantize_row_<type> on (rows, bytes_per_row) uint8 -> (rows, n_per_row) float32."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    block, size = GGML_QUANT_SIZES[qtype]
+    out = np.zeros((raw.shape[0], raw.shape[1] // size * block), dtype=np.float32)
+    _row_function("dequantize_row_{}", qtype)(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
+def ggml_bytes(qtype: GGMLQuantizationType, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """The bytes ggml writes for qtype: ggml_quantize_chunk, or quantize_row_q8_K_ref for Q8_K (which the chunk
+    function lacks; Q8_K takes no importance)."""
+    if qtype == GGMLQuantizationType.Q8_K:
+        return quantize_row_ref(qtype, w)
+    return quantize_chunk(qtype, w, importance)
