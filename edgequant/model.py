@@ -1,0 +1,61 @@
+"""A source model as llama.cpp will see it: checkpoint + architecture adapter + hyperparameters, tensors by GGUF name."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import arch as archs
+from .checkpoint import Checkpoint, resolve
+from .errors import UserError
+
+LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def layer_of(gguf_name: str) -> int | None:
+    m = LAYER.match(gguf_name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class SourceTensor:
+    gguf_name: str
+    hf_name: str | None  # None for tensors edgequant computes (rope_freqs)
+    shape: tuple[int, ...]
+
+
+class SourceModel:
+    def __init__(self, model: str):
+        self.dir: Path = resolve(model)
+        self.checkpoint = Checkpoint(self.dir)
+        self.arch = archs.for_class(self.checkpoint.architecture)
+        self.hp = self.arch.hparams(self.checkpoint.config)
+        if not ((self.dir / "tokenizer.model").is_file() or (self.dir / "tokenizer.json").is_file()):
+            raise UserError(f"{self.dir}: no tokenizer (neither tokenizer.model nor tokenizer.json)")
+        self.name = self.dir.name
+        self._extra = dict(self.arch.extra_tensors(self.hp))
+        names = self.arch.tensor_map(self.hp.n_layers)
+        self.tensors: dict[str, SourceTensor] = {n: SourceTensor(n, None, a.shape) for n, a in self._extra.items()}
+        for hf_name, entry in self.checkpoint.tensors.items():
+            mapped = self.arch.to_gguf(hf_name, np.empty(0), self.hp, names) if not self._skips(hf_name) else None
+            if mapped is not None:
+                self.tensors[mapped[0]] = SourceTensor(mapped[0], hf_name, entry.shape)
+        self.tensor_names = names
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors.values() if t.hf_name is not None)
+
+    def _skips(self, hf_name: str) -> bool:
+        return hf_name.endswith("rotary_emb.inv_freq") or (self.hp.tied_embeddings and hf_name == "lm_head.weight")
+
+    def load(self, gguf_name: str) -> np.ndarray:
+        """float32 array of one tensor, laid out as llama.cpp expects (Q/K permuted where the arch says so)."""
+        t = self.tensors[gguf_name]
+        if t.hf_name is None:
+            return self._extra[gguf_name]
+        tensor = self.checkpoint.load(t.hf_name).numpy()
+        return self.arch.to_gguf(t.hf_name, tensor, self.hp, self.tensor_names)[1]
