@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ["build", "inspect", "run", "eval", "bench", "parity"]
+COMMANDS = ["build", "inspect"]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,81 @@
+"""`edgequant build`: source model -> per-tensor types from llama.cpp's recipe -> encoded tensors -> one GGUF.
+
+Tensors stream one at a time from the checkpoint into the output file; the file appears only when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+
+from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_output_path
+from .convert.recipes import FTYPES, ArchFacts, tensor_type
+from .errors import UserError
+from .metadata import write_metadata
+from .methods import CalibOptions, Encoder, make_encoder
+from .model import SourceModel, layer_of
+from .progress import Progress
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    plan: list[TensorPlan]
+    n_params: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.plan)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / max(self.n_params, 1)
+
+
+def parse_target(target: str) -> str:
+    name = target.upper()
+    if name not in FTYPES:
+        raise UserError(f"unknown --target {target!r}; choose one of: {', '.join(FTYPES)}")
+    return name
+
+
+def plan_tensors(m: SourceModel, ftype: str, has_imatrix: bool = False) -> list[TensorPlan]:
+    facts = ArchFacts(n_head=m.hp.n_head, n_head_kv=m.hp.n_head_kv, has_output=not m.hp.tied_embeddings, name=m.arch.name)
+    return [
+        TensorPlan(t.gguf_name, t.shape, tensor_type(t.gguf_name, layer_of(t.gguf_name), m.hp.n_layers, ftype, t.shape, facts, has_imatrix=has_imatrix))
+        for t in m.tensors.values()
+    ]
+
+
+def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibOptions | None = None,
+          encoder: Encoder | None = None, quiet: bool = False) -> BuildResult:
+    """`encoder` overrides `method` (tests use it to inject failures)."""
+    t0 = time.perf_counter()
+    ftype = parse_target(target)
+    check_output_path(out)
+    m = SourceModel(model)
+    plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
+    result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
+    result.seconds["load"] = time.perf_counter() - t0
+    with Progress(quiet) as progress:
+        if encoder is None:
+            t1 = time.perf_counter()
+            encoder, result.report = make_encoder(method, m, plan, calib or CalibOptions(), progress)
+            result.seconds["calibrate+solve"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    with atomic_output(out) as tmp, Progress(quiet) as progress:
+        writer = gguf.GGUFWriter(tmp, m.arch.name)
+        write_metadata(writer, m, FTYPES[ftype])
+        stream = StreamingGGUF(writer, plan)
+        task = progress.add_task("encoding", total=len(plan))
+        for t in plan:
+            progress.update(task, description=f"{t.name} → {t.qtype.name}")
+            stream.write(t.name, encoder(t.name, m.load(t.name), t.qtype))
+            progress.advance(task)
+        stream.close()
+    result.seconds["encode+write"] = time.perf_counter() - t1
+    return result

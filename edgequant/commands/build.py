@@ -1,0 +1,80 @@
+"""`edgequant build MODEL --target FTYPE -o OUT.gguf`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ..convert.recipes import FTYPES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="convert (and quantize) a Hugging Face model to GGUF")
+    p.add_argument("model", help="local Hugging Face model directory, or a hub id")
+    p.add_argument("--target", "-t", default="Q4_K_M", metavar="FTYPE", help=f"llama.cpp file type: {', '.join(FTYPES)} (default Q4_K_M)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .gguf path")
+    p.add_argument("--method", choices=["gptq", "imatrix", "rtn"], default="gptq",
+                   help="gptq (default): GPTQ on llama.cpp's grids; imatrix: importance-weighted fit as llama-quantize --imatrix; rtn: as llama-quantize")
+    cal = p.add_argument_group("calibration (gptq, imatrix)")
+    cal.add_argument("--calib", metavar="TEXT", help="text or JSONL file, or a dataset: wikitext2, c4, DATASET[:CONFIG]:SPLIT:COLUMN")
+    cal.add_argument("--calib-samples", type=int, default=128, metavar="N", help="windows of calibration text (default 128)")
+    cal.add_argument("--calib-seqlen", type=int, default=2048, metavar="L", help="tokens per window (default 2048, clipped to the model's context)")
+    cal.add_argument("--seed", type=int, default=0, help="which windows (0: the first N, as llama-imatrix)")
+    cal.add_argument("--imatrix", type=Path, metavar="FILE", help="importance matrix from llama-imatrix (GGUF or legacy .dat) for --method imatrix")
+    cal.add_argument("--device", default="auto", help="torch device for calibration and GPTQ (auto: cuda if available)")
+    g = p.add_argument_group("gptq")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (default 0.01)")
+    g.add_argument("--block-size", type=int, default=128, help="lazy-batch block of columns (default 128)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False, help="columns by descending Hessian diagonal")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..build import build
+
+    result = build(args.model, args.target, args.output, method=args.method, calib=calib_options(args), quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(summary(result)))
+    elif not args.quiet:
+        show(result)
+    return 0
+
+
+def calib_options(args: argparse.Namespace):
+    from ..build import CalibOptions
+    from ..methods import GptqSettings
+
+    return CalibOptions(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
+                        imatrix=args.imatrix, device=args.device,
+                        gptq=GptqSettings(block_size=args.block_size, damp=args.damp, act_order=args.act_order))
+
+
+def summary(r) -> dict:
+    by_type: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
+    for t in r.plan:
+        e = by_type[t.qtype.name]
+        e["tensors"] += 1
+        e["params"] += int(np.prod(t.shape))
+        e["bytes"] += t.nbytes
+    return {"output": str(r.path), "tensors": len(r.plan), "params": r.n_params, "tensor_bytes": r.nbytes,
+            "file_bytes": r.path.stat().st_size, "bits_per_weight": round(r.bits_per_weight, 4),
+            "types": dict(by_type), "seconds": {k: round(v, 3) for k, v in r.seconds.items()}}
+
+
+def show(r) -> None:
+    s = summary(r)
+    table = Table(title=f"{r.path}  ({s['file_bytes'] / 2**20:.1f} MiB, {s['bits_per_weight']:.3f} bits/weight)")
+    for col in ("type", "tensors", "params", "MiB"):
+        table.add_column(col, justify="right" if col != "type" else "left")
+    for name, e in sorted(s["types"].items()):
+        table.add_row(name, str(e["tensors"]), f"{e['params']:,}", f"{e['bytes'] / 2**20:.2f}")
+    table.caption = "  ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items())
+    Console(stderr=True).print(table)
