@@ -1,0 +1,148 @@
+"""How block scales and codes are chosen, as encoders for `build`:
+
+  rtn      round to nearest, exactly llama-quantize (no calibration)
+  imatrix  importance-weighted fitting, exactly llama-quantize --imatrix (importance from --imatrix FILE, or from our
+           own calibration pass, defined as llama-imatrix defines it: per input column, mean of squared activations)
+  gptq     GPTQ on the tensor's llama.cpp grid, layer by layer with the quantized layers feeding the next
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+
+from . import layerwise
+from .calibration import load_text, windows
+from .convert.codecs import codec
+from .convert.encode import FLOAT_TYPES, encode
+from .convert.gguf_out import TensorPlan
+from .convert.imatrix_file import read_imatrix
+from .errors import UserError
+from .model import SourceModel
+from .tokens import ReferenceTokenizer
+
+# Encoder for one tensor: (GGUF name, float32 weights, planned type) -> bytes.
+Encoder = Callable[[str, np.ndarray, gguf.GGMLQuantizationType], np.ndarray]
+METHODS = ("gptq", "imatrix", "rtn")
+
+
+@dataclass
+class GptqSettings:
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+
+
+@dataclass
+class CalibOptions:
+    text: str | None = None
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    imatrix: Path | None = None
+    device: str = "auto"
+    gptq: GptqSettings = field(default_factory=GptqSettings)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError as e:
+            raise UserError(f"--device {self.device}: {e}") from None
+
+    def token_windows(self, m: SourceModel) -> torch.Tensor:
+        if not self.text:
+            raise UserError("this method needs calibration text: --calib FILE (text or JSONL) or a dataset name such as wikitext2")
+        seqlen = min(self.seqlen, m.hp.n_ctx)
+        return windows(ReferenceTokenizer(m.dir), load_text(self.text), self.samples, seqlen, self.seed)
+
+
+def rtn_encoder(importance: dict[str, np.ndarray] | None = None) -> Encoder:
+    """Round-to-nearest fitting as llama-quantize does it, importance-weighted when an imatrix is given."""
+
+    def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+        return encode(w, qtype, None if importance is None else importance.get(name))
+
+    return enc
+
+
+def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, progress=None) -> tuple[Encoder, dict]:
+    """The encoder for `method`, after whatever calibration it needs; plus a report dict for the summary."""
+    if method == "rtn" or all(t.qtype in FLOAT_TYPES for t in plan):
+        return rtn_encoder(), {}
+    if method == "imatrix":
+        if calib.imatrix is not None:
+            return rtn_encoder(read_imatrix(calib.imatrix)), {"imatrix": str(calib.imatrix)}
+        sums = collect_importance(m, calib.token_windows(m), calib.torch_device(), progress)
+        return rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}), {}
+    if method == "gptq":
+        enc, report = gptq_encoder(m, plan, calib.token_windows(m), calib.torch_device(), calib.gptq, progress)
+        return enc, {"gptq_loss": report.loss, "seconds": report.seconds}
+    raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def hf_to_gguf(m: SourceModel) -> dict[str, str]:
+    return {t.hf_name: t.gguf_name for t in m.tensors.values() if t.hf_name is not None}
+
+
+def collect_importance(m: SourceModel, ids: torch.Tensor, device: torch.device, progress=None) -> dict[str, tuple[np.ndarray, int]]:
+    """GGUF tensor name -> (Σ x² per input column, number of activation rows), from full-precision activations."""
+    names = hf_to_gguf(m)
+    out: dict[str, tuple[np.ndarray, int]] = {}
+
+    def on_layer(_index, weights):
+        for hf_name, (_w, stats) in weights.items():
+            out[names[hf_name]] = (stats.s.diagonal().double().cpu().numpy(), stats.n)
+        return {}
+
+    layerwise.run(m, ids, on_layer, device, progress=progress)
+    return out
+
+
+@dataclass
+class GptqReport:
+    """Per tensor: the OBS loss of GPTQ, and the same-metric error of the importance-weighted fit, for the summary."""
+
+    loss: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, device: torch.device,
+                 settings: GptqSettings, progress=None) -> tuple[Encoder, GptqReport]:
+    """Run GPTQ over the whole model now; the encoder then hands out the packed blocks (RTN for the rest)."""
+    from .gptq import solve
+
+    types = {t.name: t.qtype for t in plan}
+    names = hf_to_gguf(m)
+    packed: dict[str, np.ndarray] = {}
+    report = GptqReport()
+
+    def on_layer(_index, weights):
+        new = {}
+        for hf_name, (w, stats) in weights.items():
+            name = names[hf_name]
+            qtype = types[name]
+            if qtype in FLOAT_TYPES:
+                continue
+            c = codec(qtype)
+            w_gguf = torch.from_numpy(m.arch.to_gguf(hf_name, w.detach().float().cpu().numpy(), m.hp, m.tensor_names)[1])
+            sol = solve(w_gguf.to(device), stats.hessian, c, block_size=settings.block_size, damp=settings.damp, act_order=settings.act_order)
+            packed[name] = c.pack(sol.blocks).reshape(-1)
+            report.loss[name] = float(sol.loss)
+            w_hat = m.arch.from_gguf(name, np.asarray(sol.w_hat, dtype=np.float32), m.hp)
+            new[hf_name] = torch.from_numpy(np.ascontiguousarray(w_hat)).to(w.device)
+        return new
+
+    report.seconds = layerwise.run(m, ids, on_layer, device, progress=progress)
+    rtn = rtn_encoder()
+
+    def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+        return packed.pop(name) if name in packed else rtn(name, w, qtype)
+
+    return enc, report
