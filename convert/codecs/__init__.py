@@ -26,9 +26,14 @@ def codec(qtype: GGMLQuantizationType | str) -> Codec:
 __all__ = ["AffineGrid", "Codec", "CODECS", "codec", "register"]
 
 # Codec modules register themselves on import (one line each, keep sorted).
+from . import q2_k  # noqa: E402,F401
 from . import q3_k  # noqa: E402,F401
 from . import q4_0  # noqa: E402,F401
+from . import q4_1  # noqa: E402,F401
+from . import q4_k  # noqa: E402,F401
 from . import q5_0  # noqa: E402,F401
+from . import q5_1  # noqa: E402,F401
+from . import q5_k  # noqa: E402,F401
 from . import q6_k  # noqa: E402,F401
 from . import q8_0  # noqa: E402,F401
 from . import q8_k  # noqa: E402,F401
