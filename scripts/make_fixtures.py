@@ -1,0 +1,518 @@
+"""Build the tiny trained models the test suite ships in tests/fixtures/.
+
+Everything is generated here, deterministically, so the fixtures carry no third-party text or weights:
+
+    tests/fixtures/text/{train,eval}.txt   English-like text from a small probabilistic grammar (WikiText-like lines)
+    tests/fixtures/tiny-llama/             LlamaForCausalLM + Llama-2-style SentencePiece BPE (byte fallback)
+    tests/fixtures/tiny-qwen2/             Qwen2ForCausalLM + Qwen2-style byte-level BPE (tokenizers library)
+
+The two models deliberately differ where converters tend to break:
+
+    | property              | tiny-llama                       | tiny-qwen2                          |
+    |-----------------------|----------------------------------|-------------------------------------|
+    | hidden / FFN          | 256 / 512 (all dims % 256 == 0)  | 320 / 512 (hidden % 256 != 0)       |
+    | heads x head_dim, KV  | 8 x 64 (q dim 512 != hidden), 4  | 5 x 64, 1 KV head                   |
+    | q/k/v bias            | no                               | yes                                 |
+    | embeddings            | untied                           | tied                                |
+    | vocab                 | 512 = tokenizer size             | 640 > 608 tokenizer entries (padded)|
+    | tokenizer             | SentencePiece BPE, BOS added     | byte-level BPE, no BOS, ChatML      |
+    | RoPE theta            | 500000, classic top-level key    | 1e6, in `rope_parameters` (HF v5)   |
+
+Each model is trained for a few hundred AdamW steps on 128-token windows of train.txt (CPU, single thread, fixed
+seeds), saved in bf16, and its train/eval loss written to TRAINING.txt. Run from the repository root:
+
+    python scripts/make_fixtures.py            # about two CPU-minutes (training runs on one thread)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+import sentencepiece as spm  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import (  # noqa: E402
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+TEXT_DIR = FIXTURES / "text"
+TRAIN_SEED, EVAL_SEED = 20240601, 20240602
+TRAIN_BYTES, EVAL_BYTES = 300_000, 30_000
+
+WINDOW = 128  # tokens per training/eval window
+STEPS = 300
+BATCH = 8
+PEAK_LR = 3e-3
+WARMUP = 20
+
+# Qwen2's pre-tokenizer split (its tokenizer.json applies this via Split, then ByteLevel without its own regex).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<<SYS>>\\n' + message['content'] + '\\n<</SYS>>\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text: a small probabilistic grammar. Its output is low-entropy enough for a ~2M-parameter model to learn in a few
+# hundred steps, yet has what tokenizer tests need: names, digits, contractions, accents, an em dash, rare symbols
+# (left to byte fallback), lines with and without a leading space, empty lines and WikiText-style " = Heading = " lines.
+# --------------------------------------------------------------------------------------------------------------------
+
+NAMES = ["Alice", "Bruno", "Chloé", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ingrid", "José",
+         "Kenji", "Léa", "Mateo", "Nadia", "Oskar", "Priya", "Renée", "Søren", "Tomás", "Zoë"]
+PLACES = ["Lisbon", "Oslo", "Kyoto", "Montréal", "Zürich", "Nairobi", "Lima", "Quebec", "Århus", "Porto"]
+NOUNS = [("baker", "bakers"), ("captain", "captains"), ("student", "students"), ("river", "rivers"),
+         ("boat", "boats"), ("café", "cafés"), ("map", "maps"), ("garden", "gardens"), ("bridge", "bridges"),
+         ("letter", "letters"), ("engine", "engines"), ("village", "villages"), ("market", "markets"),
+         ("song", "songs"), ("lamp", "lamps"), ("window", "windows"), ("teacher", "teachers"),
+         ("farmer", "farmers"), ("horse", "horses"), ("book", "books"), ("city", "cities"), ("child", "children")]
+PEOPLE = {"baker", "captain", "student", "teacher", "farmer", "child"}
+ADJECTIVES = ["old", "young", "red", "quiet", "naïve", "bright", "small", "large", "green", "tired", "clever",
+              "distant", "wooden", "famous", "strange", "blue"]
+# (base, third person singular, past)
+VERBS = [("see", "sees", "saw"), ("build", "builds", "built"), ("find", "finds", "found"),
+         ("carry", "carries", "carried"), ("paint", "paints", "painted"), ("sell", "sells", "sold"),
+         ("visit", "visits", "visited"), ("repair", "repairs", "repaired"), ("write", "writes", "wrote"),
+         ("follow", "follows", "followed"), ("open", "opens", "opened"), ("watch", "watches", "watched"),
+         ("count", "counts", "counted"), ("lose", "loses", "lost"), ("remember", "remembers", "remembered")]
+INTRANSITIVE = [("sleep", "sleeps", "slept"), ("arrive", "arrives", "arrived"), ("laugh", "laughs", "laughed"),
+                ("wait", "waits", "waited"), ("sing", "sings", "sang"), ("leave", "leaves", "left")]
+ADVERBS = ["slowly", "quietly", "again", "early", "late", "carefully", "together", "often"]
+PREPOSITIONS = ["near", "behind", "under", "beside", "across", "inside"]
+MONTHS = ["January", "March", "May", "July", "September", "November"]
+DAYS = ["Monday", "Tuesday", "Friday", "Sunday"]
+SINGULAR_CONTRACTIONS = ["'s", "'d", "'ll"]
+PLURAL_CONTRACTIONS = ["'ve", "'re", "'ll", "'d"]
+RARE = ["→", "½", "Ω", "ß", "ł", "日本", "🙂", "°", "±", "ñ"]  # mostly below SentencePiece's character coverage
+
+
+class Grammar:
+    """Sentences and paragraphs drawn from fixed word lists with a seeded `random.Random`."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def pick(self, items):
+        return self.rng.choice(items)
+
+    def chance(self, p: float) -> bool:
+        return self.rng.random() < p
+
+    def count(self) -> str:
+        kind = self.rng.choices(["small", "big", "thousands"], weights=[6, 3, 1])[0]
+        if kind == "small":
+            return str(self.rng.randint(2, 12))
+        if kind == "big":
+            return str(self.rng.randint(13, 999))
+        return f"{self.rng.randint(1, 99)},{self.rng.randint(0, 999):03d}"
+
+    def amount(self) -> str:
+        kind = self.rng.choice(["decimal", "percent", "money"])
+        if kind == "decimal":
+            return f"{self.rng.randint(0, 99)}.{self.rng.randint(0, 9)}"
+        if kind == "percent":
+            return f"{self.rng.randint(1, 99)}%"
+        return self.pick(["$", "$", "€", "£"]) + f"{self.rng.randint(1, 500)}.{self.rng.randint(0, 99):02d}"
+
+    def time(self) -> str:
+        kind = self.rng.randint(0, 5)
+        if kind == 0:
+            return f"in {self.rng.randint(1850, 2030)}"
+        if kind == 1:
+            return f"at {self.rng.randint(1, 12)}:{self.rng.randint(0, 59):02d}"
+        if kind == 2:
+            return f"on {self.pick(DAYS)}"
+        if kind == 3:
+            return f"on {self.rng.randint(1, 28)} {self.pick(MONTHS)}"
+        return self.pick(["in the morning", "at night", "before dawn", "last week", "after the rain"])
+
+    def noun_phrase(self, plural: bool | None = None) -> str:
+        if plural is None:
+            plural = self.chance(0.3)
+        singular, many = self.pick(NOUNS)
+        adjective = self.pick(ADJECTIVES) + " " if self.chance(0.4) else ""
+        if plural:
+            count = self.count() if self.chance(0.5) else "the"
+            return f"{count} {adjective}{many}"
+        if self.chance(0.15):
+            return f"{self.pick(NAMES)}'s {adjective}{singular}"
+        article = "the" if self.chance(0.6) else ("an" if (adjective or singular)[0] in "aeiou" else "a")
+        return f"{article} {adjective}{singular}"
+
+    def subject(self) -> str:
+        if self.chance(0.45):
+            return self.pick(NAMES)
+        singular, _ = self.pick([n for n in NOUNS if n[0] in PEOPLE])
+        adjective = self.pick(ADJECTIVES) + " " if self.chance(0.3) else ""
+        return f"the {adjective}{singular}"
+
+    def clause(self) -> str:
+        past = self.chance(0.5)
+        if self.chance(0.25):
+            verb = self.pick(INTRANSITIVE)[2 if past else 1]
+            rest = ""
+        else:
+            verb = self.pick(VERBS)[2 if past else 1]
+            rest = " " + self.noun_phrase()
+            if self.chance(0.1):
+                rest += " for " + self.amount()
+        if self.chance(0.35):
+            rest += f" {self.pick(PREPOSITIONS)} {self.noun_phrase(False)}"
+        if self.chance(0.2):
+            rest += " in " + self.pick(PLACES)
+        if self.chance(0.25):
+            rest += " " + self.pick(ADVERBS)
+        if self.chance(0.3):
+            rest += " " + self.time()
+        return f"{self.subject()} {verb}{rest}"
+
+    def sentence(self) -> str:
+        kind = self.rng.choices(range(10), weights=[10, 3, 2, 2, 2, 1, 2, 1, 1, 1])[0]
+        if kind == 0:
+            text = self.clause() + "."
+        elif kind == 1:
+            text = f"{self.clause()}, and {self.clause()}."
+        elif kind == 2:
+            text = f"{self.clause()}; {self.clause()}."
+        elif kind == 3:
+            base = self.pick(VERBS)[0]
+            text = f"Why did {self.pick(NAMES)} {base} {self.noun_phrase()}?"
+        elif kind == 4:
+            text = f'{self.pick(NAMES)} said, "{cap(self.clause())}."'
+        elif kind == 5:
+            text = f"{self.noun_phrase(False)} — {self.pick(ADJECTIVES)} and {self.pick(ADJECTIVES)} — " \
+                   f"{self.pick(INTRANSITIVE)[2]} {self.time()}."
+        elif kind == 6:
+            text = f"{self.clause()} ({self.time()})."
+        elif kind == 7:
+            text = (f"{self.pick(['It', 'She', 'He'])}{self.pick(SINGULAR_CONTRACTIONS)} "
+                    f"{self.pick(['not', 'never', 'surely'])} {self.pick(ADVERBS)}, "
+                    f"{self.pick(['but we', 'and they', 'so I', 'yet you'])}{self.pick(PLURAL_CONTRACTIONS)} "
+                    f"{self.pick(VERBS)[2]} {self.noun_phrase()}.")
+        elif kind == 8:
+            text = f"{self.pick(NAMES)} counted {self.noun_phrase(True)}, {self.noun_phrase(True)} " \
+                   f"and {self.noun_phrase(True)}."
+        else:
+            text = f"{self.clause()}!"
+            if self.chance(0.3):
+                text = text.upper()  # "IT'S" etc.: Qwen2's contraction rule is case-insensitive
+        text = cap(text)
+        if self.chance(0.01):
+            text = text[:-1] + " " + self.pick(RARE) + text[-1]
+        return text
+
+    def paragraph(self) -> str:
+        n = self.rng.choices([1, 2, 3, 4, 6, 9], weights=[3, 3, 3, 2, 2, 1])[0]
+        sep = "  " if self.chance(0.03) else " "
+        return sep.join(self.sentence() for _ in range(n))
+
+    def heading(self, depth: int) -> str:
+        title = self.pick([f"{self.pick(NAMES)} of {self.pick(PLACES)}", f"The {cap(self.pick(NOUNS)[1])}",
+                           f"{self.pick(PLACES)} in {self.rng.randint(1850, 2030)}", cap(self.pick(ADJECTIVES))])
+        marks = " ".join("=" * depth)
+        return f" {marks} {title} {marks} "
+
+    def document(self) -> list[str]:
+        """A WikiText-style article (leading-space lines, " " blank lines, spaced punctuation) or a plain one."""
+        if self.chance(0.5):
+            lines = [" ", self.heading(1), " "]
+            for _ in range(self.rng.randint(1, 3)):
+                if self.chance(0.5):
+                    lines += [self.heading(2), " "]
+                for _ in range(self.rng.randint(1, 3)):
+                    lines += [" " + wikitext_spacing(self.paragraph()) + " ", " "]
+            return lines
+        lines = []
+        for _ in range(self.rng.randint(1, 4)):
+            lines.append(self.paragraph())
+            if self.chance(0.7):
+                lines.append("")
+        if self.chance(0.1):
+            lines.append("\t" + self.paragraph())
+        return lines
+
+    def text(self, n_bytes: int) -> str:
+        lines: list[str] = []
+        size = 0
+        while size < n_bytes:
+            for line in self.document():
+                lines.append(line)
+                size += len(line.encode()) + 1
+        return "\n".join(lines) + "\n"
+
+
+def cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def wikitext_spacing(text: str) -> str:
+    """WikiText's tokenised look: spaces around punctuation, ' @,@ ' inside numbers, "the baker 's"."""
+    out = []
+    for i, ch in enumerate(text):
+        if ch == "," and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit():
+            out.append(" @,@ ")
+        elif ch == "." and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit():
+            out.append(" @.@ ")
+        elif ch in ",.;!?()\"":
+            out.append(f" {ch} ")
+        elif ch == "'" and text[i + 1: i + 2] == "s":
+            out.append(" '")
+        else:
+            out.append(ch)
+    return re.sub(" +", " ", "".join(out)).strip()
+
+
+def write_texts() -> tuple[Path, Path]:
+    TEXT_DIR.mkdir(parents=True, exist_ok=True)
+    train, evaluation = TEXT_DIR / "train.txt", TEXT_DIR / "eval.txt"
+    train.write_text(Grammar(TRAIN_SEED).text(TRAIN_BYTES), encoding="utf-8")
+    evaluation.write_text(Grammar(EVAL_SEED).text(EVAL_BYTES), encoding="utf-8")
+    return train, evaluation
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------------------------------
+
+def make_llama_tokenizer(train: Path, out: Path):
+    """SentencePiece BPE with Llama-2's trainer settings; tokenizer.json converted from it by transformers.
+
+    Note: transformers' conversion uses a Metaspace pre-tokenizer that skips the dummy prefix when a text already
+    starts with a space, so for such lines tokenizer.json gives one "▁" fewer than tokenizer.model (as in bench-a).
+    """
+    prefix = out / "sp"
+    spm.SentencePieceTrainer.train(
+        input=str(train), model_prefix=str(prefix), model_type="bpe", vocab_size=512,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.9995,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
+        max_sentence_length=16384, num_threads=1, minloglevel=2,
+    )
+    (out / "sp.vocab").unlink()
+    (out / "sp.model").rename(out / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(out, add_bos_token=True, add_eos_token=False, model_max_length=2048,
+                                         chat_template=LLAMA_CHAT_TEMPLATE)
+    tok.save_pretrained(out, save_jinja_files=False)  # chat template inside tokenizer_config.json
+
+    def classic(cfg: dict) -> None:
+        """Spell out the BOS/EOS policy as Llama-2 checkpoints do; drop this machine's loading state."""
+        cfg.update(add_bos_token=True, add_eos_token=False)
+        cfg.pop("is_local", None)
+        cfg.pop("local_files_only", None)
+
+    rewrite_json(out / "tokenizer_config.json", classic)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def make_qwen2_tokenizer(train: Path, out: Path):
+    """Byte-level BPE with the pipeline of Qwen2's tokenizer.json; tokenizer_config.json written as Qwen2's."""
+    byte_level = dict(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(**byte_level),
+    ])
+    tok.decoder = decoders.ByteLevel(**byte_level)
+    tok.post_processor = processors.ByteLevel(**byte_level)
+    trainer = trainers.BpeTrainer(vocab_size=605, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train([str(train)], trainer)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens(specials)  # after the BPE vocabulary, as in Qwen2
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(tok.token_to_id(s)): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                                      "single_word": False, "special": True} for s in specials},
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": CHATML_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 2048,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return AutoTokenizer.from_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+
+def token_stream(tok, path: Path) -> torch.Tensor:
+    ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, starts: torch.Tensor, bos: int | None) -> torch.Tensor:
+    batch = torch.stack([stream[s: s + WINDOW] for s in starts.tolist()])
+    if bos is not None:  # as llama-perplexity does: every window starts with BOS
+        batch[:, 0] = bos
+    return batch
+
+
+@torch.no_grad()
+def mean_loss(model, stream: torch.Tensor, bos: int | None) -> float:
+    """Mean next-token loss over non-overlapping windows (the last partial window dropped)."""
+    model.eval()
+    starts = torch.arange(0, len(stream) - WINDOW + 1, WINDOW)
+    total = 0.0
+    for chunk in starts.split(32):
+        batch = windows(stream, chunk, bos)
+        total += model(batch, labels=batch).loss.item() * len(chunk)
+    return total / len(starts)
+
+
+def unigram_entropy(stream: torch.Tensor) -> float:
+    counts = Counter(stream.tolist())
+    n = len(stream)
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def train(model, stream: torch.Tensor, bos: int | None, seed: int) -> float:
+    """AdamW, linear warm-up then cosine decay; returns the mean loss of the last 20 steps."""
+    def lr_factor(step: int) -> float:
+        return min((step + 1) / WARMUP, 0.05 + 0.5 * (1 + math.cos(math.pi * step / STEPS)))
+
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    model.train()
+    recent = []
+    for step in range(STEPS):
+        batch = windows(stream, torch.randint(0, len(stream) - WINDOW, (BATCH,), generator=gen), bos)
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        recent = (recent + [loss.item()])[-20:]
+        if step % 50 == 0 or step == STEPS - 1:
+            print(f"  step {step:4d}  loss {loss.item():.3f}", flush=True)
+    return sum(recent) / len(recent)
+
+
+def train_and_save(name: str, model, tok, out: Path, train_path: Path, eval_path: Path, bos: int | None,
+                   seed: int) -> None:
+    train_stream, eval_stream = token_stream(tok, train_path), token_stream(tok, eval_path)
+    train_loss = train(model, train_stream, bos, seed)
+    model = model.to(torch.bfloat16).to(torch.float32)  # measure what is shipped: bf16 weights
+    eval_loss = mean_loss(model, eval_stream, bos)
+    model.to(torch.bfloat16).save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    record = (f"arch={name} params={n_params} steps={STEPS} batch={BATCH} window={WINDOW} lr={PEAK_LR} seed={seed} "
+              f"train_tokens={len(train_stream)} train_loss_last20={train_loss:.4f} eval_loss_bf16={eval_loss:.4f} "
+              f"eval_unigram_entropy={unigram_entropy(eval_stream):.4f} ln_vocab={math.log(model.config.vocab_size):.4f} "
+              f"torch={torch.__version__}\n")
+    (out / "TRAINING.txt").write_text(record)
+    print(record, end="")
+
+
+def fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def rewrite_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def make_llama(train_path: Path, eval_path: Path) -> None:
+    out = fresh_dir(FIXTURES / "tiny-llama")
+    tok = make_llama_tokenizer(train_path, out)
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    )
+    train_and_save("llama", LlamaForCausalLM(config), tok, out, train_path, eval_path, bos=1, seed=11)
+
+    def classic(cfg: dict) -> None:
+        """The pre-`rope_parameters` layout most published Llama checkpoints still have."""
+        cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+        cfg["rope_scaling"] = None
+        cfg["torch_dtype"] = cfg.pop("dtype")
+
+    rewrite_json(out / "config.json", classic)
+
+
+def make_qwen2(train_path: Path, eval_path: Path) -> None:
+    out = fresh_dir(FIXTURES / "tiny-qwen2")
+    tok = make_qwen2_tokenizer(train_path, out)
+    torch.manual_seed(2)
+    config = Qwen2Config(
+        vocab_size=640, hidden_size=320, intermediate_size=512, num_hidden_layers=2, num_attention_heads=5,
+        num_key_value_heads=1, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=True, use_sliding_window=False,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+    )
+    train_and_save("qwen2", Qwen2ForCausalLM(config), tok, out, train_path, eval_path, bos=None, seed=22)
+    rewrite_json(out / "config.json", lambda cfg: None)  # only normalises key order/indentation
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    started = time.time()
+    train_path, eval_path = write_texts()
+    make_llama(train_path, eval_path)
+    print(f"tiny-llama done after {time.time() - started:.0f} s")
+    make_qwen2(train_path, eval_path)
+    print(f"tiny-qwen2 done after {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
