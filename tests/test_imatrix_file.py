@@ -185,8 +185,9 @@ def test_llama_imatrix_reads_ours_and_writes_what_we_read(tmp_path):
     stats = _stats()
     write_imatrix_gguf(ours, stats, datasets=["calib.txt"], chunk_count=1, chunk_size=512)
     for out, fmt in ((tmp_path / "back.gguf", "gguf"), (tmp_path / "back.dat", "dat")):
-        subprocess.run([_llama_imatrix(), "--in-file", str(ours), "-o", str(out), "--output-format", fmt],
-                       check=True, capture_output=True)
+        # -m is required but never opened: without a prompt llama-imatrix only combines --in-file matrices
+        subprocess.run([_llama_imatrix(), "-m", str(tmp_path / "unused.gguf"), "--in-file", str(ours),
+                        "-o", str(out), "--output-format", fmt], check=True, capture_output=True)
     back_gguf, back_dat = read_imatrix(tmp_path / "back.gguf"), read_imatrix(tmp_path / "back.dat")
     for name, want in _expected(stats).items():
         np.testing.assert_array_equal(back_gguf[name], want)

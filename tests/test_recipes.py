@@ -2,18 +2,25 @@
 
 The tables spell out llama.cpp's recipes for a few model shapes; the oracle tests then quantize tiny
 synthetic GGUFs with llama.cpp's own llama_model_quantize (libllama from llama-cpp-python) and compare
-every tensor's type with ours, for every ftype.
+every tensor's type with ours, for every ftype. With ../shared and the llama.cpp tools built
+(scripts/build_llama_tools.sh), the llama-quantize binary does the same on bench-a.
 """
 
 from __future__ import annotations
 
 import ctypes
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import gguf
 import numpy as np
 import pytest
 
+from edgequant.convert.imatrix_file import write_imatrix_gguf
 from edgequant.convert.recipes import FTYPES, ArchFacts, tensor_type
 from edgequant.errors import UserError
 
@@ -266,3 +273,52 @@ def test_matches_llama_quantize_with_imatrix(ftype, tmp_path):
     ours = {name: tensor_type(name, layer, model.n_layers, ftype, shape, model.facts, has_imatrix=True)
             for name, layer, shape in model.tensors()}
     assert ours == theirs
+
+
+# --- the llama-quantize binary on bench-a ------------------------------------------------------------
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOOLS = REPO / ".cache" / "llama-tools"
+BENCH_A = REPO.parent / "shared" / "models" / "bench-a"
+
+
+def _llama_quantize_bin() -> str | None:
+    local = TOOLS / "bin" / "llama-quantize"
+    return str(local) if local.exists() else shutil.which("llama-quantize")
+
+
+def _convert_script() -> pathlib.Path | None:
+    return next(TOOLS.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"), None)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.skipif(not BENCH_A.exists(), reason="../shared missing")
+@pytest.mark.skipif(_llama_quantize_bin() is None or _convert_script() is None, reason="llama.cpp tools not built")
+def test_bench_a_matches_llama_quantize_binary(tmp_path):
+    """Every ftype, plus Q4_0/Q5_0 with an imatrix file from our writer (which llama-quantize must accept)."""
+    f16 = tmp_path / "bench-a-f16.gguf"
+    subprocess.run([sys.executable, str(_convert_script()), str(BENCH_A), "--outfile", str(f16), "--outtype", "f16"],
+                   check=True, capture_output=True)
+    reader = gguf.GGUFReader(f16)
+    arch = reader.fields["general.architecture"].contents()
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    facts = ArchFacts(reader.fields[f"{arch}.attention.head_count"].contents(),
+                      reader.fields[f"{arch}.attention.head_count_kv"].contents(),
+                      has_output="output.weight" in shapes, name=arch)
+    n_layers = reader.fields[f"{arch}.block_count"].contents()
+    imatrix = tmp_path / "imatrix.gguf"
+    write_imatrix_gguf(imatrix, {n: (np.ones(s[-1]), 1) for n, s in shapes.items() if len(s) == 2},
+                       datasets=["ones"], chunk_count=1, chunk_size=1)
+    for ftype, with_imatrix in [(f, False) for f in FTYPES] + [("Q4_0", True), ("Q5_0", True)]:
+        out = tmp_path / f"{ftype}.gguf"
+        options = ["--imatrix", str(imatrix)] if with_imatrix else []
+        subprocess.run([_llama_quantize_bin(), *options, str(f16), str(out), ftype, "2"], check=True, capture_output=True)
+        theirs = {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(out).tensors}
+        ours = {}
+        for name, shape in shapes.items():
+            block = re.match(r"blk\.(\d+)\.", name)
+            layer = int(block[1]) if block else None
+            ours[name] = tensor_type(name, layer, n_layers, ftype, shape, facts, has_imatrix=with_imatrix)
+        assert ours == theirs, (ftype, with_imatrix)
+        out.unlink()
