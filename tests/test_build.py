@@ -1,0 +1,114 @@
+"""`edgequant build` to float and Q8_0 GGUFs: stored weights, metadata, and llama.cpp running them like transformers."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgequant.cli import main
+from edgequant.model import SourceModel
+
+Q = gguf.GGMLQuantizationType
+
+
+def build(model, target, out, *extra) -> gguf.GGUFReader:
+    assert main(["build", str(model), "--target", target, "-o", str(out), "--quiet", *extra]) == 0
+    return gguf.GGUFReader(out)
+
+
+def source_tensors(model_dir) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("target,dtype", [("F32", np.float32), ("F16", np.float16), ("BF16", None)])
+def test_float_targets_store_the_checkpoint(tiny_llama, tmp_path, target, dtype):
+    reader = build(tiny_llama, target, tmp_path / "m.gguf")
+    m = SourceModel(str(tiny_llama))
+    hf = source_tensors(tiny_llama)
+    assert len(reader.tensors) == len(hf)
+    for t in reader.tensors:
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        got = m.arch.from_gguf(t.name, got, m.hp)
+        src = hf[m.tensors[t.name].hf_name].float()
+        if got.ndim == 1:
+            assert t.tensor_type == Q.F32
+            expected = src.numpy()
+        elif dtype is None:  # BF16 source -> BF16 is lossless
+            expected = src.numpy()
+        else:
+            expected = src.numpy().astype(dtype).astype(np.float32)
+        np.testing.assert_array_equal(got, expected, err_msg=t.name)
+
+
+def test_llama_metadata(tiny_llama, tmp_path):
+    reader = build(tiny_llama, "F16", tmp_path / "m.gguf")
+    cfg = SourceModel(str(tiny_llama)).checkpoint.config
+    f = reader.fields
+
+    def val(key):
+        return f[key].contents()
+
+    assert val("general.architecture") == "llama"
+    assert val("general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+    assert val("llama.block_count") == cfg["num_hidden_layers"]
+    assert val("llama.embedding_length") == cfg["hidden_size"]
+    assert val("llama.feed_forward_length") == cfg["intermediate_size"]
+    assert val("llama.attention.head_count") == cfg["num_attention_heads"]
+    assert val("llama.attention.head_count_kv") == cfg["num_key_value_heads"]
+    assert val("llama.rope.freq_base") == pytest.approx(cfg["rope_theta"])
+    assert val("tokenizer.ggml.model") == "llama"
+    assert len(val("tokenizer.ggml.tokens")) == cfg["vocab_size"]
+
+
+def test_qwen2_tied_biases_and_pre_tokenizer(tiny_qwen2, tmp_path):
+    reader = build(tiny_qwen2, "F16", tmp_path / "m.gguf")
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert reader.fields["tokenizer.ggml.merges"].contents()
+
+
+def test_q8_0_bytes_equal_libggml(tiny_llama, tmp_path):
+    from ggml_oracle import quantize_chunk
+
+    reader = build(tiny_llama, "Q8_0", tmp_path / "m.gguf", "--method", "rtn")
+    m = SourceModel(str(tiny_llama))
+    quantized = [t for t in reader.tensors if t.tensor_type == Q.Q8_0]
+    assert {t.name for t in quantized} == {n for n, t in m.tensors.items() if len(t.shape) == 2}
+    for t in quantized:
+        expected = quantize_chunk(Q.Q8_0, m.load(t.name))
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(-1), expected.reshape(-1), err_msg=t.name)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+def test_llama_cpp_matches_transformers(model, request, tmp_path, fixture_text):
+    """F32 GGUF in llama.cpp vs the checkpoint in transformers (fp32), same token ids: the layouts, permutation and
+    hyperparameters are right exactly when the next-token distributions agree."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    model_dir = request.getfixturevalue(model)
+    out = tmp_path / "m.gguf"
+    build(model_dir, "F32", out)
+    llm = llama_cpp.Llama(str(out), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    ids = llm.tokenize(fixture_text.read_text(encoding="utf-8")[:2000].encode(), add_bos=True)[:128]
+    llm.reset()
+    llm.eval(ids)
+    ours = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].double().numpy()
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+    p = torch.log_softmax(torch.from_numpy(ref), -1)
+    q = torch.log_softmax(torch.from_numpy(ours), -1)
+    kld = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert kld < 1e-4
