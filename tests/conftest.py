@@ -40,3 +40,23 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip("../shared (benchmark data) is not available")
     return path
+
+
+def _build_gguf(tmp_path_factory, model: Path, target: str) -> Path:
+    from edgequant.cli import main
+
+    out = tmp_path_factory.mktemp("gguf") / f"{model.name}-{target}.gguf"
+    assert main(["build", str(model), "--target", target, "--method", "rtn", "-o", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_llama) -> Path:
+    """tiny-llama as an F16 GGUF, from `edgequant build`."""
+    return _build_gguf(tmp_path_factory, tiny_llama, "F16")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_q4(tmp_path_factory, tiny_llama) -> Path:
+    """tiny-llama as a Q4_K_M GGUF (round-to-nearest, no calibration), from `edgequant build`."""
+    return _build_gguf(tmp_path_factory, tiny_llama, "Q4_K_M")
