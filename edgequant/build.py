@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+import gguf
 import numpy as np
 
 from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_output_path
@@ -52,8 +53,9 @@ def plan_tensors(m: SourceModel, ftype: str, has_imatrix: bool = False) -> list[
 
 
 def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibOptions | None = None,
-          encoder: Encoder | None = None, quiet: bool = False) -> BuildResult:
-    """`encoder` overrides `method` (tests use it to inject failures)."""
+          encoder: Encoder | None = None, verify: bool = False, quiet: bool = False) -> BuildResult:
+    """`encoder` overrides `method` (tests use it to inject failures).  `verify`: re-read the written file and check
+    that gguf-py dequantizes every GPTQ tensor to exactly the weights the solver produced."""
     t0 = time.perf_counter()
     ftype = parse_target(target)
     check_output_path(out)
@@ -77,5 +79,18 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             stream.write(t.name, encoder(t.name, m.load(t.name), t.qtype))
             progress.advance(task)
         stream.close()
+        if verify and "gptq" in result.report:
+            verify_digests(tmp, result.report["gptq"].digest)
     result.seconds["encode+write"] = time.perf_counter() - t1
     return result
+
+
+def verify_digests(path: Path, digests: dict[str, str]) -> None:
+    from .methods import digest
+
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:
+        if t.name in digests:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+            if digest(w) != digests[t.name]:
+                raise UserError(f"--verify: {t.name} in the written file does not dequantize to the solver's weights")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -83,7 +84,7 @@ def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: Cal
         return rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}), {}
     if method == "gptq":
         enc, report = gptq_encoder(m, plan, calib.token_windows(m), calib.torch_device(), calib.gptq, progress)
-        return enc, {"gptq_loss": report.loss, "seconds": report.seconds}
+        return enc, {"gptq": report}
     raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -107,10 +108,23 @@ def collect_importance(m: SourceModel, ids: torch.Tensor, device: torch.device, 
 
 @dataclass
 class GptqReport:
-    """Per tensor: the OBS loss of GPTQ, and the same-metric error of the importance-weighted fit, for the summary."""
+    """Per tensor: GPTQ's loss ½·tr(E H Eᵀ) (E = W − Ŵ, on the calibration Hessian), the same loss for the
+    importance-weighted round-to-nearest fit (what llama-quantize --imatrix would write), and a digest of Ŵ so the
+    written file can be checked against what the solver produced (--verify)."""
 
     loss: dict[str, float] = field(default_factory=dict)
+    fit_loss: dict[str, float] = field(default_factory=dict)
+    digest: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def hessian_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    e = (w - w_hat).to(h)
+    return 0.5 * float(((e @ h) * e).sum())
+
+
+def digest(w_hat: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(w_hat, dtype=np.float32).tobytes()).hexdigest()
 
 
 def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, device: torch.device,
@@ -132,10 +146,14 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
                 continue
             c = codec(qtype)
             w_gguf = torch.from_numpy(m.arch.to_gguf(hf_name, w.detach().float().cpu().numpy(), m.hp, m.tensor_names)[1])
-            sol = solve(w_gguf.to(device), stats.hessian, c, block_size=settings.block_size, damp=settings.damp, act_order=settings.act_order)
+            h = stats.hessian
+            sol = solve(w_gguf.to(device), h, c, block_size=settings.block_size, damp=settings.damp, act_order=settings.act_order)
             packed[name] = c.pack(sol.blocks).reshape(-1)
-            report.loss[name] = float(sol.loss)
-            w_hat = m.arch.from_gguf(name, np.asarray(sol.w_hat, dtype=np.float32), m.hp)
+            report.loss[name] = hessian_loss(w_gguf, torch.from_numpy(sol.w_hat), h)
+            fit = c.dequantize(c.fit(w_gguf.numpy(), h.diagonal().cpu().numpy()))
+            report.fit_loss[name] = hessian_loss(w_gguf, torch.from_numpy(fit), h)
+            report.digest[name] = digest(sol.w_hat)
+            w_hat = m.arch.from_gguf(name, sol.w_hat, m.hp)
             new[hf_name] = torch.from_numpy(np.ascontiguousarray(w_hat)).to(w.device)
         return new
 

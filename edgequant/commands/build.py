@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (default 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="lazy-batch block of columns (default 128)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False, help="columns by descending Hessian diagonal")
+    p.add_argument("--verify", action="store_true", help="re-read the output and check it dequantizes exactly to GPTQ's weights")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.set_defaults(func=run)
@@ -40,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..build import build
 
-    result = build(args.model, args.target, args.output, method=args.method, calib=calib_options(args), quiet=args.quiet or args.json)
+    result = build(args.model, args.target, args.output, method=args.method, calib=calib_options(args),
+                   verify=args.verify, quiet=args.quiet or args.json)
     if args.json:
         print(json.dumps(summary(result)))
     elif not args.quiet:
@@ -64,7 +66,9 @@ def summary(r) -> dict:
         e["tensors"] += 1
         e["params"] += int(np.prod(t.shape))
         e["bytes"] += t.nbytes
-    return {"output": str(r.path), "tensors": len(r.plan), "params": r.n_params, "tensor_bytes": r.nbytes,
+    gptq = r.report.get("gptq")
+    layers = {n: {"gptq_loss": gptq.loss[n], "fit_loss": gptq.fit_loss[n]} for n in gptq.loss} if gptq else {}
+    return {"output": str(r.path), "tensors": len(r.plan), "gptq": layers, "params": r.n_params, "tensor_bytes": r.nbytes,
             "file_bytes": r.path.stat().st_size, "bits_per_weight": round(r.bits_per_weight, 4),
             "types": dict(by_type), "seconds": {k: round(v, 3) for k, v in r.seconds.items()}}
 
@@ -77,4 +81,9 @@ def show(r) -> None:
     for name, e in sorted(s["types"].items()):
         table.add_row(name, str(e["tensors"]), f"{e['params']:,}", f"{e['bytes'] / 2**20:.2f}")
     table.caption = "  ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items())
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    console.print(table)
+    if s["gptq"]:
+        ratios = [v["gptq_loss"] / v["fit_loss"] for v in s["gptq"].values() if v["fit_loss"] > 0]
+        console.print(f"GPTQ loss / importance-weighted fit loss (calibration Hessian): median {np.median(ratios):.3f}, "
+                      f"worst {max(ratios):.3f} over {len(ratios)} tensors")
