@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ["build", "inspect"]
+COMMANDS = ["build", "inspect", "verify"]
 
 
 def parser() -> argparse.ArgumentParser:

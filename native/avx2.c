@@ -1,0 +1,408 @@
+/* AVX2 + FMA + F16C kernels, bit-identical to ggml-cpu's x86 AVX2 code path.
+ *
+ * The build compiles only this file with -mavx2 -mfma -mf16c; dispatch.c calls into it only after cpuid says
+ * the CPU and OS support those.  The float arithmetic mirrors ggml's x86 kernels exactly:
+ *
+ *   legacy (32-element blocks)  acc[8] += (dx*dy) * lane sums of 4 consecutive products   (vfmadd)
+ *   Q2_K                        acc[8] += -dmin*y.d * (min*bsum pairs); acc[8] += d*y.d * lane sums
+ *   Q3_K, Q6_K                  acc[8] += d*y.d * lane sums        (Q6_K lanes carry their own -32 correction)
+ *   Q4_K                        acc[8] += d*y.d * lane sums;  acc_m[4] += -dmin*y.d * (min*bsum pairs)
+ *   Q5_K                        acc[8] += d*y.d * lane sums;  summs = fma(-dmin*y.d, sum(min*bsum), summs)
+ *
+ * where lane l of a 32-element chunk holds its elements 4l..4l+3, and the result is hsum8(acc) (+ the rest),
+ * hsum8 adding the upper four lanes onto the lower four, then lanes 2,3 onto 0,1, then lane 1 onto 0.
+ */
+
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+#include <math.h>
+
+#include "dequant.h"
+#include "kernels.h"
+
+/* ---- helpers ---- */
+
+/* A table load beats vcvtph2ps on a scalar here (the kernels convert one or two scales per block). */
+static inline float half_to_float(uint16_t h) { return eq_half_table[h]; }
+static inline uint16_t float_to_half(float f) { return (uint16_t)_cvtss_sh(f, 0); }
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int hsum4_i32(__m128i s) {
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline int hsum8_i32(__m256i v) {
+    return hsum4_i32(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
+static inline __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+static inline __m128i words128(eq_words4 v) { return _mm_set_epi32((int)v.w[3], (int)v.w[2], (int)v.w[1], (int)v.w[0]); }
+
+/* 16 bytes of packed nibbles -> 32 bytes: low nibbles (elements 0..15), then high nibbles (16..31). */
+static inline __m256i unpack_nibbles(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+}
+
+/* 32 bits -> 32 bytes, 0xFF where the bit is set (byte j <- bit j). */
+static inline __m256i bits_to_bytes(const uint8_t p[4]) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)eq_load_u32(p)),
+                                               _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+
+/* unsigned u8 x signed i8 -> 8 int32 lanes, lane l = sum of products 4l..4l+3. */
+static inline __m256i dot_u8i8_quads(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* signed x signed, through |a| and sign(a)*b so maddubs applies. */
+static inline __m256i dot_i8_quads(__m256i a, __m256i b) {
+    return dot_u8i8_quads(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+
+/* int16 element k of each 128-bit half of v (which holds 8 int16), broadcast across its half. */
+static inline __m256i broadcast16(__m256i v, int k) {
+    return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)((2 * k) | (2 * k + 1) << 8)));
+}
+
+/* From 8 int16 scales duplicated in both halves: scale k across the low half, scale k+1 across the high one
+ * (the two 16-element sub-blocks of a 32-element chunk). */
+static inline __m256i scale_pair(__m256i v, int k) {
+    return _mm256_shuffle_epi8(v, _mm256_set_m128i(_mm_set1_epi16((short)((2 * k + 2) | (2 * k + 3) << 8)),
+                                                   _mm_set1_epi16((short)((2 * k) | (2 * k + 1) << 8))));
+}
+
+/* 16 int8 scales -> two vectors of int16, the first 8 (resp. last 8) duplicated in both halves. */
+static inline void scales16_halves(__m128i scales8, __m256i out[2]) {
+    const __m256i all = _mm256_cvtepi8_epi16(scales8);
+    out[0] = _mm256_permute2x128_si256(all, all, 0x00);
+    out[1] = _mm256_permute2x128_si256(all, all, 0x11);
+}
+
+/* ---- activation quantizers ---- */
+
+static inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+static inline float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* 32 int32 in four vectors -> 32 int8 in element order (values fit, so saturation never triggers). */
+static inline void store_i8x32(int8_t *dst, __m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+    const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256((__m256i *)dst, _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+/* ggml x86 Q8_0/Q8_1: d = amax/127, q = round-half-even(x * (127/amax)); returns sum(q) for Q8_1. */
+static inline int quantize_block32(const float *x, int8_t *qs, float *d_out) {
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        amax = _mm256_max_ps(amax, abs_ps(v[k]));
+    }
+    const float max = max8(amax);
+    const __m256 id = _mm256_set1_ps(max != 0.0f ? 127.0f / max : 0.0f);
+    __m256i q[4];
+    for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    store_i8x32(qs, q[0], q[1], q[2], q[3]);
+    *d_out = max / 127.0f;
+    return hsum8_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+}
+
+static void quantize_q8_0(const float *x, void *vy, int64_t n) {
+    eq_q8_0 *y = (eq_q8_0 *)vy;
+    for (int64_t i = 0; i < n / EQ_QK; ++i, x += EQ_QK) {
+        float d;
+        quantize_block32(x, y[i].qs, &d);
+        y[i].d = float_to_half(d);
+    }
+}
+
+static void quantize_q8_1(const float *x, void *vy, int64_t n) {
+    eq_q8_1 *y = (eq_q8_1 *)vy;
+    for (int64_t i = 0; i < n / EQ_QK; ++i, x += EQ_QK) {
+        float d;
+        const int sum = quantize_block32(x, y[i].qs, &d);
+        y[i].d = float_to_half(d);
+        y[i].s = float_to_half(d * (float)sum);
+    }
+}
+
+/* Q8_K as ggml's reference (x86 uses it too): iscale = -127/x[first index of max |x|], q = min(127, rne(x*iscale)). */
+static void quantize_q8_K(const float *x, void *vy, int64_t n) {
+    eq_q8_K *y = (eq_q8_K *)vy;
+    for (int64_t i = 0; i < n / EQ_QK_K; ++i, x += EQ_QK_K) {
+        const float max = eq_first_absmax(x, EQ_QK_K);
+        if (max == 0.0f) {
+            memset(&y[i], 0, sizeof y[i]);
+            continue;
+        }
+        const float iscale = -127.0f / max;
+        const __m256 vs = _mm256_set1_ps(iscale);
+        const __m256i top = _mm256_set1_epi32(127);
+        for (int j = 0; j < EQ_QK_K; j += 32) {
+            __m256i q[4];
+            for (int k = 0; k < 4; ++k)
+                q[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * k), vs)), top);
+            store_i8x32(y[i].qs + j, q[0], q[1], q[2], q[3]);
+            y[i].bsums[j / 16] = (int16_t)hsum8_i32(_mm256_add_epi32(q[0], q[1]));
+            y[i].bsums[j / 16 + 1] = (int16_t)hsum8_i32(_mm256_add_epi32(q[2], q[3]));
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+/* ---- legacy blocks ---- */
+
+static float dot_q4_0(int n, const void *vx, const void *vy) {
+    const eq_q4_0 *x = (const eq_q4_0 *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        const __m256 d = _mm256_set1_ps(half_to_float(x[i].d) * half_to_float(y[i].d));
+        const __m256i q = _mm256_sub_epi8(unpack_nibbles(x[i].qs), _mm256_set1_epi8(8));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8_quads(q, load256(y[i].qs))), acc);
+    }
+    return hsum8(acc);
+}
+
+static float dot_q4_1(int n, const void *vx, const void *vy) {
+    const eq_q4_1 *x = (const eq_q4_1 *)vx;
+    const eq_q8_1 *y = (const eq_q8_1 *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.0f;
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        summs = fmaf(half_to_float(x[i].m), half_to_float(y[i].s), summs);
+        const __m256 d = _mm256_set1_ps(half_to_float(x[i].d) * half_to_float(y[i].d));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_u8i8_quads(unpack_nibbles(x[i].qs), load256(y[i].qs))), acc);
+    }
+    return hsum8(acc) + summs;
+}
+
+static float dot_q5_0(int n, const void *vx, const void *vy) {
+    const eq_q5_0 *x = (const eq_q5_0 *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        const __m256 d = _mm256_set1_ps(half_to_float(x[i].d) * half_to_float(y[i].d));
+        /* q - 16 as int8: OR-ing 0xF0 into a nibble subtracts 16, so set it where the fifth bit is clear */
+        const __m256i minus16 = _mm256_andnot_si256(bits_to_bytes(x[i].qh), _mm256_set1_epi8((char)0xF0));
+        const __m256i q = _mm256_or_si256(unpack_nibbles(x[i].qs), minus16);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8_quads(q, load256(y[i].qs))), acc);
+    }
+    return hsum8(acc);
+}
+
+static float dot_q5_1(int n, const void *vx, const void *vy) {
+    const eq_q5_1 *x = (const eq_q5_1 *)vx;
+    const eq_q8_1 *y = (const eq_q8_1 *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.0f;
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        summs = fmaf(half_to_float(x[i].m), half_to_float(y[i].s), summs);
+        const __m256 d = _mm256_set1_ps(half_to_float(x[i].d) * half_to_float(y[i].d));
+        const __m256i q = _mm256_or_si256(unpack_nibbles(x[i].qs), _mm256_and_si256(bits_to_bytes(x[i].qh), _mm256_set1_epi8(16)));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_u8i8_quads(q, load256(y[i].qs))), acc);
+    }
+    return hsum8(acc) + summs;
+}
+
+static float dot_q8_0(int n, const void *vx, const void *vy) {
+    const eq_q8_0 *x = (const eq_q8_0 *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        const __m256 d = _mm256_set1_ps(half_to_float(x[i].d) * half_to_float(y[i].d));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8_quads(load256(x[i].qs), load256(y[i].qs))), acc);
+    }
+    return hsum8(acc);
+}
+
+/* ---- K-quants ---- */
+
+static float dot_q2_K(int n, const void *vx, const void *vy) {
+    const eq_q2_K *x = (const eq_q2_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const float d = y[i].d * half_to_float(x[i].d);
+        const float dmin = -y[i].d * half_to_float(x[i].dmin);
+        const __m128i packed = _mm_loadu_si128((const __m128i *)x[i].scales);
+        const __m128i mins8 = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
+        const __m256i min_bsums = _mm256_madd_epi16(_mm256_cvtepi8_epi16(mins8), load256(y[i].bsums));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(min_bsums), acc);
+
+        __m256i scales[2];
+        scales16_halves(_mm_and_si128(packed, _mm_set1_epi8(15)), scales);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; ++h) { /* 128-element halves: one byte of codes per element column, 4 planes */
+            const __m256i bits = load256(x[i].qs + 32 * h);
+            const int8_t *a = y[i].qs + 128 * h;
+            for (int k = 0; k < 4; ++k) {
+                const __m256i q = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * k), m3);
+                const __m256i p = _mm256_maddubs_epi16(q, load256(a + 32 * k));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(scales[h], 2 * k), p));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum8(acc);
+}
+
+static float dot_q3_K(int n, const void *vx, const void *vy) {
+    const eq_q3_K *x = (const eq_q3_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const float d = y[i].d * half_to_float(x[i].d);
+        const eq_words4 biased = eq_q3k_biased_scales(x[i].scales);
+        __m256i scales[2];
+        scales16_halves(_mm_sub_epi8(words128(biased), _mm_set1_epi8(32)), scales);
+        const __m256i hmask = load256(x[i].hmask);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; ++h) {
+            const __m256i bits = load256(x[i].qs + 32 * h);
+            const int8_t *a = y[i].qs + 128 * h;
+            for (int k = 0; k < 4; ++k) {
+                const int plane = 4 * h + k;
+                const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * k), m3);
+                /* 4 where the high bit is clear (the code is lo - 4), else 0 */
+                const __m256i four = _mm256_slli_epi16(_mm256_andnot_si256(_mm256_srli_epi16(hmask, plane), one), 2);
+                const __m256i av = load256(a + 32 * k);
+                const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(lo, av), _mm256_maddubs_epi16(four, av));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(scales[h], 2 * k), p));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum8(acc);
+}
+
+/* Q4_K/Q5_K: from the 8 scales and 8 mins, the scales as int16 in both halves, and 4 int32 lanes of
+ * min . (bsums summed per 32-element sub-block). */
+static inline __m128i k4_min_bsums(eq_words4 scales_mins, const int16_t bsums[16], __m256i *scales_dup) {
+    const __m256i sm16 = _mm256_cvtepu8_epi16(words128(scales_mins));
+    const __m128i pair_sums = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums), _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    *scales_dup = _mm256_permute2x128_si256(sm16, sm16, 0x00);
+    return _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), pair_sums);
+}
+
+static float dot_q4_K(int n, const void *vx, const void *vy) {
+    const eq_q4_K *x = (const eq_q4_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 acc_m = _mm_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const float d = y[i].d * half_to_float(x[i].d);
+        const float dmin = -y[i].d * half_to_float(x[i].dmin);
+        __m256i scales;
+        const __m128i mins = k4_min_bsums(eq_k4_scales_mins(x[i].scales), y[i].bsums, &scales);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins), acc_m);
+
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) { /* 64 elements: low nibbles = sub-block 2j, high nibbles = 2j+1 */
+            const __m256i bits = load256(x[i].qs + 32 * j);
+            const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(bits, m4), load256(y[i].qs + 64 * j));
+            const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), load256(y[i].qs + 64 * j + 32));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(broadcast16(scales, 2 * j), lo),
+                                                           _mm256_madd_epi16(broadcast16(scales, 2 * j + 1), hi)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+    acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
+    return hsum8(acc) + _mm_cvtss_f32(acc_m);
+}
+
+static float dot_q5_K(int n, const void *vx, const void *vy) {
+    const eq_q5_K *x = (const eq_q5_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.0f;
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const float d = y[i].d * half_to_float(x[i].d);
+        const float dmin = -y[i].d * half_to_float(x[i].dmin);
+        __m256i scales;
+        const __m128i mins = k4_min_bsums(eq_k4_scales_mins(x[i].scales), y[i].bsums, &scales);
+        summs = fmaf(dmin, (float)hsum4_i32(mins), summs);
+
+        const __m256i hbits = load256(x[i].qh);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+            const __m256i bits = load256(x[i].qs + 32 * j);
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4);
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(bits, m4), h0);
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h1);
+            const __m256i p0 = _mm256_maddubs_epi16(q0, load256(y[i].qs + 64 * j));
+            const __m256i p1 = _mm256_maddubs_epi16(q1, load256(y[i].qs + 64 * j + 32));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(broadcast16(scales, 2 * j), p0),
+                                                           _mm256_madd_epi16(broadcast16(scales, 2 * j + 1), p1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum8(acc) + summs;
+}
+
+static float dot_q6_K(int n, const void *vx, const void *vy) {
+    const eq_q6_K *x = (const eq_q6_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const float d = y[i].d * half_to_float(x[i].d);
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)x[i].scales);
+        /* codes are stored +32: subtract 32 * scale * bsum, paired per lane as the lanes below are */
+        const __m256i offset = _mm256_slli_epi32(_mm256_madd_epi16(load256(y[i].bsums), _mm256_cvtepi8_epi16(sc8)), 5);
+        __m256i scales[2];
+        scales16_halves(sc8, scales);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; ++h) {
+            const __m256i l0 = load256(x[i].ql + 64 * h), l1 = load256(x[i].ql + 64 * h + 32);
+            const __m256i hb = load256(x[i].qh + 32 * h);
+            const int8_t *a = y[i].qs + 128 * h;
+            const __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4)),
+            };
+            for (int k = 0; k < 4; ++k) {
+                const __m256i p = _mm256_maddubs_epi16(q[k], load256(a + 32 * k));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(scales[h], 2 * k), p));
+            }
+        }
+        sumi = _mm256_sub_epi32(sumi, offset);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum8(acc);
+}
+
+const eq_kernel_table eq_avx2_kernels = {
+    .dequantize = {EQ_DEQUANTIZE_ENTRIES},
+    .quantize = {[EQ_Q8_0] = quantize_q8_0, [EQ_Q8_1] = quantize_q8_1, [EQ_Q8_K] = quantize_q8_K},
+    .dot = {[EQ_Q4_0] = dot_q4_0, [EQ_Q4_1] = dot_q4_1, [EQ_Q5_0] = dot_q5_0, [EQ_Q5_1] = dot_q5_1,
+            [EQ_Q8_0] = dot_q8_0, [EQ_Q2_K] = dot_q2_K, [EQ_Q3_K] = dot_q3_K, [EQ_Q4_K] = dot_q4_K,
+            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K},
+};
+
+#endif

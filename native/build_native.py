@@ -1,0 +1,51 @@
+"""cffi (API mode) builder for `edgequant.native._kernels`, the C kernels in this directory.
+
+setup.py names it in `cffi_modules`, so `pip install` compiles the extension; setup.py's build_ext adds
+SOURCE_FLAGS to their one source each (the AVX2 file alone gets -mavx2 -mfma -mf16c, so the rest runs on any
+x86-64).  Paths are relative to the repository root, where builds run.
+"""
+
+import platform
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path("native")
+SOURCES = [str(HERE / name) for name in ("dispatch.c", "scalar.c", "avx2.c", "neon.c")]
+HEADERS = [str(HERE / name) for name in ("blocks.h", "dequant.h", "kernels.h")]
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+SOURCE_FLAGS = {str(HERE / "avx2.c"): ["-mavx2", "-mfma", "-mf16c"]} if X86_64 else {}
+# -ffp-contract=off: the kernels reproduce ggml's float rounding, so only the fusions they write may happen.
+COMPILE_ARGS = ["-O3", "-std=gnu99", "-ffp-contract=off", "-pthread"]
+
+# The public API of kernels.h (cffi cannot parse the header's preprocessor lines, so it is restated here).
+CDEF = """
+int eq_isa_available(int isa);
+int eq_isa_best(void);
+int eq_activation_type(int type);
+int eq_block_size(int type);
+int eq_type_size(int type);
+int eq_dequantize_row(int isa, int type, const void *blocks, float *out, int64_t n);
+int eq_quantize_row(int isa, int act_type, const float *x, void *blocks, int64_t n);
+int eq_vec_dot(int isa, int type, int n, const void *weights, const void *activations, float *out);
+int eq_dot_rows(int isa, int type, int n, int64_t rows, const void *weights, size_t row_stride,
+                const void *activations, float *out);
+int eq_matmul(int isa, int type, int n, int64_t rows, const void *weights, size_t row_stride,
+              int64_t m, const float *x, float *y, int n_threads);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "edgequant.native._kernels",
+    '#include "kernels.h"',
+    sources=SOURCES,
+    depends=HEADERS,
+    include_dirs=[str(HERE)],
+    extra_compile_args=COMPILE_ARGS,
+    extra_link_args=["-pthread"],
+    libraries=["m"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,294 @@
+/* Scalar reference kernels: the arithmetic of ggml-cpu's *_generic dot products and *_ref quantizers.
+ *
+ * GCC builds ggml's generic C with -ffp-contract=fast, so on an FMA target every `acc + a*b` whose product has
+ * no other use becomes one fused multiply-add.  We spell those fusions out with fmaf() (correctly rounded
+ * everywhere, in hardware or in libm), so this file gives the same bits on any CPU.  Integer partial sums are
+ * exact, so only their grouping before conversion to float matters: the K-quant kernels keep ggml's eight
+ * float lanes, lane l collecting the elements e with e % 8 == l.
+ */
+
+#include <math.h>
+
+#include "dequant.h"
+#include "kernels.h"
+
+/* ---- activation quantizers (ggml's quantize_row_q8_{0,1,K}_ref) ---- */
+
+static float block_absmax(const float *x, int n) {
+    float amax = 0.0f;
+    for (int j = 0; j < n; ++j) amax = fmaxf(amax, fabsf(x[j]));
+    return amax;
+}
+
+/* d = amax/127, q = roundf(x / d) (ties away from zero), through the reciprocal 1/d. */
+static void quantize_q8_0(const float *x, void *vy, int64_t n) {
+    eq_q8_0 *y = (eq_q8_0 *)vy;
+    for (int64_t i = 0; i < n / EQ_QK; ++i, x += EQ_QK) {
+        const float d = block_absmax(x, EQ_QK) / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = eq_float_to_half(d);
+        for (int j = 0; j < EQ_QK; ++j) y[i].qs[j] = (int8_t)roundf(x[j] * id);
+    }
+}
+
+/* Q8_0 plus s = d * sum(q), which Q4_1/Q5_1 dots use for their offsets. */
+static void quantize_q8_1(const float *x, void *vy, int64_t n) {
+    eq_q8_1 *y = (eq_q8_1 *)vy;
+    for (int64_t i = 0; i < n / EQ_QK; ++i, x += EQ_QK) {
+        const float d = block_absmax(x, EQ_QK) / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < EQ_QK; ++j) {
+            y[i].qs[j] = (int8_t)roundf(x[j] * id);
+            sum += y[i].qs[j];
+        }
+        y[i].d = eq_float_to_half(d);
+        y[i].s = eq_float_to_half((float)sum * d);
+    }
+}
+
+/* Round to nearest, ties to even, for |v| < 2^22: add 1.5*2^23 and read the low mantissa bits. */
+static inline int round_even(float v) {
+    const float shifted = v + 12582912.0f;
+    int32_t bits;
+    memcpy(&bits, &shifted, 4);
+    return (bits & 0x007fffff) - 0x00400000;
+}
+
+/* Q8_K: the element of largest magnitude (the first, on ties) maps to -127 exactly; d = 1/iscale in float32. */
+static void quantize_q8_K(const float *x, void *vy, int64_t n) {
+    eq_q8_K *y = (eq_q8_K *)vy;
+    for (int64_t i = 0; i < n / EQ_QK_K; ++i, x += EQ_QK_K) {
+        const float max = eq_first_absmax(x, EQ_QK_K);
+        if (max == 0.0f) {
+            memset(&y[i], 0, sizeof y[i]);
+            continue;
+        }
+        const float iscale = -127.0f / max;
+        for (int j = 0; j < EQ_QK_K; ++j) {
+            const int v = round_even(iscale * x[j]);
+            y[i].qs[j] = (int8_t)(v < 127 ? v : 127);
+        }
+        for (int g = 0; g < 16; ++g) {
+            int sum = 0;
+            for (int j = 0; j < 16; ++j) sum += y[i].qs[16 * g + j];
+            y[i].bsums[g] = (int16_t)sum;
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+/* ---- legacy 32-element blocks: one exact integer sum per block ---- */
+
+static float dot_q4_0(int n, const void *vx, const void *vy) {
+    const eq_q4_0 *x = (const eq_q4_0 *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        int isum = 0;
+        for (int j = 0; j < 16; ++j)
+            isum += ((x[i].qs[j] & 15) - 8) * y[i].qs[j] + ((x[i].qs[j] >> 4) - 8) * y[i].qs[j + 16];
+        sum = fmaf((float)isum * eq_half_to_float(x[i].d), eq_half_to_float(y[i].d), sum);
+    }
+    return sum;
+}
+
+static float dot_q4_1(int n, const void *vx, const void *vy) {
+    const eq_q4_1 *x = (const eq_q4_1 *)vx;
+    const eq_q8_1 *y = (const eq_q8_1 *)vy;
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        int isum = 0;
+        for (int j = 0; j < 16; ++j) isum += (x[i].qs[j] & 15) * y[i].qs[j] + (x[i].qs[j] >> 4) * y[i].qs[j + 16];
+        const float dd = eq_half_to_float(x[i].d) * eq_half_to_float(y[i].d);
+        const float ms = eq_half_to_float(x[i].m) * eq_half_to_float(y[i].s);
+        sum += fmaf(dd, (float)isum, ms);
+    }
+    return sum;
+}
+
+/* Integer dot of one Q5 block's unsigned 5-bit codes (q) with 32 int8 activations, and of `offset` with them. */
+static int q5_block_dot(const uint8_t qs[16], const uint8_t qh[4], const int8_t *a, int offset) {
+    int hi[32], isum = 0;
+    q5_high_bits(qh, hi);
+    for (int j = 0; j < 16; ++j)
+        isum += (((qs[j] & 15) | hi[j]) - offset) * a[j] + (((qs[j] >> 4) | hi[j + 16]) - offset) * a[j + 16];
+    return isum;
+}
+
+static float dot_q5_0(int n, const void *vx, const void *vy) {
+    const eq_q5_0 *x = (const eq_q5_0 *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        const int isum = q5_block_dot(x[i].qs, x[i].qh, y[i].qs, 16);
+        sum = fmaf(eq_half_to_float(x[i].d) * eq_half_to_float(y[i].d), (float)isum, sum);
+    }
+    return sum;
+}
+
+static float dot_q5_1(int n, const void *vx, const void *vy) {
+    const eq_q5_1 *x = (const eq_q5_1 *)vx;
+    const eq_q8_1 *y = (const eq_q8_1 *)vy;
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        const int isum = q5_block_dot(x[i].qs, x[i].qh, y[i].qs, 0);
+        const float dd = eq_half_to_float(x[i].d) * eq_half_to_float(y[i].d);
+        const float ms = eq_half_to_float(x[i].m) * eq_half_to_float(y[i].s);
+        sum += fmaf(dd, (float)isum, ms);
+    }
+    return sum;
+}
+
+static float dot_q8_0(int n, const void *vx, const void *vy) {
+    const eq_q8_0 *x = (const eq_q8_0 *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK; ++i) {
+        int isum = 0;
+        for (int j = 0; j < EQ_QK; ++j) isum += x[i].qs[j] * y[i].qs[j];
+        sum = fmaf((float)isum, eq_half_to_float(x[i].d) * eq_half_to_float(y[i].d), sum);
+    }
+    return sum;
+}
+
+/* ---- K-quants ---- */
+
+/* Eight float lanes, lane l = sum over super-blocks of fma(d, lane_l(isum), .), then added up in order. */
+typedef struct { float v[8]; } lanes8;
+
+static inline void lanes_fma(lanes8 *acc, float d, const int32_t isum[8]) {
+    for (int l = 0; l < 8; ++l) acc->v[l] = fmaf(d, (float)isum[l], acc->v[l]);
+}
+
+static inline float lanes_total(float start, const lanes8 *acc) {
+    for (int l = 0; l < 8; ++l) start += acc->v[l];
+    return start;
+}
+
+/* lanes[e % 8] += scale[e / 16] * q[e] * a[e] over a super-block of signed codes. */
+static inline void k_lane_sums(const int8_t q[EQ_QK_K], const int8_t *a, const int scale16[16], int32_t lanes[8]) {
+    for (int l = 0; l < 8; ++l) lanes[l] = 0;
+    for (int e = 0; e < EQ_QK_K; ++e) lanes[e % 8] += scale16[e / 16] * (q[e] * a[e]);
+}
+
+/* Sum over the 16 sub-blocks of mins[s] * bsums[s]. */
+static inline int bsum_dot(const int16_t bsums[16], const int mins16[16]) {
+    int s = 0;
+    for (int j = 0; j < 16; ++j) s += bsums[j] * mins16[j];
+    return s;
+}
+
+static float dot_q2_K(int n, const void *vx, const void *vy) {
+    const eq_q2_K *x = (const eq_q2_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        int isum = 0, mins[16];
+        for (int e = 0; e < EQ_QK_K; ++e)
+            isum += (x[i].scales[e / 16] & 15) * (((x[i].qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3) * y[i].qs[e]);
+        for (int s = 0; s < 16; ++s) mins[s] = x[i].scales[s] >> 4;
+        const float dall = y[i].d * eq_half_to_float(x[i].d);
+        const float dmin = y[i].d * eq_half_to_float(x[i].dmin);
+        sum += fmaf(dall, (float)isum, -(dmin * (float)bsum_dot(y[i].bsums, mins)));
+    }
+    return sum;
+}
+
+static float dot_q3_K(int n, const void *vx, const void *vy) {
+    const eq_q3_K *x = (const eq_q3_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    lanes8 acc = {{0}};
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        int8_t q[EQ_QK_K], sc8[16];
+        int sc[16];
+        int32_t lanes[8];
+        for (int e = 0; e < EQ_QK_K; ++e) {
+            const int lo = (x[i].qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+            q[e] = (int8_t)(lo - 4 * !((x[i].hmask[e % 32] >> (e / 32)) & 1));
+        }
+        eq_q3k_scales(x[i].scales, sc8);
+        for (int s = 0; s < 16; ++s) sc[s] = sc8[s];
+        k_lane_sums(q, y[i].qs, sc, lanes);
+        lanes_fma(&acc, eq_half_to_float(x[i].d) * y[i].d, lanes);
+    }
+    return lanes_total(0.0f, &acc);
+}
+
+/* One Q4_K/Q5_K super-block with codes q (0..31) and 8 sub-blocks of 32, each with a 6-bit scale and min:
+ * the lanes take d * (scale-weighted lane sums), `sum` takes -dmin * (min-weighted bsums), both fused. */
+static inline void k4_superblock(lanes8 *acc, float *sum, uint16_t d, uint16_t dmin, const uint8_t scales[12],
+                                 const int8_t q[EQ_QK_K], const eq_q8_K *y) {
+    const eq_words4 words = eq_k4_scales_mins(scales);
+    const uint8_t *sm = (const uint8_t *)words.w;
+    int sc[16], mins[16];
+    int32_t lanes[8];
+    for (int s = 0; s < 16; ++s) {
+        sc[s] = sm[s / 2];
+        mins[s] = sm[8 + s / 2];
+    }
+    k_lane_sums(q, y->qs, sc, lanes);
+    lanes_fma(acc, eq_half_to_float(d) * y->d, lanes);
+    *sum = fmaf(-(eq_half_to_float(dmin) * y->d), (float)bsum_dot(y->bsums, mins), *sum);
+}
+
+static float dot_q4_K(int n, const void *vx, const void *vy) {
+    const eq_q4_K *x = (const eq_q4_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    lanes8 acc = {{0}};
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        int8_t q[EQ_QK_K];
+        for (int e = 0; e < EQ_QK_K; ++e) {
+            const uint8_t byte = x[i].qs[32 * (e / 64) + e % 32];
+            q[e] = (int8_t)((e % 64) < 32 ? byte & 15 : byte >> 4);
+        }
+        k4_superblock(&acc, &sum, x[i].d, x[i].dmin, x[i].scales, q, &y[i]);
+    }
+    return lanes_total(sum, &acc);
+}
+
+static float dot_q5_K(int n, const void *vx, const void *vy) {
+    const eq_q5_K *x = (const eq_q5_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    lanes8 acc = {{0}};
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        int8_t q[EQ_QK_K];
+        for (int e = 0; e < EQ_QK_K; ++e) {
+            const uint8_t byte = x[i].qs[32 * (e / 64) + e % 32];
+            q[e] = (int8_t)(((e % 64) < 32 ? byte & 15 : byte >> 4) | (((x[i].qh[e % 32] >> (e / 32)) & 1) << 4));
+        }
+        k4_superblock(&acc, &sum, x[i].d, x[i].dmin, x[i].scales, q, &y[i]);
+    }
+    return lanes_total(sum, &acc);
+}
+
+static float dot_q6_K(int n, const void *vx, const void *vy) {
+    const eq_q6_K *x = (const eq_q6_K *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    lanes8 acc = {{0}};
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        int8_t q[EQ_QK_K];
+        int sc[16];
+        int32_t lanes[8];
+        for (int e = 0; e < EQ_QK_K; ++e) {
+            const uint8_t byte = x[i].ql[64 * (e / 128) + e % 64];
+            const int lo = (e % 128) < 64 ? byte & 15 : byte >> 4;
+            const int hi = (x[i].qh[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+            q[e] = (int8_t)((lo | (hi << 4)) - 32);
+        }
+        for (int s = 0; s < 16; ++s) sc[s] = x[i].scales[s];
+        k_lane_sums(q, y[i].qs, sc, lanes);
+        lanes_fma(&acc, eq_half_to_float(x[i].d) * y[i].d, lanes);
+    }
+    return lanes_total(0.0f, &acc);
+}
+
+const eq_kernel_table eq_scalar_kernels = {
+    .dequantize = {EQ_DEQUANTIZE_ENTRIES},
+    .quantize = {[EQ_Q8_0] = quantize_q8_0, [EQ_Q8_1] = quantize_q8_1, [EQ_Q8_K] = quantize_q8_K},
+    .dot = {[EQ_Q4_0] = dot_q4_0, [EQ_Q4_1] = dot_q4_1, [EQ_Q5_0] = dot_q5_0, [EQ_Q5_1] = dot_q5_1,
+            [EQ_Q8_0] = dot_q8_0, [EQ_Q2_K] = dot_q2_K, [EQ_Q3_K] = dot_q3_K, [EQ_Q4_K] = dot_q4_K,
+            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K},
+};
