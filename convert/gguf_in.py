@@ -221,17 +221,21 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     return gguf.GGUFReader(path)
 
 
+def field_value(reader: gguf.GGUFReader, key: str):
+    """A metadata value as plain Python (a list for arrays), None when absent.  Unlike ReaderField.contents(), strings
+    that are not UTF-8 (the header scan lets them through, as llama.cpp does) come back with U+FFFD, not an exception."""
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    values = [_value(f, i) for i in f.data]
+    return values if f.types[0] == gguf.GGUFValueType.ARRAY else values[0]
+
+
 def scalar_fields(reader: gguf.GGUFReader) -> dict:
     """Metadata as plain values; long arrays (token lists) summarised by their length."""
-    out = {}
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
-            out[name] = f"[{len(f.data)} items]" if len(f.data) > MAX_ARRAY_SHOWN else [_value(f, i) for i in f.data]
-        else:
-            out[name] = _value(f, f.data[0]) if f.data else None
-    return out
+    return {name: f"[{len(f.data)} items]" if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.data) > MAX_ARRAY_SHOWN
+            else field_value(reader, name)
+            for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
 def _value(f: gguf.ReaderField, idx: int):

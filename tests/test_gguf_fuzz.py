@@ -188,6 +188,20 @@ def test_table_shows_hostile_text_literally(tmp_path, capsys):
     assert "(1,048,576 characters)" in out
 
 
+def test_string_values_need_not_be_utf8(tmp_path, capsys):
+    """llama.cpp does not check them either (raw-byte vocabularies): shown with U+FFFD, and field_value never raises."""
+    from edgequant.cli import main
+    from edgequant.convert.gguf_in import field_value, open_gguf
+
+    tokens = kv("tokenizer.ggml.tokens", V.ARRAY, array(V.STRING, 2, string(b"\xff") + string("ok")))
+    data = gguf_bytes([kv("general.architecture", V.STRING, string(b"ll\xfe")), tokens], [F32_2x4], bytes(32))
+    assert inspect(tmp_path, data) == ("ok", "")
+    assert main(["inspect", str(tmp_path / "case.gguf"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["tokenizer.ggml.tokens"] == ["\ufffd", "ok"]
+    reader = open_gguf(tmp_path / "case.gguf")
+    assert field_value(reader, "general.architecture") == "ll\ufffd" and field_value(reader, "absent") is None
+
+
 def test_harness_catches_crashes_hangs_and_blowups(tmp_path, monkeypatch):
     """`run_inspect` calls an exception a crash, and its limits stop a runaway loop and a huge allocation."""
     def reader_bug(path):
