@@ -152,9 +152,12 @@ static float dot_q8_0(int n, const void *vx, const void *vy) {
     return sum;
 }
 
-/* ---- K-quants ---- */
+/* ---- K-quants ----
+ *
+ * Each super-block is first decoded to 256 signed codes q[e] (element order), then reduced exactly in integers.
+ * Where ggml's generic code keeps eight float lanes, lane l collects the elements e with e % 8 == l.
+ */
 
-/* Eight float lanes, lane l = sum over super-blocks of fma(d, lane_l(isum), .), then added up in order. */
 typedef struct { float v[8]; } lanes8;
 
 static inline void lanes_fma(lanes8 *acc, float d, const int32_t isum[8]) {
@@ -166,10 +169,24 @@ static inline float lanes_total(float start, const lanes8 *acc) {
     return start;
 }
 
-/* lanes[e % 8] += scale[e / 16] * q[e] * a[e] over a super-block of signed codes. */
+/* lanes[e % 8] = sum of scale[e / 16] * q[e] * a[e], one 16-element sub-block at a time. */
 static inline void k_lane_sums(const int8_t q[EQ_QK_K], const int8_t *a, const int scale16[16], int32_t lanes[8]) {
     for (int l = 0; l < 8; ++l) lanes[l] = 0;
-    for (int e = 0; e < EQ_QK_K; ++e) lanes[e % 8] += scale16[e / 16] * (q[e] * a[e]);
+    for (int g = 0; g < 16; ++g) {
+        const int8_t *qg = q + 16 * g, *ag = a + 16 * g;
+        for (int l = 0; l < 8; ++l) lanes[l] += scale16[g] * (qg[l] * ag[l] + qg[l + 8] * ag[l + 8]);
+    }
+}
+
+/* Sum over the 16 sub-blocks of scale16[s] times the dot of q and a over sub-block s. */
+static inline int k_sub_sums(const int8_t q[EQ_QK_K], const int8_t *a, const int scale16[16]) {
+    int total = 0;
+    for (int g = 0; g < 16; ++g) {
+        int s = 0;
+        for (int j = 0; j < 16; ++j) s += q[16 * g + j] * a[16 * g + j];
+        total += scale16[g] * s;
+    }
+    return total;
 }
 
 /* Sum over the 16 sub-blocks of mins[s] * bsums[s]. */
@@ -179,18 +196,37 @@ static inline int bsum_dot(const int16_t bsums[16], const int mins16[16]) {
     return s;
 }
 
+/* Two-bit planes (Q2_K, Q3_K): element 128h + 32k + l is bits 2k..2k+1 of qs[32h + l]. */
+static inline void two_bit_codes(const uint8_t qs[64], int8_t q[EQ_QK_K]) {
+    for (int h = 0; h < 2; ++h)
+        for (int k = 0; k < 4; ++k)
+            for (int l = 0; l < 32; ++l) q[128 * h + 32 * k + l] = (int8_t)((qs[32 * h + l] >> (2 * k)) & 3);
+}
+
+/* Nibbles (Q4_K, Q5_K): element 64j + l is the low nibble of qs[32j + l], element 64j + 32 + l its high nibble. */
+static inline void nibble_codes(const uint8_t qs[128], int8_t q[EQ_QK_K]) {
+    for (int j = 0; j < 4; ++j)
+        for (int l = 0; l < 32; ++l) {
+            q[64 * j + l] = (int8_t)(qs[32 * j + l] & 15);
+            q[64 * j + 32 + l] = (int8_t)(qs[32 * j + l] >> 4);
+        }
+}
+
 static float dot_q2_K(int n, const void *vx, const void *vy) {
     const eq_q2_K *x = (const eq_q2_K *)vx;
     const eq_q8_K *y = (const eq_q8_K *)vy;
     float sum = 0.0f;
     for (int i = 0; i < n / EQ_QK_K; ++i) {
-        int isum = 0, mins[16];
-        for (int e = 0; e < EQ_QK_K; ++e)
-            isum += (x[i].scales[e / 16] & 15) * (((x[i].qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3) * y[i].qs[e]);
-        for (int s = 0; s < 16; ++s) mins[s] = x[i].scales[s] >> 4;
+        int8_t q[EQ_QK_K];
+        int sc[16], mins[16];
+        two_bit_codes(x[i].qs, q);
+        for (int s = 0; s < 16; ++s) {
+            sc[s] = x[i].scales[s] & 15;
+            mins[s] = x[i].scales[s] >> 4;
+        }
         const float dall = y[i].d * eq_half_to_float(x[i].d);
         const float dmin = y[i].d * eq_half_to_float(x[i].dmin);
-        sum += fmaf(dall, (float)isum, -(dmin * (float)bsum_dot(y[i].bsums, mins)));
+        sum += fmaf(dall, (float)k_sub_sums(q, y[i].qs, sc), -(dmin * (float)bsum_dot(y[i].bsums, mins)));
     }
     return sum;
 }
@@ -203,10 +239,9 @@ static float dot_q3_K(int n, const void *vx, const void *vy) {
         int8_t q[EQ_QK_K], sc8[16];
         int sc[16];
         int32_t lanes[8];
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const int lo = (x[i].qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
-            q[e] = (int8_t)(lo - 4 * !((x[i].hmask[e % 32] >> (e / 32)) & 1));
-        }
+        two_bit_codes(x[i].qs, q);
+        for (int p = 0; p < 8; ++p) /* element 32p + l: high bit p of hmask[l], clear meaning minus 4 */
+            for (int l = 0; l < 32; ++l) q[32 * p + l] = (int8_t)(q[32 * p + l] - 4 * (~x[i].hmask[l] >> p & 1));
         eq_q3k_scales(x[i].scales, sc8);
         for (int s = 0; s < 16; ++s) sc[s] = sc8[s];
         k_lane_sums(q, y[i].qs, sc, lanes);
@@ -239,10 +274,7 @@ static float dot_q4_K(int n, const void *vx, const void *vy) {
     float sum = 0.0f;
     for (int i = 0; i < n / EQ_QK_K; ++i) {
         int8_t q[EQ_QK_K];
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const uint8_t byte = x[i].qs[32 * (e / 64) + e % 32];
-            q[e] = (int8_t)((e % 64) < 32 ? byte & 15 : byte >> 4);
-        }
+        nibble_codes(x[i].qs, q);
         k4_superblock(&acc, &sum, x[i].d, x[i].dmin, x[i].scales, q, &y[i]);
     }
     return lanes_total(sum, &acc);
@@ -255,10 +287,9 @@ static float dot_q5_K(int n, const void *vx, const void *vy) {
     float sum = 0.0f;
     for (int i = 0; i < n / EQ_QK_K; ++i) {
         int8_t q[EQ_QK_K];
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const uint8_t byte = x[i].qs[32 * (e / 64) + e % 32];
-            q[e] = (int8_t)(((e % 64) < 32 ? byte & 15 : byte >> 4) | (((x[i].qh[e % 32] >> (e / 32)) & 1) << 4));
-        }
+        nibble_codes(x[i].qs, q);
+        for (int p = 0; p < 8; ++p) /* element 32p + l: bit 4 is bit p of qh[l] */
+            for (int l = 0; l < 32; ++l) q[32 * p + l] = (int8_t)(q[32 * p + l] | (x[i].qh[l] >> p & 1) << 4);
         k4_superblock(&acc, &sum, x[i].d, x[i].dmin, x[i].scales, q, &y[i]);
     }
     return lanes_total(sum, &acc);
@@ -272,12 +303,14 @@ static float dot_q6_K(int n, const void *vx, const void *vy) {
         int8_t q[EQ_QK_K];
         int sc[16];
         int32_t lanes[8];
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const uint8_t byte = x[i].ql[64 * (e / 128) + e % 64];
-            const int lo = (e % 128) < 64 ? byte & 15 : byte >> 4;
-            const int hi = (x[i].qh[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
-            q[e] = (int8_t)((lo | (hi << 4)) - 32);
-        }
+        for (int h = 0; h < 2; ++h) /* element 128h + 32k + l: nibble of ql[64h + 32(k%2) + l], bits 2k.. of qh[32h + l] */
+            for (int k = 0; k < 4; ++k)
+                for (int l = 0; l < 32; ++l) {
+                    const uint8_t byte = x[i].ql[64 * h + 32 * (k % 2) + l];
+                    const int lo = k < 2 ? byte & 15 : byte >> 4;
+                    const int hi = (x[i].qh[32 * h + l] >> (2 * k)) & 3;
+                    q[128 * h + 32 * k + l] = (int8_t)((lo | (hi << 4)) - 32);
+                }
         for (int s = 0; s < 16; ++s) sc[s] = x[i].scales[s];
         k_lane_sums(q, y[i].qs, sc, lanes);
         lanes_fma(&acc, eq_half_to_float(x[i].d) * y[i].d, lanes);
