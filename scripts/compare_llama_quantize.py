@@ -2,10 +2,13 @@
 """Byte-for-byte comparison of edgequant's builds with llama.cpp's own pipeline on one model.
 
   F16:  edgequant build --target F16   vs  convert_hf_to_gguf.py --outtype f16        (tensor names, shapes, types, bytes)
-  FTYPE: edgequant build --method rtn   vs  llama-quantize F16.gguf FTYPE               (per-tensor type and bytes)
+  FTYPE: edgequant build --method rtn   vs  llama-quantize OUR-F32.gguf FTYPE           (per-tensor type and bytes)
   FTYPE: edgequant build --method imatrix --imatrix I  vs  llama-quantize --imatrix I   (same, importance-weighted)
 
-llama.cpp's tools come from scripts/build_llama_tools.sh (.cache/llama-tools); the imatrix is made by llama-imatrix on
+llama-quantize reads our F32 conversion (convert_hf_to_gguf.py refuses retrained BPE vocabularies such as the
+Qwen2 fixture's; where it works its tensors equal ours, see the F16 row), the exact source values (bf16 -> f32 is lossless), as edgequant does; from
+an F16 file the inputs differ wherever bf16 values fall outside fp16's range (tiny weights flush to zero), and so do
+a few blocks.  llama.cpp's tools come from scripts/build_llama_tools.sh (.cache/llama-tools); the imatrix is made by llama-imatrix on
 --calib (default: ../shared's WikiText-2 train text, 256 chunks of 512, as the anchors were).  Also times both
 pipelines (wall clock, same machine) for the speed comparison in docs/BENCHMARKS.md.
 
@@ -78,9 +81,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ref16, ours16 = tmp / "ref-f16.gguf", tmp / "ours-f16.gguf"
-        t_ref = run([sys.executable, str(convert_script()), str(args.model), "--outfile", str(ref16), "--outtype", "f16"])
         t_ours = run(edgequant + ["--target", "F16", "-o", str(ours16)])
-        results.append({"ftype": "F16", "method": "convert_hf_to_gguf", **compare(ours16, ref16), "seconds": [t_ours, t_ref]})
+        try:
+            t_ref = run([sys.executable, str(convert_script()), str(args.model), "--outfile", str(ref16), "--outtype", "f16"])
+            results.append({"ftype": "F16", "method": "convert_hf_to_gguf", **compare(ours16, ref16), "seconds": [t_ours, t_ref]})
+        except subprocess.CalledProcessError:
+            print("convert_hf_to_gguf.py failed on this model (F16 comparison skipped)", flush=True)
+            ref16 = ours16
+        ref32 = tmp / "ours-f32.gguf"
+        run(edgequant + ["--target", "F32", "-o", str(ref32)])
         imatrix = None
         if not args.no_imatrix:
             imatrix = tmp / "imatrix.gguf"
@@ -90,7 +99,7 @@ def main() -> int:
             for use_imatrix in ([False, True] if imatrix else [False]):
                 ref, ours = tmp / f"ref-{ftype}.gguf", tmp / f"ours-{ftype}.gguf"
                 extra = ["--imatrix", str(imatrix)] if use_imatrix else []
-                t_ref = run([tool("llama-quantize"), *extra, str(ref16), str(ref), ftype, str(args.threads)])
+                t_ref = run([tool("llama-quantize"), *extra, str(ref32), str(ref), ftype, str(args.threads)])
                 method = ["--method", "imatrix", "--imatrix", str(imatrix)] if use_imatrix else ["--method", "rtn"]
                 t_ours = run(edgequant + ["--target", ftype, *method, "-o", str(ours)])
                 r = {"ftype": ftype, "method": "imatrix" if use_imatrix else "rtn", **compare(ours, ref), "seconds": [t_ours, t_ref]}
