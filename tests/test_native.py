@@ -341,3 +341,11 @@ def test_verify_reads_real_activations_with_calib(tiny_llama, tiny_q4_k_m, fixtu
     by_name = {r["name"]: r["activations"] for r in results}
     assert by_name["blk.0.attn_q.weight"] == by_name["blk.1.ffn_down.weight"] == "calib"
     assert by_name["token_embd.weight"] == by_name["output.weight"] == "gauss"  # no linear reads them in the pass
+
+
+def test_verify_refuses_a_gguf_of_another_model(tiny_llama, tiny_qwen2, tmp_path, capsys):
+    other = tmp_path / "qwen2-Q8_0.gguf"
+    assert main(["build", str(tiny_qwen2), "--target", "Q8_0", "--method", "rtn", "-o", str(other), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(tiny_llama), str(other)]) == 2
+    assert "not built from this model" in capsys.readouterr().err

@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     missing = [t.name for t in tensors if t.name not in m.tensors]
     if missing:
         raise UserError(f"{args.gguf} has tensors {args.model} does not: {', '.join(missing[:5])}")
+    for t in tensors:  # GGUF shapes list the row length first
+        if tuple(int(d) for d in reversed(t.shape)) != tuple(m.tensors[t.name].shape):
+            raise UserError(f"{t.name}: {args.gguf} stores it as {'×'.join(map(str, reversed(t.shape.tolist())))}, "
+                            f"{args.model} as {'×'.join(map(str, m.tensors[t.name].shape))}: not built from this model")
     inputs = calibration_inputs(m, args) if args.calib else {}
 
     results = []
