@@ -89,14 +89,17 @@ static void dequantize_q8_K(const void *vb, float *y, int64_t n) {
         for (int j = 0; j < EQ_QK_K; ++j) y[j] = b[i].d * (float)b[i].qs[j];
 }
 
+/* K-quants, one 16- or 32-element sub-block at a time so the per-element work is a multiply and a subtract. */
+
 static void dequantize_q2_K(const void *vb, float *y, int64_t n) {
     const eq_q2_K *b = (const eq_q2_K *)vb;
     for (int64_t i = 0; i < n / EQ_QK_K; ++i, y += EQ_QK_K) {
         const float d = eq_half_to_float(b[i].d), dmin = eq_half_to_float(b[i].dmin);
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const uint8_t sc = b[i].scales[e / 16];
-            const int q = (b[i].qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
-            y[e] = (d * (float)(sc & 15)) * (float)q - dmin * (float)(sc >> 4);
+        for (int s = 0; s < 16; ++s) { /* elements 16s..: plane (s/2)%4 of qs[32(s/8) + 16(s%2) ..] */
+            const float dl = d * (float)(b[i].scales[s] & 15), ml = dmin * (float)(b[i].scales[s] >> 4);
+            const uint8_t *qs = b[i].qs + 32 * (s / 8) + 16 * (s % 2);
+            const int shift = 2 * ((s / 2) % 4);
+            for (int l = 0; l < 16; ++l) y[16 * s + l] = dl * (float)((qs[l] >> shift) & 3) - ml;
         }
     }
 }
@@ -107,10 +110,11 @@ static void dequantize_q3_K(const void *vb, float *y, int64_t n) {
         const float d = eq_half_to_float(b[i].d);
         int8_t sc[16];
         eq_q3k_scales(b[i].scales, sc);
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const int lo = (b[i].qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
-            const int high_clear = !((b[i].hmask[e % 32] >> (e / 32)) & 1);
-            y[e] = (d * (float)sc[e / 16]) * (float)(lo - 4 * high_clear);
+        for (int s = 0; s < 16; ++s) { /* as Q2_K, minus 4 where bit s/2 of hmask[16(s%2) + l] is clear */
+            const float dl = d * (float)sc[s];
+            const uint8_t *qs = b[i].qs + 32 * (s / 8) + 16 * (s % 2), *hm = b[i].hmask + 16 * (s % 2);
+            const int shift = 2 * ((s / 2) % 4), plane = s / 2;
+            for (int l = 0; l < 16; ++l) y[16 * s + l] = dl * (float)(((qs[l] >> shift) & 3) - 4 * (~hm[l] >> plane & 1));
         }
     }
 }
@@ -121,10 +125,14 @@ static void dequantize_q4_K(const void *vb, float *y, int64_t n) {
         const float d = eq_half_to_float(b[i].d), dmin = eq_half_to_float(b[i].dmin);
         const eq_words4 words = eq_k4_scales_mins(b[i].scales);
         const uint8_t *sm = (const uint8_t *)words.w;
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const uint8_t byte = b[i].qs[32 * (e / 64) + e % 32];
-            const int q = (e % 64) < 32 ? byte & 15 : byte >> 4;
-            y[e] = (d * (float)sm[e / 32]) * (float)q - dmin * (float)sm[8 + e / 32];
+        for (int j = 0; j < 4; ++j) { /* elements 64j..: low nibbles of qs[32j..] (sub-block 2j), then high */
+            const float d0 = d * (float)sm[2 * j], m0 = dmin * (float)sm[8 + 2 * j];
+            const float d1 = d * (float)sm[2 * j + 1], m1 = dmin * (float)sm[8 + 2 * j + 1];
+            const uint8_t *qs = b[i].qs + 32 * j;
+            for (int l = 0; l < 32; ++l) {
+                y[64 * j + l] = d0 * (float)(qs[l] & 15) - m0;
+                y[64 * j + 32 + l] = d1 * (float)(qs[l] >> 4) - m1;
+            }
         }
     }
 }
@@ -135,10 +143,14 @@ static void dequantize_q5_K(const void *vb, float *y, int64_t n) {
         const float d = eq_half_to_float(b[i].d), dmin = eq_half_to_float(b[i].dmin);
         const eq_words4 words = eq_k4_scales_mins(b[i].scales);
         const uint8_t *sm = (const uint8_t *)words.w;
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const uint8_t byte = b[i].qs[32 * (e / 64) + e % 32];
-            const int q = ((e % 64) < 32 ? byte & 15 : byte >> 4) | (((b[i].qh[e % 32] >> (e / 32)) & 1) << 4);
-            y[e] = (d * (float)sm[e / 32]) * (float)q - dmin * (float)sm[8 + e / 32];
+        for (int j = 0; j < 4; ++j) { /* as Q4_K, bit 4 from bit 2j (low nibbles) or 2j+1 (high) of qh[l] */
+            const float d0 = d * (float)sm[2 * j], m0 = dmin * (float)sm[8 + 2 * j];
+            const float d1 = d * (float)sm[2 * j + 1], m1 = dmin * (float)sm[8 + 2 * j + 1];
+            const uint8_t *qs = b[i].qs + 32 * j, *qh = b[i].qh;
+            for (int l = 0; l < 32; ++l) {
+                y[64 * j + l] = d0 * (float)((qs[l] & 15) | (qh[l] >> (2 * j) & 1) << 4) - m0;
+                y[64 * j + 32 + l] = d1 * (float)((qs[l] >> 4) | (qh[l] >> (2 * j + 1) & 1) << 4) - m1;
+            }
         }
     }
 }
@@ -147,11 +159,13 @@ static void dequantize_q6_K(const void *vb, float *y, int64_t n) {
     const eq_q6_K *b = (const eq_q6_K *)vb;
     for (int64_t i = 0; i < n / EQ_QK_K; ++i, y += EQ_QK_K) {
         const float d = eq_half_to_float(b[i].d);
-        for (int e = 0; e < EQ_QK_K; ++e) {
-            const uint8_t byte = b[i].ql[64 * (e / 128) + e % 64];
-            const int lo = (e % 128) < 64 ? byte & 15 : byte >> 4;
-            const int hi = (b[i].qh[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
-            y[e] = (d * (float)b[i].scales[e / 16]) * (float)((lo | (hi << 4)) - 32);
+        for (int s = 0; s < 16; ++s) { /* element 128h + 32k + l, h = s/8, k = (s/2)%4, l = 16(s%2) + j */
+            const int h = s / 8, k = (s / 2) % 4;
+            const float dl = d * (float)b[i].scales[s];
+            const uint8_t *ql = b[i].ql + 64 * h + 32 * (k % 2) + 16 * (s % 2), *qh = b[i].qh + 32 * h + 16 * (s % 2);
+            const int nibble_shift = k < 2 ? 0 : 4;
+            for (int j = 0; j < 16; ++j)
+                y[16 * s + j] = dl * (float)((((ql[j] >> nibble_shift) & 15) | ((qh[j] >> (2 * k)) & 3) << 4) - 32);
         }
     }
 }
