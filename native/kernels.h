@@ -7,7 +7,8 @@
  * order; what must match is which partial sums are converted to float, and the order of the float multiplies,
  * fused multiply-adds and additions):
  *   scalar  ggml's *_generic functions and *_ref activation quantizers as GCC builds them for an FMA target
- *           (default -ffp-contract=fast fuses `a*b + c`; we write those fusions out as fmaf)
+ *           (default -ffp-contract=fast fuses `a*b + c`; we write those fusions out as fmaf; clang fuses only
+ *           within one expression, so a clang-built ggml may round some generic sums differently)
  *   avx2    ggml-cpu/arch/x86/quants.c built with -mavx2 -mfma -mf16c
  *   neon    ggml-cpu/arch/arm/quants.c on AArch64 with the dot-product lane layout of SDOT
  * The sources are compiled with -ffp-contract=off, so no fusion happens beyond the ones written.

@@ -9,7 +9,10 @@
  *   Q8_K activations            ggml's reference quantizer, as in scalar.c
  *
  * ggml itself writes these fmas as `acc + a*b` and relies on GCC's default contraction; we write them out.
- * Without the dot-product extension, SDOT is emulated with widening multiplies in the same lane layout.
+ * Without the dot-product extension, SDOT is emulated with widening multiplies in the same lane layout (ggml's own
+ * fallback pairs lanes differently, so a ggml built without +dotprod rounds legacy-type sums differently).
+ * Q8_K keeps the reference's two roundings of x*iscale + 1.5*2^23; a GCC build of ggml-base for AArch64 may fuse
+ * them.  Neither can be checked against ggml here (no Arm build of it): tests compare NEON with scalar.c.
  */
 
 #if defined(__aarch64__)
