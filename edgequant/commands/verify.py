@@ -31,7 +31,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -47,7 +46,7 @@ SOURCE_TOL = {"Q2_K": 1.0, "Q3_K": 0.6, "Q4_0": 0.5, "Q4_1": 0.5, "Q4_K": 0.4, "
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a quantized GGUF with llama.cpp's CPU arithmetic against its model")
     p.add_argument("model", help="the Hugging Face model directory (or hub id) the GGUF was built from")
-    p.add_argument("gguf", type=Path)
+    p.add_argument("gguf", type=Path, help="the quantized GGUF to check")
     p.add_argument("--calib", metavar="TEXT", help="calibration text (file or dataset, as for build): real activation rows")
     p.add_argument("--rows", type=int, default=256, metavar="N", help="activation rows per tensor (default 256)")
     p.add_argument("--seqlen", type=int, default=128, metavar="L", help="tokens per calibration window (default 128)")
@@ -100,10 +99,7 @@ def run(args: argparse.Namespace) -> int:
     for t in tensors:
         raw = np.asarray(t.data, dtype=np.uint8).reshape(int(np.prod(t.shape[1:])), -1)
         cols = int(t.shape[0])
-        x = inputs.get(t.name)
-        source = "calib"
-        if x is None or x.shape[1] != cols:
-            x, source = gaussian_rows(args.rows, cols), "gauss"
+        x, source = (inputs[t.name], "calib") if t.name in inputs else (gaussian_rows(args.rows, cols), "gauss")
         results.append(check(t.name, t.tensor_type, raw, x, source, m.load(t.name), args))
 
     if args.json:
@@ -126,9 +122,11 @@ def calibration_inputs(m, args) -> dict[str, np.ndarray]:
     return capture_linear_inputs(m, calib.token_windows(m), args.rows, calib.torch_device())
 
 
-def capture_linear_inputs(m, ids: torch.Tensor, rows: int, device: torch.device) -> dict[str, np.ndarray]:
+def capture_linear_inputs(m, ids, rows: int, device) -> dict[str, np.ndarray]:
     """Run layerwise's pass with a global forward pre-hook that keeps each nn.Linear's first `rows` input rows,
     keyed by the weight's identity, which on_layer then maps to a name (no second pass: on_layer changes nothing)."""
+    import torch
+
     from .. import layerwise
     from ..methods import hf_to_gguf
 
@@ -164,6 +162,8 @@ def gaussian_rows(rows: int, cols: int) -> np.ndarray:
 
 def check(name: str, qtype: gguf.GGMLQuantizationType, raw: np.ndarray, x: np.ndarray, source: str,
           w_src: np.ndarray, args) -> Result:
+    import torch
+
     from .. import native
 
     y_kernel = native.matmul(raw, x, qtype, n_threads=args.threads).astype(np.float64)
@@ -186,6 +186,8 @@ def kernel_reference(raw: np.ndarray, qtype: gguf.GGMLQuantizationType, x: np.nd
     Q4_1/Q5_1 blocks are d*q + m; ggml dots the offset m with the activation block's stored sum s = f16(d_y * sum q_y)
     rather than with its elements, so the reference splits those weights the same way (all-zero m gives d*q exactly).
     """
+    import torch
+
     from .. import native
 
     act = native.activation_type(qtype)
