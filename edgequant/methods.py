@@ -4,10 +4,21 @@
   imatrix  importance-weighted fitting, exactly llama-quantize --imatrix (importance from --imatrix FILE, or from our
            own calibration pass, defined as llama-imatrix defines it: per input column, mean of squared activations)
   gptq     GPTQ on the tensor's llama.cpp grid, layer by layer with the quantized layers feeding the next
+
+Reproducibility: on the CPU the same inputs and seed give a byte-identical GGUF, even with another thread count.
+Measured with torch's MKL build: its GEMMs (the calibration forward, the Σ xᵀx sums) split the output, not the sum,
+over threads, so they do not depend on the thread count at these shapes; its LAPACK Cholesky does, so each GPTQ
+solve runs on one thread (its per-column steps are faster so anyway; its per-block GEMM loses the other cores).  MKL itself promises this only
+per thread count (MKL_CBWR), so the guarantee we test is: same machine, same torch, same inputs -> same bytes.
+On a GPU, cuBLAS promises bit-identical GEMMs run to run only on the same GPU architecture and SM count with
+the same toolkit (and one stream); kernels that accumulate with atomics (scatter/index_add, some attention backends)
+promise nothing, nor does anything hold across GPUs or software versions: GPU builds repeat in practice, not by
+guarantee.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +134,20 @@ def hessian_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
     return 0.5 * float(((e @ h) * e).sum())
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """Pin torch to one thread on the CPU: MKL's Cholesky rounds differently with 1 and 2 threads."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def digest(w_hat: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(w_hat, dtype=np.float32).tobytes()).hexdigest()
 
@@ -147,7 +172,8 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             c = codec(qtype)
             w_gguf = torch.from_numpy(m.arch.to_gguf(hf_name, w.detach().float().cpu().numpy(), m.hp, m.tensor_names)[1])
             h = stats.hessian
-            sol = solve(w_gguf.to(device), h, c, block_size=settings.block_size, damp=settings.damp, act_order=settings.act_order)
+            with one_cpu_thread(device):
+                sol = solve(w_gguf.to(device), h, c, block_size=settings.block_size, damp=settings.damp, act_order=settings.act_order)
             packed[name] = c.pack(sol.blocks).reshape(-1)
             report.loss[name] = hessian_loss(w_gguf, torch.from_numpy(sol.w_hat), h)
             fit = c.dequantize(c.fit(w_gguf.numpy(), h.diagonal().cpu().numpy()))

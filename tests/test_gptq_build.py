@@ -59,3 +59,30 @@ def test_calibration_text_too_short(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="too short"):
         build(str(tiny_llama), "Q4_K_M", tmp_path / "m.gguf", method="gptq",
               calib=CalibOptions(text=str(short), samples=4, seqlen=128), quiet=True)
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference_build(tiny_llama, tmp_path_factory, calib):
+    """tiny-llama Q4_K_M by GPTQ with torch's default thread count: (path, sha256)."""
+    out = tmp_path_factory.mktemp("reference") / "m.gguf"
+    build(str(tiny_llama), "Q4_K_M", out, method="gptq", calib=calib, quiet=True)
+    return out, sha256(out)
+
+
+def test_gptq_build_is_reproducible_across_thread_counts(tiny_llama, tmp_path, calib, reference_build):
+    """Same inputs and seed -> the same bytes, also with one thread instead of the default (MKL's Cholesky differs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        build(str(tiny_llama), "Q4_K_M", tmp_path / "m.gguf", method="gptq", calib=calib, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert sha256(tmp_path / "m.gguf") == reference_build[1]
