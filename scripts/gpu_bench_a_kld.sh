@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Run on the lent H200 from the repo root, with .gpu/ prepared by scripts/prepare_gpu_carry.sh and carried:
+#   device run: bash scripts/gpu_bench_a_kld.sh   (carry: .gpu)   -> $OUT/results.tgz
+# Builds llama.cpp tools with CUDA; GPTQ builds of bench-a (edgequant) and llama-quantize --imatrix builds (imatrix by
+# llama-imatrix, as ../shared/anchors/METHOD.md), then KLD vs the F16 on wiki.test.raw and heldout.txt, all on the GPU.
+set -u
+set -u
+R=$(pwd); G=$R/.gpu; W=/tmp/w; S=$W/res; mkdir -p $S /tmp/pkg /tmp/a
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/pkg
+trap 'cd $W && tar czf $OUT/results.tgz res; [ -f $W/i-Q4_K_M.gguf ] && split -b 15M $W/i-Q4_K_M.gguf $OUT/i-Q4_K_M.gguf.part' EXIT
+log() { echo "[$(date +%T)] $*" | tee -a $S/run.log; }
+cp -r edgequant /tmp/pkg/; cp -r convert /tmp/pkg/edgequant/convert; cp -r runners /tmp/pkg/edgequant/runners
+(cd /tmp/pkg && for w in $G/wheels/*.whl; do python3 -m zipfile -e $w .; done)
+cp $G/bench-a/* /tmp/a/; python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('$G/model.safetensors.xz'), open('/tmp/a/model.safetensors','wb'))"
+(cd $W && tar xJf $G/lt.tar.xz && cmake -S llama.cpp -B b -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release > cmake.log 2>&1 && cmake --build b -j 14 --target llama-perplexity llama-quantize llama-imatrix > make.log 2>&1; echo $? > built) &
+cd /tmp
+python3 -m edgequant.cli build /tmp/a --target F16 -o $W/a-F16.gguf -q
+for t in Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K; do
+  python3 -m edgequant.cli build /tmp/a --target $t --calib $G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512 --json -o $W/g-$t.gguf > $S/build-$t.json 2>>$S/run.log
+  log "gptq built $t"
+done
+while [ ! -f $W/built ]; do sleep 5; done; log "tools built: $(cat $W/built)"; tail -3 $W/make.log >> $S/run.log
+B=$W/b/bin
+$B/llama-imatrix -m $W/a-F16.gguf -f $G/wiki.train.first1MB.txt -c 512 --chunks 256 -ngl 999 -o $W/imatrix.gguf > $S/imatrix.log 2>&1
+for t in Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K; do $B/llama-quantize --imatrix $W/imatrix.gguf $W/a-F16.gguf $W/i-$t.gguf $t 8 > /dev/null 2>&1; done
+log "imatrix builds done"; ls -la $W/*.gguf >> $S/run.log
+for text in wiki.test.raw heldout.txt; do
+  $B/llama-perplexity -m $W/a-F16.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld > $S/f16-$text.log 2>&1
+  log "base $text: $(grep 'Final estimate' $S/f16-$text.log)"
+  for t in Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K; do
+    for k in g i; do
+      $B/llama-perplexity -m $W/$k-$t.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld --kl-divergence > $S/kld-$k-$t-$text.log 2>&1
+      log "$k $t $text: $(grep -E 'Mean PPL\(Q\)|Mean    KLD|Same top p' $S/kld-$k-$t-$text.log | tr -s ' ' | tr '\n' ' ')"
+    done
+  done
+done
