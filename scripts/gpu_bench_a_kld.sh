@@ -4,7 +4,6 @@
 # Builds llama.cpp tools with CUDA; GPTQ builds of bench-a (edgequant) and llama-quantize --imatrix builds (imatrix by
 # llama-imatrix, as ../shared/anchors/METHOD.md), then KLD vs the F16 on wiki.test.raw and heldout.txt, all on the GPU.
 set -u
-set -u
 R=$(pwd); G=$R/.gpu; W=/tmp/w; S=$W/res; mkdir -p $S /tmp/pkg /tmp/a
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/pkg
 trap 'cd $W && tar czf $OUT/results.tgz res; [ -f $W/i-Q4_K_M.gguf ] && split -b 15M $W/i-Q4_K_M.gguf $OUT/i-Q4_K_M.gguf.part' EXIT
