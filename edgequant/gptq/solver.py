@@ -25,8 +25,10 @@ Choices (measured in tests/test_gptq_solver.py, scripts/bench_gptq_cpu.py and on
     matrices, as its static grid cannot follow the updated weights; geometric mean 0.96x of in-order for
     Q3_K..Q6_K, 1.00x for Q2_K; keeping the lower-loss of the two gives 0.95-0.99x.
 
-On CPU the per-column steps are small tensor ops: run with torch.set_num_threads(1) on a busy machine
-(OpenMP threads spinning against other work made it 7x slower here).
+The in-block sweep has two backends with the same arithmetic: `torch_sweep`, small tensor ops per column (the
+reference and the CPU path: run with torch.set_num_threads(1) on a busy machine, OpenMP threads spinning against
+other work made it 7x slower here), and on CUDA one Triton kernel per block (triton_solver): the column loop,
+trailing GEMMs included, 40-130x faster on an H200 (scripts/bench_gptq.py).  Everything else (factorization, fits, the trailing GEMMs) is shared.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from edgequant.convert.codecs import Codec
+from edgequant.convert.codecs import AffineGrid, Codec
 
 CHOLESKY_TRIES = 5  # damp, 10·damp, ..., 10⁴·damp
 
@@ -54,10 +56,13 @@ class Solution:
 
 
 @torch.no_grad()
-def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_order: bool = False) -> Solution:
+def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+          backend: str = "auto") -> Solution:
     """GPTQ of W (rows = output features, cols = input features) given H = 2XᵀX (cols, cols).
 
-    W and H are numpy arrays or torch tensors; the work runs on H's device (CPU for numpy).
+    W and H are numpy arrays or torch tensors; the work runs on H's device (CPU for numpy).  `backend` picks the
+    in-block sweep: "torch" (the reference, and the CPU path), "triton" (edgequant.gptq.triton_solver), or "auto":
+    Triton on a CUDA device when it imports, torch otherwise.
     """
     device = H.device if isinstance(H, torch.Tensor) else torch.device("cpu")
     W = torch.as_tensor(W, dtype=torch.float32).detach().to(device)
@@ -67,6 +72,7 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     codec.check_shape(cols)
     if block_size % S and S % block_size:
         raise ValueError(f"block_size {block_size} must be a multiple or a divisor of {codec.name}'s {S}")
+    sweep = pick_sweep(backend, device)
 
     dead = H.diagonal() == 0
     H[dead, dead] = 1
@@ -78,37 +84,98 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     Wt = W.T[perm].contiguous()
     if act_order:
         fitted = codec.fit(np.ascontiguousarray(W.cpu().numpy()), importance)
-        scale_t, offset_t, qmin, qmax = grid_columns(codec.grid(fitted), device)
-        scale_t, offset_t = scale_t[perm], offset_t[perm]
+        grids, refit = ColumnGrids(rows, cols, device, order=perm), None
+        grids.put(0, codec.grid(fitted))
     else:
-        scale_t, offset_t = torch.empty_like(Wt), torch.empty_like(Wt)
-        fits = []
+        grids, fits = ColumnGrids(rows, cols, device), []
 
-    Qt = torch.empty_like(Wt)  # codes
-    Losses = torch.empty(cols, device=device)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updated in place
-        Err1 = torch.empty(i2 - i1, rows, device=device)
-        for i in range(i2 - i1):
-            c = i1 + i
-            if not act_order and c % S == 0:  # entering a codec block: all its columns are up to date
-                block = codec.fit(np.ascontiguousarray(Wt[c:c + S].T.cpu().numpy()), importance[c:c + S])
-                scale_t[c:c + S], offset_t[c:c + S], qmin, qmax = grid_columns(codec.grid(block), device)
-                fits.append(block)
-            w, s, o = W1[i], scale_t[c], offset_t[c]
-            q = nearest_level(w, s, o, qmin, qmax)
-            Qt[c] = q
-            Err1[i] = (w - (s * q + o)) / U1[i, i]
-            W1[i + 1:].addr_(U1[i, i + 1:], Err1[i], alpha=-1)
-        Losses[i1:i2] = Err1.square().sum(1) / 2
-        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
+        def refit(c: int) -> None:  # entering a codec block: all its columns are up to date
+            fits.append(codec.fit(np.ascontiguousarray(Wt[c:c + S].T.cpu().numpy()), importance[c:c + S]))
+            grids.put(c, codec.grid(fits[-1]))
 
+    Qt, Losses = quantize_columns(Wt, U, grids, sweep, block_size, refit, S)
     inverse = torch.argsort(perm)
-    codes = Qt[inverse].T.contiguous().to(torch.int32).cpu().numpy()
+    codes = Qt[inverse].T.contiguous().cpu().numpy()
     blocks = codec.with_codes(fitted if act_order else concat_blocks(fits), codes)
     column_loss = Losses[inverse].cpu().numpy()
     return Solution(blocks, codec.dequantize(blocks), float(column_loss.sum(dtype=np.float64)), column_loss, damp)
+
+
+class ColumnGrids:
+    """The codec's grid as the sweeps read it, on the solver's device: per group, scale and offset transposed to
+    (n_groups, rows), so that one column's grid is one contiguous row; `group_of[c]` is the group of the c-th
+    processed column (c // group in order, perm[c] // group with act_order), on the device and as host ints."""
+
+    def __init__(self, rows: int, cols: int, device, order: torch.Tensor | None = None):
+        self.rows, self.cols, self.device, self.order = rows, cols, device, order
+        self.scale = self.offset = self.group_of = self.groups = None
+
+    def put(self, first: int, grid: AffineGrid) -> None:
+        """The grid fitted for original columns first.. (a codec block, or the whole matrix)."""
+        if self.scale is None:  # the group size is known at the first fit
+            self.scale = torch.empty(self.cols // grid.group, self.rows, device=self.device)
+            self.offset = torch.empty_like(self.scale)
+            order = torch.arange(self.cols) if self.order is None else self.order.cpu()
+            self.groups = (order // grid.group).tolist()
+            self.group_of = torch.tensor(self.groups, dtype=torch.int32, device=self.device)
+            self.qmin, self.qmax = grid.qmin, grid.qmax
+        g = first // grid.group
+        self.scale[g:g + grid.scale.shape[1]] = torch.from_numpy(grid.scale.T.copy()).to(self.device)
+        self.offset[g:g + grid.scale.shape[1]] = torch.from_numpy(grid.offset.T.copy()).to(self.device)
+
+
+def quantize_columns(Wt: torch.Tensor, U: torch.Tensor, grids: ColumnGrids, sweep, block_size: int,
+                     refit=None, S: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop over Wt (cols, rows, updated in place), in lazy blocks of `block_size` columns: `sweep`
+    rounds the columns of a block one by one with rank-1 updates inside the block, then one GEMM carries the
+    block's errors to all later columns.  refit(c) is called on entering each codec block of S columns (None: the
+    grids are fixed), so a sweep stops at codec-block boundaries.  Returns codes (cols, rows) int32 and the loss
+    per column, both in processing order."""
+    cols, rows = Wt.shape
+    step = min(S, block_size) if refit is not None else block_size
+    Qt = torch.empty(cols, rows, dtype=torch.int32, device=Wt.device)
+    Losses = torch.empty(cols, device=Wt.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        Err1 = torch.empty(i2 - i1, rows, device=Wt.device)
+        for c0 in range(i1, i2, step):
+            if refit is not None and c0 % S == 0:
+                refit(c0)
+            sweep(Wt[i1:i2], U[i1:i2, i1:i2], Qt[i1:i2], Err1, grids, i1, c0 - i1, min(c0 + step, i2) - i1)
+        Losses[i1:i2] = Err1.square().sum(1) / 2
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
+    return Qt, Losses
+
+
+def torch_sweep(W1, U1, Q1, E1, grids: ColumnGrids, first: int, j0: int, j1: int) -> None:
+    """Columns j0..j1 of the lazy block W1 = Wt[first:first + n] (views, updated in place): round each onto its
+    grid into Q1, its error over U_jj into E1, and subtract the error's rank-1 update from the block's later
+    columns.  Small tensor ops per column: the reference, and the CPU path."""
+    for j in range(j0, j1):
+        g = grids.groups[first + j]
+        w, s, o = W1[j], grids.scale[g], grids.offset[g]
+        q = nearest_level(w, s, o, grids.qmin, grids.qmax)
+        Q1[j] = q
+        E1[j] = (w - (s * q + o)) / U1[j, j]
+        W1[j + 1:].addr_(U1[j, j + 1:], E1[j], alpha=-1)
+
+
+def pick_sweep(backend: str, device: torch.device):
+    """The sweep function for `solve`'s backend argument."""
+    if backend == "auto":
+        if device.type != "cuda":
+            return torch_sweep
+        try:
+            from .triton_solver import sweep
+        except ImportError:
+            return torch_sweep
+        return sweep
+    if backend == "triton":
+        from .triton_solver import sweep
+        return sweep
+    if backend == "torch":
+        return torch_sweep
+    raise ValueError(f"backend {backend!r}: choose auto, torch or triton")
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, float]:
@@ -121,15 +188,9 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and bool(torch.isfinite(U).all()):
-                return U, lam, damp
+                return U.contiguous(), lam, damp  # row-major: the sweeps read rows of U
         damp *= 10
     raise ValueError(f"H is not positive definite even with damping {damp / 10:g}")
-
-
-def grid_columns(grid, device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """An AffineGrid as per-column scale and offset, transposed to (n, rows) tensors on device, and its code range."""
-    scale, offset = grid.columns(None, grid.scale.shape[1] * grid.group)
-    return torch.from_numpy(scale.T.copy()).to(device), torch.from_numpy(offset.T.copy()).to(device), grid.qmin, grid.qmax
 
 
 def nearest_level(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""GPTQ's in-block sweep as one Triton kernel: the CUDA path of edgequant.gptq.solve (backend "triton").
+
+The torch sweep launches a handful of kernels per column, so on a GPU it is bound by launches, about a hundred
+times slower than the GEMM that carries each block's errors onward.  But rows are independent once U (the upper
+Cholesky factor of H⁻¹) is known: each program here owns a tile of rows and holds the whole lazy block of
+columns in registers, and walks the columns itself:
+
+      Wt block (n columns × rows), as it sits in memory:       per column j of the sweep, per row r of the tile:
+                 r0 ........ r0+BLOCK_R                          w    = W[j, r]                (pick row j of the tile)
+      col 0    [ tile of one program ]                           q    = nearest level of w on its group's grid
+      col 1    [                     ]                           err  = (w - (scale·q + offset)) / U[j, j]
+      ...      [  BLOCK_N × BLOCK_R  ]  ◄─ registers             W[k, r] -= err · U[j, k]      for k > j
+      col n-1  [                     ]                           codes[j, r] = q, E[j, r] = err
+
+It writes the codes and the error block E; the trailing update of later blocks stays a cuBLAS GEMM in
+`quantize_columns`, and the grids are still fitted by `codec.fit` on the CPU when the solver enters a codec block.
+
+The arithmetic is torch's on the CPU, operation for operation: IEEE division (Triton's `/` is approximate),
+round-half-to-even built from floor, the rank-1 update as one fused multiply-add (as torch's CPU addr_ rounds it)
+and no other fusion.  Under TRITON_INTERPRET=1 it reproduces the torch sweep bit for bit (the tests).  torch's CUDA
+addr_ rounds the product separately, so against torch on a GPU a weight near a rounding boundary can round the
+other way and the rest of its row follows: on an H200, 1e-5 to 6e-4 of the codes, losses within 6e-4 either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows per program and warps per program (read at each call).  scripts/bench_gptq.py --tune on an H200, 4096 x 4096
+# Q4_K, lazy block 128: 8 rows x 1 warp 6.33 ms, 16 x 2 6.37, 16 x 1 6.46, 32 x 2 6.51, 32 x 4 6.96, 64 x 8 9.06 (the
+# loop with its GEMMs, 2.7 ms of it): one warp per program needs no barrier in its per-column reduction.
+BLOCK_R = 8
+NUM_WARPS = 1
+
+
+@triton.jit(do_not_specialize=["n", "j0", "j1"])
+def _sweep_kernel(W, U, ld_u, Q, E, SCALE, OFFSET, GROUP, rows, n, j0, j1, qmin, qmax,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = tl.arange(0, BLOCK_N)
+    in_rows = r < rows
+    tile = k[:, None] * rows + r[None, :]
+    in_tile = (k[:, None] < n) & in_rows[None, :]
+    w = tl.load(W + tile, mask=in_tile, other=0.0)
+    for j in range(j0, j1):
+        g = tl.load(GROUP + j).to(tl.int64)
+        s = tl.load(SCALE + g * rows + r, mask=in_rows, other=1.0)
+        o = tl.load(OFFSET + g * rows + r, mask=in_rows, other=0.0)
+        u = tl.load(U + j * ld_u + k, mask=(k > j) & (k < n), other=0.0)
+        u_jj = tl.load(U + j * ld_u + j)
+        wj = tl.sum(tl.where(k[:, None] == j, w, 0.0), axis=0)
+        # q = rint((w - offset) / scale), half to even, from floor alone (x - floor(x) is exact in float32);
+        # inline, as the interpreter pays for every call of a jit function
+        x = tl.math.div_rn(wj - o, s)
+        f = tl.floor(x)
+        odd = f - 2.0 * tl.floor(f * 0.5)
+        q = f + tl.where(x - f > 0.5, 1.0, tl.where(x - f == 0.5, odd, 0.0))
+        q = tl.where(s == 0, 0.0, q)
+        q = tl.minimum(tl.maximum(q, qmin), qmax)
+        err = tl.math.div_rn(wj - (s * q + o), u_jj)
+        tl.store(Q + j * rows + r, q.to(tl.int32), mask=in_rows)
+        tl.store(E + j * rows + r, err, mask=in_rows)
+        w = tl.fma(-u[:, None], err[None, :], w)  # one rounding, as torch's addr_ (BLAS ger)
+    # Columns past the sweep go back updated: the next codec block's fit reads them.
+    tl.store(W + tile, w, mask=in_tile & (k[:, None] >= j1))
+
+
+def sweep(W1: torch.Tensor, U1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor, grids, first: int, j0: int,
+          j1: int) -> None:
+    """solver.torch_sweep's contract: columns j0..j1 of the lazy block W1 = Wt[first:first + n], in place."""
+    n, rows = W1.shape
+    assert W1.is_contiguous() and E1.is_contiguous() and Q1.is_contiguous() and U1.stride(1) == 1
+    # No fused multiply-adds but the explicit one: scale·q + offset rounds twice, as in torch.
+    _sweep_kernel[(triton.cdiv(rows, BLOCK_R),)](
+        W1, U1, U1.stride(0), Q1, E1, grids.scale, grids.offset, grids.group_of[first:], rows, n, j0, j1,
+        float(grids.qmin), float(grids.qmax), BLOCK_N=triton.next_power_of_2(n), BLOCK_R=BLOCK_R, num_warps=NUM_WARPS,
+        enable_fp_fusion=False)

@@ -1,0 +1,112 @@
+"""The Triton sweep (edgequant.gptq.triton_solver) against the torch reference sweep, on CPU under TRITON_INTERPRET=1.
+
+The interpreter must be switched on before triton is imported, so the solves run in a child process (this file run
+as a script) that prints one JSON line; the tests read it.  Both backends share everything but the in-block sweep
+(factorization, fits, trailing GEMMs), so their codes may differ only where float rounding moves a weight across a
+rounding boundary: each differing code is checked to be one, from the weight the torch sweep rounded, recovered
+from its result through E = W - Ŵ = δ U (as in test_gptq_solver.gptq_views).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+
+# (codec, rows, cols, lazy block size, act_order): K-quant blocks spanning two lazy blocks (the grid is fitted for
+# columns the sweep has not reached), lazy blocks spanning several Q4_0 blocks (the sweep stops at each for the
+# fit and hands back the updated columns), rows that do not fill the last program's tile, act_order's permuted
+# groups.
+CASES = [
+    ("Q4_K", 32, 256, 128, False),
+    ("Q6_K", 64, 512, 128, False),
+    ("Q4_0", 40, 256, 128, False),
+    ("Q3_K", 64, 512, 256, False),
+    ("Q4_K", 32, 512, 128, True),
+]
+BOUNDARY = 1e-3  # how close to a half-integer (in grid steps) a weight must be for a differing code to be rounding
+
+
+def problem(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Correlated inputs with uneven magnitudes (as in LLMs), a few dead columns; W and H = 2XᵀX/n."""
+    rng = np.random.default_rng(seed)
+    mix = np.eye(cols) + 0.3 * rng.standard_normal((cols, cols))
+    X = rng.standard_normal((1024, cols)) @ mix * rng.lognormal(0, 0.5, cols)
+    X[:, [3, cols // 2]] = 0
+    W = 0.05 * rng.standard_normal((rows, cols))
+    return W.astype(np.float32), (2 * X.T @ X / len(X)).astype(np.float32)
+
+
+def distance_to_boundary(W: np.ndarray, H: np.ndarray, c, sol, act_order: bool) -> np.ndarray:
+    """Per weight, how far (in grid steps) the value the torch sweep rounded was from a half-integer."""
+    import torch
+
+    from edgequant.gptq.solver import inverse_cholesky
+
+    H = torch.from_numpy(H.copy())
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True).numpy() if act_order else np.arange(len(H))
+    U = inverse_cholesky(H[perm][:, perm], sol.damp)[0].double().numpy()
+    E = (W - sol.w_hat)[:, perm].astype(np.float64)
+    delta = np.linalg.solve(U.T, E.T).T
+    scale, offset = c.grid(sol.blocks).columns(None, W.shape[1])
+    x = np.empty_like(E)
+    x[:, perm] = (sol.w_hat[:, perm] + delta * np.diagonal(U) - offset[:, perm]) / scale[:, perm]
+    return np.abs(x - np.floor(x) - 0.5)
+
+
+def compare(name: str, rows: int, cols: int, block_size: int, act_order: bool) -> dict:
+    from edgequant.convert.codecs import codec
+    from edgequant.gptq import solve
+
+    c = codec(name)
+    W, H = problem(rows, cols)
+    ref, tri = (solve(W, H, c, block_size=block_size, act_order=act_order, backend=b) for b in ("torch", "triton"))
+    differ = c.codes(ref.blocks) != c.codes(tri.blocks)
+    near = distance_to_boundary(W, H, c, ref, act_order)[differ] < BOUNDARY
+    same_grid = np.array_equal(c.grid(ref.blocks).scale, c.grid(tri.blocks).scale)
+    return {"differ": int(differ.sum()), "near_boundary": int(near.sum()), "codes": int(differ.size),
+            "loss_torch": ref.loss, "loss_triton": tri.loss, "same_grid": same_grid,
+            "column_loss_sum": float(tri.column_loss.sum(dtype=np.float64)),
+            "w_hat_is_dequantized": bool(np.array_equal(tri.w_hat, c.dequantize(tri.blocks)))}
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    proc = subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda k: "-".join(map(str, k)))
+def test_triton_sweep_matches_torch(results, case):
+    r = results["-".join(map(str, case))]
+    print(f"{case}: {r['differ']} of {r['codes']} codes differ ({r['differ'] / r['codes']:.1e}), "
+          f"{r['near_boundary']} of them within {BOUNDARY} of a rounding boundary")
+    assert r["differ"] / r["codes"] <= 1e-4
+    assert r["near_boundary"] == r["differ"]
+    assert r["same_grid"]
+    assert r["loss_triton"] == pytest.approx(r["loss_torch"], rel=1e-3)
+    assert r["column_loss_sum"] == pytest.approx(r["loss_triton"], rel=1e-5)
+    assert r["w_hat_is_dequantized"]
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+
+    from edgequant.gptq import triton_solver
+
+    torch.set_num_threads(1)  # small ops: threads only spin against each other
+    # The interpreter runs programs one after another, so fewer, taller tiles than the GPU's 8 rows: the same kernel
+    # (the tile is a compile-time constant), and 40 rows leave the last tile part empty.
+    triton_solver.BLOCK_R = 32
+    print(json.dumps({"-".join(map(str, case)): compare(*case) for case in CASES}))
