@@ -1,10 +1,12 @@
 """`edgequant build`: source model -> per-tensor types from llama.cpp's recipe -> encoded tensors -> one GGUF.
 
 Tensors stream one at a time from the checkpoint into the output file; the file appears only when complete.
+GPTQ's finished layers are kept in a work directory until then, so that a killed build resumes (edgequant.workdir).
 """
 
 from __future__ import annotations
 
+import glob
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from .metadata import write_metadata
 from .methods import CalibOptions, Encoder, make_encoder
 from .model import SourceModel, layer_of
 from .progress import Progress
+from .workdir import WorkDir, build_identity
 
 
 @dataclass
@@ -53,34 +56,50 @@ def plan_tensors(m: SourceModel, ftype: str, has_imatrix: bool = False) -> list[
 
 
 def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibOptions | None = None,
-          encoder: Encoder | None = None, verify: bool = False, quiet: bool = False) -> BuildResult:
+          encoder: Encoder | None = None, verify: bool = False, quiet: bool = False,
+          work_dir: Path | None = None) -> BuildResult:
     """`encoder` overrides `method` (tests use it to inject failures).  `verify`: re-read the written file and check
-    that gguf-py dequantizes every GPTQ tensor to exactly the weights the solver produced."""
+    that gguf-py dequantizes every GPTQ tensor to exactly the weights the solver produced.  `work_dir` (default
+    OUT.work next to the output) keeps GPTQ's finished layers: a killed build run again resumes from them, and
+    writes the same bytes; it is removed once the GGUF is written."""
     t0 = time.perf_counter()
     ftype = parse_target(target)
     check_output_path(out)
+    for partial in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):  # atomic_output's, left by a killed build
+        partial.unlink(missing_ok=True)
     m = SourceModel(model)
     plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
     result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
+    calib = calib or CalibOptions()
+    work = None
+    if encoder is None and method == "gptq":
+        work = WorkDir(work_dir or out.with_name(out.name + ".work"), build_identity(m, ftype, method, calib))
     result.seconds["load"] = time.perf_counter() - t0
-    with Progress(quiet) as progress:
-        if encoder is None:
-            t1 = time.perf_counter()
-            encoder, result.report = make_encoder(method, m, plan, calib or CalibOptions(), progress)
-            result.seconds["calibrate+solve"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    with atomic_output(out) as tmp, Progress(quiet) as progress:
-        writer = gguf.GGUFWriter(tmp, m.arch.name)
-        write_metadata(writer, m, FTYPES[ftype])
-        stream = StreamingGGUF(writer, plan)
-        task = progress.add_task("encoding", total=len(plan))
-        for t in plan:
-            progress.update(task, description=f"{t.name} → {t.qtype.name}")
-            stream.write(t.name, encoder(t.name, m.load(t.name), t.qtype))
-            progress.advance(task)
-        stream.close()
-        if verify and "gptq" in result.report:
-            verify_digests(tmp, result.report["gptq"].digest)
+    try:
+        with Progress(quiet) as progress:
+            if encoder is None:
+                t1 = time.perf_counter()
+                encoder, result.report = make_encoder(method, m, plan, calib, progress, work)
+                result.seconds["calibrate+solve"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        with atomic_output(out) as tmp, Progress(quiet) as progress:
+            writer = gguf.GGUFWriter(tmp, m.arch.name)
+            write_metadata(writer, m, FTYPES[ftype])
+            stream = StreamingGGUF(writer, plan)
+            task = progress.add_task("encoding", total=len(plan))
+            for t in plan:
+                progress.update(task, description=f"{t.name} → {t.qtype.name}")
+                stream.write(t.name, encoder(t.name, m.load(t.name), t.qtype))
+                progress.advance(task)
+            stream.close()
+            if verify and "gptq" in result.report:
+                verify_digests(tmp, result.report["gptq"].digest)
+    except UserError:  # bad input: what is in the work directory would not help a rerun
+        if work is not None:
+            work.remove()
+        raise
+    if work is not None:
+        work.remove()
     result.seconds["encode+write"] = time.perf_counter() - t1
     return result
 

@@ -76,8 +76,12 @@ def materialize(module: nn.Module, prefix: str, m: SourceModel, device: torch.de
 
 @torch.no_grad()
 def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torch.device, batch: int = 8,
-        progress=None, quiet: bool = True) -> dict[str, float]:
-    """Drive the layer-by-layer pass. Returns seconds per phase."""
+        progress=None, quiet: bool = True, start: int = 0, hidden: torch.Tensor | None = None,
+        on_hidden: Callable[[int, torch.Tensor], None] | None = None) -> dict[str, float]:
+    """Drive the layer-by-layer pass. Returns seconds per phase.
+
+    To resume, `start` is the first layer to run and `hidden` its inputs, as on_hidden(start - 1, hidden) received
+    them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs)."""
     seconds = {"calibration forward": 0.0, "solve": 0.0}
     model = skeleton(m, device)
     inner = model.model
@@ -94,16 +98,18 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     except _Captured as c:
         layer_kwargs = {k: v for k, v in c.kwargs.items() if k != "hidden_states"}
     hook.remove()
-    hidden = inner.embed_tokens(ids.to(device))  # (n, L, d)
+    hidden = inner.embed_tokens(ids.to(device)) if start == 0 else hidden.to(device)  # (n, L, d)
     if not m.hp.tied_embeddings:
         inner.embed_tokens.to("meta")
-    task = progress.add_task("calibrating", total=len(inner.layers) + 1) if progress is not None else None
+    task = progress.add_task("calibrating", total=len(inner.layers) + 1, completed=start) if progress is not None else None
 
-    for i, layer in enumerate(inner.layers):
+    for i, layer in enumerate(inner.layers[start:], start):
         prefix = f"model.layers.{i}."
         materialize(layer, prefix, m, device)
         hidden = _layer_pass(layer, prefix, hidden, layer_kwargs, on_layer, i, batch, seconds)
         layer.to("meta")
+        if on_hidden is not None:
+            on_hidden(i, hidden)
         if task is not None:
             progress.advance(task)
 

@@ -37,6 +37,7 @@ from .convert.imatrix_file import read_imatrix
 from .errors import UserError
 from .model import SourceModel
 from .tokens import ReferenceTokenizer
+from .workdir import WorkDir
 
 # Encoder for one tensor: (GGUF name, float32 weights, planned type) -> bytes.
 Encoder = Callable[[str, np.ndarray, gguf.GGMLQuantizationType], np.ndarray]
@@ -84,8 +85,10 @@ def rtn_encoder(importance: dict[str, np.ndarray] | None = None) -> Encoder:
     return enc
 
 
-def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, progress=None) -> tuple[Encoder, dict]:
-    """The encoder for `method`, after whatever calibration it needs; plus a report dict for the summary."""
+def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, progress=None,
+                 work: WorkDir | None = None) -> tuple[Encoder, dict]:
+    """The encoder for `method`, after whatever calibration it needs; plus a report dict for the summary.
+    gptq keeps its finished layers in `work`, and resumes from what is there."""
     if method == "rtn" or all(t.qtype in FLOAT_TYPES for t in plan):
         return rtn_encoder(), {}
     if method == "imatrix":
@@ -94,7 +97,7 @@ def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: Cal
         sums = collect_importance(m, calib.token_windows(m), calib.torch_device(), progress)
         return rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}), {}
     if method == "gptq":
-        enc, report = gptq_encoder(m, plan, calib.token_windows(m), calib.torch_device(), calib.gptq, progress)
+        enc, report = gptq_encoder(m, plan, calib.token_windows(m), calib.torch_device(), calib.gptq, work, progress)
         return enc, {"gptq": report}
     raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
 
@@ -153,17 +156,17 @@ def digest(w_hat: np.ndarray) -> str:
 
 
 def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, device: torch.device,
-                 settings: GptqSettings, progress=None) -> tuple[Encoder, GptqReport]:
-    """Run GPTQ over the whole model now; the encoder then hands out the packed blocks (RTN for the rest)."""
+                 settings: GptqSettings, work: WorkDir, progress=None) -> tuple[Encoder, GptqReport]:
+    """Run GPTQ over the whole model now (the layers not already in `work`), each layer's packed blocks saved to
+    `work` as it finishes; the encoder then hands out the packed blocks (RTN for the rest)."""
     from .gptq import solve
 
     types = {t.name: t.qtype for t in plan}
     names = hf_to_gguf(m)
-    packed: dict[str, np.ndarray] = {}
     report = GptqReport()
 
-    def on_layer(_index, weights):
-        new = {}
+    def on_layer(index, weights):
+        new, packed, entries = {}, {}, {}
         for hf_name, (w, stats) in weights.items():
             name = names[hf_name]
             qtype = types[name]
@@ -175,18 +178,25 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             with one_cpu_thread(device):
                 sol = solve(w_gguf.to(device), h, c, block_size=settings.block_size, damp=settings.damp, act_order=settings.act_order)
             packed[name] = c.pack(sol.blocks).reshape(-1)
-            report.loss[name] = hessian_loss(w_gguf, torch.from_numpy(sol.w_hat), h)
             fit = c.dequantize(c.fit(w_gguf.numpy(), h.diagonal().cpu().numpy()))
-            report.fit_loss[name] = hessian_loss(w_gguf, torch.from_numpy(fit), h)
-            report.digest[name] = digest(sol.w_hat)
+            entries[name] = {"loss": hessian_loss(w_gguf, torch.from_numpy(sol.w_hat), h),
+                             "fit_loss": hessian_loss(w_gguf, torch.from_numpy(fit), h), "digest": digest(sol.w_hat)}
             w_hat = m.arch.from_gguf(name, sol.w_hat, m.hp)
             new[hf_name] = torch.from_numpy(np.ascontiguousarray(w_hat)).to(w.device)
+        work.save_layer(index, packed, entries)
         return new
 
-    report.seconds = layerwise.run(m, ids, on_layer, device, progress=progress)
+    work.open()
+    resume = work.resume_point()
+    if resume is not None:
+        start, hidden = resume
+        report.seconds = layerwise.run(m, ids, on_layer, device, progress=progress, start=start, hidden=hidden,
+                                       on_hidden=work.save_hidden)
+    for name, entry in work.report().items():
+        report.loss[name], report.fit_loss[name], report.digest[name] = entry["loss"], entry["fit_loss"], entry["digest"]
     rtn = rtn_encoder()
 
     def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-        return packed.pop(name) if name in packed else rtn(name, w, qtype)
+        return work.packed(name) if name in report.loss else rtn(name, w, qtype)
 
     return enc, report

@@ -86,3 +86,29 @@ def test_gptq_build_is_reproducible_across_thread_counts(tiny_llama, tmp_path, c
     finally:
         torch.set_num_threads(threads)
     assert sha256(tmp_path / "m.gguf") == reference_build[1]
+
+
+def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib, reference_build):
+    """SIGKILL right after layer 0 is saved: no .gguf, the work dir holds layer 0; the same command again resumes
+    after layer 0 (the kill hook would fire again if it redid it), writes the uninterrupted build's bytes and cleans
+    up, also the temporary file of a build killed while writing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.gguf"
+    argv = [sys.executable, "-m", "edgequant.cli", "build", str(tiny_llama), "-t", "Q4_K_M", "--method", "gptq",
+            "--calib", calib.text, "--calib-samples", str(calib.samples), "--calib-seqlen", str(calib.seqlen),
+            "--device", "cpu", "-o", str(out), "--quiet"]
+    env = {**os.environ, "EDGEQUANT_TEST_KILL_AFTER_LAYER": "0"}
+    killed = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    work = tmp_path / "m.gguf.work"
+    assert [p.name for p in tmp_path.iterdir()] == [work.name]
+    assert sorted(p.name for p in work.iterdir()) == ["hidden-0.npy", "layer-0.npz", "manifest.json"]
+    (tmp_path / ".m.gguf.x1y2.partial").write_bytes(b"GGUF")  # as a kill while writing would leave it
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sha256(out) == reference_build[1]
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (default 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="lazy-batch block of columns (default 128)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False, help="columns by descending Hessian diagonal")
+    g.add_argument("--work-dir", type=Path, metavar="DIR",
+                   help="finished layers are kept here so that a killed build resumes when run again (default OUTPUT.work)")
     p.add_argument("--verify", action="store_true", help="re-read the output and check it dequantizes exactly to GPTQ's weights")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..build import build
 
     result = build(args.model, args.target, args.output, method=args.method, calib=calib_options(args),
-                   verify=args.verify, quiet=args.quiet or args.json)
+                   verify=args.verify, quiet=args.quiet or args.json, work_dir=args.work_dir)
     if args.json:
         print(json.dumps(summary(result)))
     elif not args.quiet:

@@ -1,0 +1,158 @@
+"""A GPTQ build's finished layers on disk, so that a killed build resumes where it stopped (`--work-dir`).
+
+    <output>.work/
+      manifest.json    what the results are for (the build's identity, below); written first
+      layer-0.npz      per decoder layer, then layer-output.npz for the head: the packed GGUF bytes of the layer's
+      layer-1.npz      GPTQ tensors, and their losses and digests for the report
+      hidden-1.npy     the next layer's inputs: the output of layer 1 through its quantized weights
+
+Each file is written under a temporary name and renamed into place, so a kill at any moment leaves only complete
+files.  Per layer, layer-N.npz comes first, then hidden-N.npy, then hidden-(N-1).npy is deleted: the newest hidden
+file marks where to resume, and every layer up to it has its npz.  Redoing a layer whose hidden file was lost gives
+the same bytes (the build is deterministic), so a resumed build writes the same GGUF as an uninterrupted one.
+
+The identity covers everything the results depend on: the model's config and weight files (sizes, mtimes), the target,
+the method and its settings, the calibration tokens themselves (hash), the device type and the software versions.
+A work directory made for another identity is cleared, with a note; a directory that is not a work directory is
+refused.  Only our own files are ever deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+OURS = ("manifest.json", "layer-*.npz", "hidden-*.npy", "*.tmp")
+REPORT_KEY = "__report__"  # the layer npz entry holding {tensor: {loss, fit_loss, digest}} as JSON
+
+
+def file_identity(path: Path) -> list:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_identity(m, target: str, method: str, calib) -> dict:
+    """What a build's layers depend on: `m` a SourceModel, `calib` its CalibOptions."""
+    from . import __version__
+
+    files = sorted({e.file for e in m.checkpoint.tensors.values()} | set(m.dir.glob("tokenizer*")))
+    text = Path(calib.text).expanduser() if calib.text else None
+    text_file = text is not None and text.is_file()
+    return {
+        "edgequant": __version__, "torch": torch.__version__, "model": str(m.dir.resolve()),
+        "config_sha256": sha256((m.dir / "config.json").read_bytes()), "files": [file_identity(f) for f in files],
+        "target": target, "method": method, "device": calib.torch_device().type,
+        "calibration": {"text": str(text.resolve()) if text_file else calib.text, "text_file": file_identity(text) if text_file else None,
+                        "samples": calib.samples, "seqlen": calib.seqlen, "seed": calib.seed},
+        "gptq": dataclasses.asdict(calib.gptq),
+    }
+
+
+class WorkDir:
+    def __init__(self, path: Path, identity: dict):
+        self.path, self.identity = path, identity
+        self.opened = False  # only then are the files in it ours to delete
+        self.where: dict[str, Path] = {}  # GGUF name -> the layer npz holding it, filled by report()
+
+    def open(self) -> None:
+        """Make the directory ready for this identity: keep it if it matches, clear it if it is stale."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"work directory {self.path} exists and is not a directory")
+        manifest = self.path / MANIFEST
+        if self.path.is_dir() and any(self.path.iterdir()) and not manifest.is_file():
+            raise UserError(f"work directory {self.path} is not empty and has no {MANIFEST}: not an edgequant work "
+                            f"directory; remove it or choose another --work-dir")
+        if manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text())
+            except ValueError:
+                old = {}
+            if old == self.identity:
+                self.opened = True
+                return
+            changed = sorted(k for k in self.identity.keys() | old.keys() if old.get(k) != self.identity.get(k))
+            print(f"edgequant: {self.path} holds layers of another build ({', '.join(changed)} differ); starting over",
+                  file=sys.stderr)
+            self.clear()
+        try:
+            self.path.mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create work directory {self.path}: {e.strerror}") from None
+        self.opened = True
+        self._write(MANIFEST, lambda f: f.write(json.dumps(self.identity, indent=1).encode()))
+
+    def resume_point(self) -> tuple[int, torch.Tensor | None] | None:
+        """(index of the first layer to solve, its inputs or None for the embeddings); None when every layer is done."""
+        if (self.path / "layer-output.npz").is_file():
+            return None
+        done = sorted(int(p.stem.split("-")[1]) for p in self.path.glob("hidden-*.npy"))
+        if not done:
+            return 0, None
+        return done[-1] + 1, torch.from_numpy(np.load(self.path / f"hidden-{done[-1]}.npy"))
+
+    def save_layer(self, index, packed: dict[str, np.ndarray], report: dict[str, dict]) -> None:
+        arrays = {**packed, REPORT_KEY: np.array(json.dumps(report))}
+        self._write(f"layer-{index}.npz", lambda f: np.savez(f, **arrays))
+
+    def save_hidden(self, index: int, hidden: torch.Tensor) -> None:
+        self._write(f"hidden-{index}.npy", lambda f: np.save(f, hidden.cpu().numpy()))
+        for p in self.path.glob("hidden-*.npy"):
+            if p.name != f"hidden-{index}.npy":
+                p.unlink()
+        if os.environ.get("EDGEQUANT_TEST_KILL_AFTER_LAYER") == str(index):  # tests: a kill between two layers
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def report(self) -> dict[str, dict]:
+        """GGUF name -> {loss, fit_loss, digest} over every finished layer, in build order (layers, then the head)."""
+        numbered = sorted((p for p in self.path.glob("layer-*.npz") if p.stem != "layer-output"),
+                          key=lambda p: int(p.stem.split("-")[1]))
+        out = {}
+        for path in numbered + [self.path / "layer-output.npz"]:
+            with np.load(path, allow_pickle=False) as z:
+                for name, entry in json.loads(str(z[REPORT_KEY])).items():
+                    out[name] = entry
+                    self.where[name] = path
+        return out
+
+    def packed(self, name: str) -> np.ndarray:
+        """The packed GGUF bytes of a tensor listed by report()."""
+        with np.load(self.where[name], allow_pickle=False) as z:
+            return z[name]
+
+    def clear(self) -> None:
+        for pattern in OURS:
+            for p in self.path.glob(pattern):
+                p.unlink()
+
+    def remove(self) -> None:
+        if not self.opened:
+            return
+        self.clear()
+        try:
+            self.path.rmdir()
+        except OSError:  # someone else's files in it: leave them
+            pass
+
+    def _write(self, name: str, write) -> None:
+        tmp = self.path / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / name)
+

@@ -1,0 +1,53 @@
+"""The GPTQ work directory on its own: which directories it takes over, clears or refuses, and where it resumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgequant.errors import UserError
+from edgequant.workdir import WorkDir
+
+
+def test_fresh_then_resume_point_follows_the_saved_layers(tmp_path):
+    work = WorkDir(tmp_path / "w", {"model": "a"})
+    work.open()
+    assert work.resume_point() == (0, None)
+    work.save_layer(0, {"blk.0.attn_q.weight": np.arange(5, dtype=np.uint8)}, {"blk.0.attn_q.weight": {"loss": 1.0}})
+    assert work.resume_point() == (0, None)  # layer 0 solved, its outputs not yet saved: redo it
+    h0, h1 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    work.save_hidden(0, h0)
+    work.save_layer(1, {}, {})
+    work.save_hidden(1, h1)
+    start, hidden = work.resume_point()
+    assert start == 2 and torch.equal(hidden, h1)
+    assert sorted(p.name for p in work.path.iterdir()) == ["hidden-1.npy", "layer-0.npz", "layer-1.npz", "manifest.json"]
+    work.save_layer("output", {"output.weight": np.ones(3, dtype=np.uint8)}, {"output.weight": {"loss": 2.0}})
+    assert work.resume_point() is None
+    assert list(work.report()) == ["blk.0.attn_q.weight", "output.weight"]
+    np.testing.assert_array_equal(work.packed("blk.0.attn_q.weight"), np.arange(5, dtype=np.uint8))
+    work.remove()
+    assert not work.path.exists()
+
+
+def test_same_identity_keeps_another_clears_with_a_note(tmp_path, capsys):
+    WorkDir(tmp_path, {"target": "Q4_K_M", "seed": 0}).open()
+    WorkDir(tmp_path, {"target": "Q4_K_M", "seed": 0}).save_hidden(0, torch.zeros(1))
+    again = WorkDir(tmp_path, {"target": "Q4_K_M", "seed": 0})
+    again.open()
+    assert again.resume_point()[0] == 1 and capsys.readouterr().err == ""
+    other = WorkDir(tmp_path, {"target": "Q5_K_M", "seed": 0})
+    other.open()
+    assert "target differ" in capsys.readouterr().err
+    assert other.resume_point() == (0, None)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_refuses_a_directory_that_is_not_a_work_directory(tmp_path):
+    (tmp_path / "precious.txt").write_text("x")
+    work = WorkDir(tmp_path, {})
+    with pytest.raises(UserError, match="not an edgequant work directory"):
+        work.open()
+    work.remove()  # never opened: nothing of ours in it
+    assert (tmp_path / "precious.txt").is_file()
