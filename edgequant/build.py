@@ -7,6 +7,7 @@ GPTQ's finished layers are kept in a work directory until then, so that a killed
 from __future__ import annotations
 
 import glob
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from .methods import CalibOptions, Encoder, make_encoder
 from .model import SourceModel, layer_of
 from .progress import Progress
 from .workdir import WorkDir, build_identity
+
+FREE_SPACE_MARGIN = 64 * 2**20  # metadata (vocabularies reach a few MiB), filesystem overhead
 
 
 @dataclass
@@ -57,23 +60,25 @@ def plan_tensors(m: SourceModel, ftype: str, has_imatrix: bool = False) -> list[
 
 def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibOptions | None = None,
           encoder: Encoder | None = None, verify: bool = False, quiet: bool = False,
-          work_dir: Path | None = None) -> BuildResult:
+          work_dir: Path | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> BuildResult:
     """`encoder` overrides `method` (tests use it to inject failures).  `verify`: re-read the written file and check
     that gguf-py dequantizes every GPTQ tensor to exactly the weights the solver produced.  `work_dir` (default
     OUT.work next to the output) keeps GPTQ's finished layers: a killed build run again resumes from them, and
-    writes the same bytes; it is removed once the GGUF is written."""
+    writes the same bytes; it is removed once the GGUF is written.  `allow_pickle`, `trust_remote_code`: see
+    edgequant.checkpoint."""
     t0 = time.perf_counter()
     ftype = parse_target(target)
     check_output_path(out)
     for partial in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):  # atomic_output's, left by a killed build
         partial.unlink(missing_ok=True)
-    m = SourceModel(model)
+    m = SourceModel(model, allow_pickle, trust_remote_code)
     plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
     result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
     calib = calib or CalibOptions()
     work = None
     if encoder is None and method == "gptq":
         work = WorkDir(work_dir or out.with_name(out.name + ".work"), build_identity(m, ftype, method, calib))
+    check_free_space(out, result.nbytes, work, calib, m)
     result.seconds["load"] = time.perf_counter() - t0
     try:
         with Progress(quiet) as progress:
@@ -102,6 +107,25 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
         work.remove()
     result.seconds["encode+write"] = time.perf_counter() - t1
     return result
+
+
+def check_free_space(out: Path, out_bytes: int, work: WorkDir | None, calib: CalibOptions, m: SourceModel) -> None:
+    """UserError up front when the disk cannot take the output (tensors + metadata margin), plus for GPTQ its work
+    directory (packed layers ≈ the output, and the current and next layers' inputs)."""
+    needs = [(out.parent, out_bytes)]
+    if work is not None:
+        hidden = calib.samples * min(calib.seqlen, m.hp.n_ctx) * m.hp.n_embd * 4
+        needs.append((next(p for p in (work.path, *work.path.parents) if p.exists()), out_bytes + 2 * hidden))
+    by_device: dict[int, tuple[Path, int]] = {}
+    for path, n in needs:
+        device = path.stat().st_dev
+        first, total = by_device.get(device, (path, 0))
+        by_device[device] = (first, total + n)
+    for path, n in by_device.values():
+        need, free = n + FREE_SPACE_MARGIN, shutil.disk_usage(path).free
+        if free < need:
+            raise UserError(f"not enough free disk space in {path}: this build needs about {need / 2**20:,.0f} MiB, "
+                            f"{free / 2**20:,.0f} MiB are free")
 
 
 def verify_digests(path: Path, digests: dict[str, str]) -> None:

@@ -1,12 +1,19 @@
 """A Hugging Face checkpoint on disk: its config, and its weights streamed one tensor at a time from safetensors.
 
 Safetensors headers are parsed and checked against the file sizes up front, so a truncated or corrupt shard is a clear
-error before any output is written, and no tensor is read twice or held beyond its use.
+error before any output is written, and no tensor is read twice or held beyond its use.  Every tensor is checked
+for NaN/Inf as it is loaded.
+
+Nothing from the model directory runs as code unless asked: pickle checkpoints (pytorch_model*.bin) are read only
+with allow_pickle (--allow-pickle), and then with torch.load(weights_only=True), which unpickles tensors and plain
+containers only; a config with `auto_map` (the model's own Python classes, which transformers would import) is
+refused unless trust_remote_code (--trust-remote-code).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import struct
 from dataclasses import dataclass
@@ -19,6 +26,9 @@ import torch
 from .errors import UserError
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+PICKLE_WEIGHTS = "pytorch_model*.bin"
+LAYER = re.compile(r"\.layers\.(\d+)\.")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -50,12 +60,18 @@ class TensorEntry:
 
 
 class Checkpoint:
-    """config.json plus an index of every tensor in the model's safetensors files (single or sharded)."""
+    """config.json plus an index of every tensor in the model's safetensors files (single or sharded), or the
+    tensors of its pickle files when allowed."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, allow_pickle: bool = False, trust_remote_code: bool = False):
         self.dir = directory
         self.config = read_config(directory)
-        self.tensors = index_tensors(directory)
+        if self.config.get("auto_map") and not trust_remote_code:
+            raise UserError(f"{directory / 'config.json'} has auto_map: the model comes with its own Python code; "
+                            f"edgequant runs it only with --trust-remote-code")
+        self.trust_remote_code = trust_remote_code
+        self.pickled: dict[str, torch.Tensor] = {}  # name -> memory-mapped tensor, for pickle checkpoints
+        self.tensors = index_tensors(directory, allow_pickle, self.pickled)
 
     @property
     def architecture(self) -> str:
@@ -68,13 +84,21 @@ class Checkpoint:
         return name in self.tensors
 
     def load(self, name: str) -> torch.Tensor:
-        """One tensor as float32 (a fresh copy; the file is not kept open)."""
+        """One tensor as float32 (a fresh copy; the file is not kept open); NaN/Inf -> UserError."""
         e = self.tensors[name]
-        with open(e.file, "rb") as f:
-            f.seek(e.begin)
-            data = f.read(e.end - e.begin)
-        t = torch.frombuffer(bytearray(data), dtype=SAFETENSORS_DTYPES[e.dtype]).reshape(e.shape)
-        return t.float()
+        if name in self.pickled:
+            t = self.pickled[name].to(torch.float32, copy=True)
+        else:
+            with open(e.file, "rb") as f:
+                f.seek(e.begin)
+                data = f.read(e.end - e.begin)
+            t = torch.frombuffer(bytearray(data), dtype=SAFETENSORS_DTYPES[e.dtype]).reshape(e.shape).float()
+        bad = int(t.numel() - torch.isfinite(t).sum())
+        if bad:
+            layer = LAYER.search(name)
+            where = f" (layer {layer.group(1)})" if layer else ""
+            raise UserError(f"{name}{where} in {e.file.name}: {bad} of {t.numel()} values are NaN or Inf")
+        return t
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensors:
@@ -91,7 +115,9 @@ def read_config(directory: Path) -> dict:
         raise UserError(f"{path}: unreadable config ({e})") from None
 
 
-def index_tensors(directory: Path) -> dict[str, TensorEntry]:
+def index_tensors(directory: Path, allow_pickle: bool = False, pickled: dict | None = None) -> dict[str, TensorEntry]:
+    """Every tensor of the safetensors files; with none, of the pickle files when allowed (their tensors go into
+    `pickled`)."""
     files = sorted(directory.glob("*.safetensors"))
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -103,9 +129,12 @@ def index_tensors(directory: Path) -> dict[str, TensorEntry]:
         for f in files:
             if not f.is_file():
                 raise UserError(f"{index} names {f.name}, which is missing")
+    if not files and allow_pickle and any(directory.glob(PICKLE_WEIGHTS)):
+        return load_pickles(directory, pickled)
     if not files:
         if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-            raise UserError(f"{directory}: only pickle checkpoints (.bin/.pt) found; edgequant reads safetensors")
+            raise UserError(f"{directory}: only pickle checkpoints (.bin/.pt) found; edgequant reads safetensors, and "
+                            f"{PICKLE_WEIGHTS} only with --allow-pickle (loading pickles can run code)")
         raise UserError(f"{directory}: no *.safetensors weights")
     tensors: dict[str, TensorEntry] = {}
     for f in files:
@@ -144,4 +173,27 @@ def read_header(file: Path) -> list[TensorEntry]:
         if 8 + n + e > size:
             raise UserError(f"{file}: truncated safetensors file ({name} ends at byte {8 + n + e}, file has {size})")
         entries.append(TensorEntry(name, file, dtype, shape, 8 + n + b, 8 + n + e))
+    return entries
+
+
+def load_pickles(directory: Path, out: dict[str, torch.Tensor]) -> dict[str, TensorEntry]:
+    """pytorch_model*.bin through torch.load(weights_only=True): tensors and plain containers only, anything else
+    (the classes and functions a malicious pickle would call) refused by torch's restricted unpickler."""
+    entries = {}
+    for file in sorted(directory.glob(PICKLE_WEIGHTS)):
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:  # torch names the refused global after "WeightsUnpickler error: "
+            detail = re.search(r"WeightsUnpickler error: ([^.]*)", str(e))
+            raise UserError(f"{file}: refused: the pickle calls code, which weights_only loading does not allow"
+                            f" ({detail.group(1) if detail else 'see torch.load'})") from None
+        except Exception as e:  # not a zip-format checkpoint, truncated: one line for the user
+            raise UserError(f"{file}: unreadable pickle checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{file}: not a state dict of tensors")
+        for name, t in state.items():
+            if not isinstance(t, torch.Tensor) or t.dtype not in DTYPE_NAMES:
+                raise UserError(f"{file}: {name} is not a tensor of {', '.join(SAFETENSORS_DTYPES)}")
+            out[name] = t
+            entries[name] = TensorEntry(name, file, DTYPE_NAMES[t.dtype], tuple(t.shape), 0, 0)
     return entries

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import UserError
 from .model import SourceModel
 
 
@@ -57,10 +58,11 @@ def skeleton(m: SourceModel, device: torch.device) -> nn.Module:
     """The HF model with every parameter on the meta device, except the rotary embedding (computed at init)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(m.dir)
+    trust = m.checkpoint.trust_remote_code  # False: transformers' own classes only (auto_map refused by Checkpoint)
+    config = AutoConfig.from_pretrained(m.dir, trust_remote_code=trust)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
     rotary = model.model.rotary_emb
     with device:
         model.model.rotary_emb = type(rotary)(config=model.config)
@@ -120,6 +122,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     stats = Stats(torch.zeros(m.hp.n_embd, m.hp.n_embd, device=device))
     for b in range(0, len(hidden), batch):
         stats.add(inner.norm(hidden[b : b + batch]))
+    check_finite(stats.s, f"the calibration activations entering {head_name}")
     seconds["calibration forward"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     on_layer("output", {head_name: (m.checkpoint.load(head_name).to(device), stats)})
@@ -160,16 +163,25 @@ def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds) 
     for h in handles:
         h.remove()
     seconds["calibration forward"] += time.perf_counter() - t0
+    for n, st in by_linear.items():
+        check_finite(st.s, f"the calibration activations entering {prefix}{n} (layer {index})")
 
     t0 = time.perf_counter()
     new = on_layer(index, {prefix + n + ".weight": (mod.weight, by_linear[n]) for n, mod in linears.items()})
     seconds["solve"] += time.perf_counter() - t0
     if not new:
-        return out
+        return check_finite(out, f"the output of layer {index}")
     t0 = time.perf_counter()
     for n, mod in linears.items():
         if prefix + n + ".weight" in new:
             mod.weight.copy_(new[prefix + n + ".weight"])
     out = forward_all(out)
     seconds["calibration forward"] += time.perf_counter() - t0
-    return out
+    return check_finite(out, f"the output of layer {index} with its quantized weights")
+
+
+def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """x, or UserError if it holds NaN/Inf (weights that overflow float32 on the calibration text)."""
+    if not bool(torch.isfinite(x).all()):
+        raise UserError(f"NaN or Inf in {what}: the weights overflow float32 on the calibration text")
+    return x

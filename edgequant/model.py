@@ -28,9 +28,9 @@ class SourceTensor:
 
 
 class SourceModel:
-    def __init__(self, model: str):
+    def __init__(self, model: str, allow_pickle: bool = False, trust_remote_code: bool = False):
         self.dir: Path = resolve(model)
-        self.checkpoint = Checkpoint(self.dir)
+        self.checkpoint = Checkpoint(self.dir, allow_pickle, trust_remote_code)
         self.arch = archs.for_class(self.checkpoint.architecture)
         self.hp = self.arch.hparams(self.checkpoint.config)
         if not ((self.dir / "tokenizer.model").is_file() or (self.dir / "tokenizer.json").is_file()):

@@ -129,3 +129,98 @@ def test_failure_midway_leaves_no_file(tmp_path, tiny_llama, monkeypatch):
     with pytest.raises(RuntimeError):
         b.build(str(tiny_llama), "F16", out, encoder=boom, quiet=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def write_weights(model_dir: Path, edit) -> None:
+    """Rewrite model.safetensors with edit(state dict) applied."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, model_dir / "model.safetensors")
+
+
+def gptq_argv(model, tmp_path, calib):
+    argv = build_argv(model, tmp_path, target="Q4_K_M")
+    return argv + ["--method", "gptq", "--calib", str(calib), "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]
+
+
+@pytest.fixture
+def train_text(repo_root):
+    return repo_root / "tests" / "fixtures" / "text" / "train.txt"
+
+
+def test_nan_in_weights(capsys, tmp_path, tiny_llama):
+    d = copy_model(tiny_llama, tmp_path)
+    write_weights(d, lambda t: t["model.layers.1.mlp.down_proj.weight"].view(-1)[7].fill_(float("nan")))
+    expect_error(capsys, build_argv(d, tmp_path), "model.layers.1.mlp.down_proj.weight (layer 1)", "NaN or Inf")
+
+
+def test_overflowing_activations(capsys, tmp_path, tiny_llama, train_text):
+    """Finite weights whose activations overflow float32: named at the first linear they reach (no work dir left)."""
+    d = copy_model(tiny_llama, tmp_path)
+
+    def blow_up(t):
+        t["model.layers.0.mlp.up_proj.weight"].fill_(1e30)
+
+    write_weights(d, blow_up)
+    expect_error(capsys, gptq_argv(d, tmp_path, train_text), "model.layers.0.mlp.down_proj (layer 0)", "NaN or Inf")
+
+
+def test_calibration_too_short(capsys, tmp_path, tiny_llama):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    expect_error(capsys, gptq_argv(tiny_llama, tmp_path, short), "calibration text too short")
+
+
+def test_remote_code_refused_without_flag(capsys, tmp_path, tiny_llama):
+    d = copy_model(tiny_llama, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    expect_error(capsys, build_argv(d, tmp_path), "auto_map", "--trust-remote-code")
+    assert main(build_argv(d, tmp_path) + ["--trust-remote-code"]) == 0  # F16 runs no model code: builds
+
+
+def pickle_model(tiny_llama, tmp_path) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    d = copy_model(tiny_llama, tmp_path)
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    return d
+
+
+def test_pickle_refused_without_flag_and_read_safely_with_it(capsys, tmp_path, tiny_llama):
+    import hashlib
+
+    d = pickle_model(tiny_llama, tmp_path)
+    expect_error(capsys, build_argv(d, tmp_path), "pickle", "--allow-pickle")
+    argv = build_argv(d, tmp_path) + ["--allow-pickle"]
+    assert main(argv) == 0
+    from_pickle = hashlib.sha256(Path(argv[argv.index("-o") + 1]).read_bytes()).hexdigest()
+    (tmp_path / "st").mkdir()
+    assert main(build_argv(copy_model(tiny_llama, tmp_path / "st"), tmp_path)) == 0  # same name: same general.name
+    assert hashlib.sha256(Path(argv[argv.index("-o") + 1]).read_bytes()).hexdigest() == from_pickle
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_malicious_pickle_refused_even_with_flag(capsys, tmp_path, tiny_llama):
+    import torch
+
+    d = pickle_model(tiny_llama, tmp_path)
+    torch.save({"model.embed_tokens.weight": RunsCode()}, d / "pytorch_model.bin")
+    expect_error(capsys, build_argv(d, tmp_path) + ["--allow-pickle"], "pytorch_model.bin", "refused", "Unsupported global")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_not_enough_disk_space(capsys, tmp_path, tiny_llama, monkeypatch):
+    import edgequant.build
+
+    monkeypatch.setattr(edgequant.build.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    expect_error(capsys, build_argv(tiny_llama, tmp_path), "not enough free disk space", "1 MiB are free")

@@ -34,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False, help="columns by descending Hessian diagonal")
     g.add_argument("--work-dir", type=Path, metavar="DIR",
                    help="finished layers are kept here so that a killed build resumes when run again (default OUTPUT.work)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model*.bin when there are no safetensors (torch.load with weights_only=True)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model whose config has auto_map: transformers then imports the model's own Python code")
     p.add_argument("--verify", action="store_true", help="re-read the output and check it dequantizes exactly to GPTQ's weights")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -44,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from ..build import build
 
     result = build(args.model, args.target, args.output, method=args.method, calib=calib_options(args),
-                   verify=args.verify, quiet=args.quiet or args.json, work_dir=args.work_dir)
+                   verify=args.verify, quiet=args.quiet or args.json, work_dir=args.work_dir,
+                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(summary(result)))
     elif not args.quiet:
