@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ["build", "inspect", "run", "eval", "bench", "verify"]
+COMMANDS = ["build", "inspect", "run", "eval", "bench", "verify", "parity"]
 
 
 def parser() -> argparse.ArgumentParser:
