@@ -7,12 +7,15 @@ GPTQ's finished layers are kept in a work directory until then, so that a killed
 from __future__ import annotations
 
 import glob
+import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 import gguf
 import numpy as np
+import torch
 
 from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_output_path
 from .convert.recipes import FTYPES, ArchFacts, tensor_type
@@ -31,8 +34,9 @@ class BuildResult:
     path: Path
     plan: list[TensorPlan]
     n_params: int
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: load, calibration, solve, write
     report: dict = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)  # rss_bytes, cuda_bytes
 
     @property
     def nbytes(self) -> int:
@@ -66,47 +70,70 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
     OUT.work next to the output) keeps GPTQ's finished layers: a killed build run again resumes from them, and
     writes the same bytes; it is removed once the GGUF is written.  `allow_pickle`, `trust_remote_code`: see
     edgequant.checkpoint."""
-    t0 = time.perf_counter()
-    ftype = parse_target(target)
-    check_output_path(out)
-    for partial in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):  # atomic_output's, left by a killed build
-        partial.unlink(missing_ok=True)
-    m = SourceModel(model, allow_pickle, trust_remote_code)
-    plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
-    result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
-    calib = calib or CalibOptions()
-    work = None
-    if encoder is None and method == "gptq":
-        work = WorkDir(work_dir or out.with_name(out.name + ".work"), build_identity(m, ftype, method, calib))
-    check_free_space(out, result.nbytes, work, calib, m)
-    result.seconds["load"] = time.perf_counter() - t0
-    try:
-        with Progress(quiet) as progress:
+    with Progress(quiet) as progress:
+        t0 = time.perf_counter()
+        loading = progress.add_task(f"loading {model}", total=None)
+        ftype = parse_target(target)
+        check_output_path(out)
+        for partial in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):  # atomic_output's, left by a killed build
+            partial.unlink(missing_ok=True)
+        m = SourceModel(model, allow_pickle, trust_remote_code)
+        plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
+        result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
+        calib = calib or CalibOptions()
+        work = None
+        if encoder is None and method == "gptq":
+            work = WorkDir(work_dir or out.with_name(out.name + ".work"), build_identity(m, ftype, method, calib))
+        check_free_space(out, result.nbytes, work, calib, m)
+        progress.remove_task(loading)
+        result.seconds["load"] = time.perf_counter() - t0
+        try:
             if encoder is None:
-                t1 = time.perf_counter()
+                t0 = time.perf_counter()
                 encoder, result.report = make_encoder(method, m, plan, calib, progress, work)
-                result.seconds["calibrate+solve"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        with atomic_output(out) as tmp, Progress(quiet) as progress:
-            writer = gguf.GGUFWriter(tmp, m.arch.name)
-            write_metadata(writer, m, FTYPES[ftype])
-            stream = StreamingGGUF(writer, plan)
-            task = progress.add_task("encoding", total=len(plan))
-            for t in plan:
-                progress.update(task, description=f"{t.name} → {t.qtype.name}")
-                stream.write(t.name, encoder(t.name, m.load(t.name), t.qtype))
-                progress.advance(task)
-            stream.close()
-            if verify and "gptq" in result.report:
-                verify_digests(tmp, result.report["gptq"].digest)
-    except UserError:  # bad input: what is in the work directory would not help a rerun
+                if method != "rtn":
+                    solve = result.report["gptq"].seconds.get("solve", 0.0) if "gptq" in result.report else 0.0
+                    result.seconds["calibration"] = time.perf_counter() - t0 - solve
+                    result.seconds["solve"] = solve
+            t0 = time.perf_counter()
+            digests = result.report["gptq"].digest if verify and "gptq" in result.report else None
+            write_gguf(out, m, ftype, plan, encoder, progress, digests)
+        except UserError:  # bad input: what is in the work directory would not help a rerun
+            if work is not None:
+                work.remove()
+            raise
         if work is not None:
             work.remove()
-        raise
-    if work is not None:
-        work.remove()
-    result.seconds["encode+write"] = time.perf_counter() - t1
+        result.seconds["write"] = time.perf_counter() - t0
+    result.peak_memory = peak_memory()
     return result
+
+
+def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], encoder: Encoder, progress,
+               digests: dict[str, str] | None = None) -> None:
+    """Metadata, then each planned tensor as `encoder` makes it, into `out` atomically; then, given the solver's
+    digests, check that the file dequantizes to them."""
+    with atomic_output(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, m.arch.name)
+        write_metadata(writer, m, FTYPES[ftype])
+        stream = StreamingGGUF(writer, plan)
+        task = progress.add_task(f"writing {out.name}", total=len(plan))
+        for t in plan:
+            progress.update(task, description=f"writing {t.name} → {t.qtype.name}")
+            stream.write(t.name, encoder(t.name, m.load(t.name), t.qtype))
+            progress.advance(task)
+        stream.close()
+        if digests is not None:
+            verify_digests(tmp, digests)
+
+
+def peak_memory() -> dict[str, int]:
+    """This process's peak resident memory (getrusage) and, if CUDA was used, torch's peak allocated GPU memory."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB on Linux
+    peak = {"rss_bytes": rss}
+    if torch.cuda.is_initialized():
+        peak["cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return peak
 
 
 def check_free_space(out: Path, out_bytes: int, work: WorkDir | None, calib: CalibOptions, m: SourceModel) -> None:

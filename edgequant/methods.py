@@ -94,12 +94,20 @@ def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: Cal
     if method == "imatrix":
         if calib.imatrix is not None:
             return rtn_encoder(read_imatrix(calib.imatrix)), {"imatrix": str(calib.imatrix)}
-        sums = collect_importance(m, calib.token_windows(m), calib.torch_device(), progress)
+        sums = collect_importance(m, token_windows(calib, m, progress), calib.torch_device(), progress)
         return rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}), {}
     if method == "gptq":
-        enc, report = gptq_encoder(m, plan, calib.token_windows(m), calib.torch_device(), calib.gptq, work, progress)
+        enc, report = gptq_encoder(m, plan, token_windows(calib, m, progress), calib.torch_device(), calib.gptq, work, progress)
         return enc, {"gptq": report}
     raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def token_windows(calib: CalibOptions, m: SourceModel, progress=None) -> torch.Tensor:
+    task = progress.add_task(f"calibration text: {calib.samples} windows", total=None) if progress is not None else None
+    ids = calib.token_windows(m)
+    if task is not None:
+        progress.remove_task(task)
+    return ids
 
 
 def hf_to_gguf(m: SourceModel) -> dict[str, str]:
@@ -130,6 +138,10 @@ class GptqReport:
     fit_loss: dict[str, float] = field(default_factory=dict)
     digest: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, entries: dict[str, dict]) -> None:
+        for name, e in entries.items():
+            self.loss[name], self.fit_loss[name], self.digest[name] = e["loss"], e["fit_loss"], e["digest"]
 
 
 def hessian_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -184,16 +196,19 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             w_hat = m.arch.from_gguf(name, sol.w_hat, m.hp)
             new[hf_name] = torch.from_numpy(np.ascontiguousarray(w_hat)).to(w.device)
         work.save_layer(index, packed, entries)
+        report.add(entries)
+        if task is not None:
+            loss, fit = sum(report.loss.values()), sum(report.fit_loss.values())
+            progress.update(task, advance=1, description=f"GPTQ (done: {index}, loss {loss:.4g} = {loss / fit if fit else 1:.3f}× fit)")
         return new
 
     work.open()
+    report.add(work.report())  # layers finished by an earlier, killed run
     resume = work.resume_point()
     if resume is not None:
         start, hidden = resume
-        report.seconds = layerwise.run(m, ids, on_layer, device, progress=progress, start=start, hidden=hidden,
-                                       on_hidden=work.save_hidden)
-    for name, entry in work.report().items():
-        report.loss[name], report.fit_loss[name], report.digest[name] = entry["loss"], entry["fit_loss"], entry["digest"]
+        task = progress.add_task("GPTQ", total=m.hp.n_layers + 1, completed=start) if progress is not None else None
+        report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden, on_hidden=work.save_hidden)
     rtn = rtn_encoder()
 
     def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:

@@ -67,7 +67,7 @@ class WorkDir:
     def __init__(self, path: Path, identity: dict):
         self.path, self.identity = path, identity
         self.opened = False  # only then are the files in it ours to delete
-        self.where: dict[str, Path] = {}  # GGUF name -> the layer npz holding it, filled by report()
+        self.where: dict[str, Path] = {}  # GGUF name -> the layer npz holding it, from report() and save_layer()
 
     def open(self) -> None:
         """Make the directory ready for this identity: keep it if it matches, clear it if it is stale."""
@@ -108,6 +108,7 @@ class WorkDir:
     def save_layer(self, index, packed: dict[str, np.ndarray], report: dict[str, dict]) -> None:
         arrays = {**packed, REPORT_KEY: np.array(json.dumps(report))}
         self._write(f"layer-{index}.npz", lambda f: np.savez(f, **arrays))
+        self.where.update(dict.fromkeys(report, self.path / f"layer-{index}.npz"))
 
     def save_hidden(self, index: int, hidden: torch.Tensor) -> None:
         self._write(f"hidden-{index}.npy", lambda f: np.save(f, hidden.cpu().numpy()))
@@ -122,7 +123,7 @@ class WorkDir:
         numbered = sorted((p for p in self.path.glob("layer-*.npz") if p.stem != "layer-output"),
                           key=lambda p: int(p.stem.split("-")[1]))
         out = {}
-        for path in numbered + [self.path / "layer-output.npz"]:
+        for path in numbered + list(self.path.glob("layer-output.npz")):
             with np.load(path, allow_pickle=False) as z:
                 for name, entry in json.loads(str(z[REPORT_KEY])).items():
                     out[name] = entry
@@ -130,7 +131,7 @@ class WorkDir:
         return out
 
     def packed(self, name: str) -> np.ndarray:
-        """The packed GGUF bytes of a tensor listed by report()."""
+        """The packed GGUF bytes of a tensor saved or listed by report()."""
         with np.load(self.where[name], allow_pickle=False) as z:
             return z[name]
 

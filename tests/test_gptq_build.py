@@ -69,10 +69,28 @@ def sha256(path) -> str:
 
 @pytest.fixture(scope="module")
 def reference_build(tiny_llama, tmp_path_factory, calib):
-    """tiny-llama Q4_K_M by GPTQ with torch's default thread count: (path, sha256)."""
+    """tiny-llama Q4_K_M by GPTQ with torch's default thread count: (BuildResult, sha256)."""
     out = tmp_path_factory.mktemp("reference") / "m.gguf"
-    build(str(tiny_llama), "Q4_K_M", out, method="gptq", calib=calib, quiet=True)
-    return out, sha256(out)
+    result = build(str(tiny_llama), "Q4_K_M", out, method="gptq", calib=calib, quiet=True)
+    return result, sha256(out)
+
+
+def test_summary_sums_losses_per_layer_and_shows_them(reference_build, capsys):
+    from edgequant.commands.build import show, summary
+
+    result = reference_build[0]
+    s = summary(result)
+    loss = result.report["gptq"].loss
+    assert list(s["gptq_layers"]) == ["blk.0", "blk.1", "output"]
+    for layer, row in s["gptq_layers"].items():
+        members = [v for name, v in loss.items() if name.startswith(layer + ".")]
+        assert row["tensors"] == len(members) and row["gptq_loss"] == pytest.approx(sum(members))
+    assert sum(e["tensors"] for e in s["types"].values()) == s["tensors"] == len(result.plan)
+    assert set(s["seconds"]) == {"load", "calibration", "solve", "write"}
+    assert s["peak_memory"]["rss_bytes"] > 2**20
+    show(result)
+    err = capsys.readouterr().err
+    assert "Q4_K" in err and "blk.1" in err and "GPTQ / fit" in err and "peak memory" in err
 
 
 def test_gptq_build_is_reproducible_across_thread_counts(tiny_llama, tmp_path, calib, reference_build):
@@ -112,3 +130,18 @@ def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib
     assert resumed.returncode == 0, resumed.stderr
     assert sha256(out) == reference_build[1]
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_cli_json_and_quiet(tiny_llama, tmp_path, capsys):
+    import json
+
+    from edgequant.cli import main
+
+    argv = ["build", str(tiny_llama), "-t", "Q4_K_M", "--method", "rtn", "-o", str(tmp_path / "m.gguf")]
+    assert main(argv + ["--json"]) == 0
+    captured = capsys.readouterr()
+    s = json.loads(captured.out)
+    assert captured.err == "" and s["file_bytes"] == (tmp_path / "m.gguf").stat().st_size
+    assert s["gptq"] == {} and set(s["seconds"]) == {"load", "write"}
+    assert main(argv + ["--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")

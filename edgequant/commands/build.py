@@ -74,23 +74,50 @@ def summary(r) -> dict:
         e["params"] += int(np.prod(t.shape))
         e["bytes"] += t.nbytes
     gptq = r.report.get("gptq")
-    layers = {n: {"gptq_loss": gptq.loss[n], "fit_loss": gptq.fit_loss[n]} for n in gptq.loss} if gptq else {}
-    return {"output": str(r.path), "tensors": len(r.plan), "gptq": layers, "params": r.n_params, "tensor_bytes": r.nbytes,
-            "file_bytes": r.path.stat().st_size, "bits_per_weight": round(r.bits_per_weight, 4),
-            "types": dict(by_type), "seconds": {k: round(v, 3) for k, v in r.seconds.items()}}
+    tensors = {n: {"gptq_loss": gptq.loss[n], "fit_loss": gptq.fit_loss[n]} for n in gptq.loss} if gptq else {}
+    return {"output": str(r.path), "tensors": len(r.plan), "gptq": tensors, "gptq_layers": by_layer(tensors),
+            "params": r.n_params, "tensor_bytes": r.nbytes, "file_bytes": r.path.stat().st_size,
+            "bits_per_weight": round(r.bits_per_weight, 4), "types": dict(by_type),
+            "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "peak_memory": r.peak_memory}
+
+
+def by_layer(tensors: dict[str, dict]) -> dict[str, dict]:
+    """Per-tensor GPTQ and fit losses summed per decoder layer (blk.N), the head on its own."""
+    from ..model import layer_of
+
+    layers: dict[str, dict] = {}
+    for name, e in tensors.items():
+        i = layer_of(name)
+        row = layers.setdefault(f"blk.{i}" if i is not None else name.removesuffix(".weight"),
+                                {"tensors": 0, "gptq_loss": 0.0, "fit_loss": 0.0})
+        row["tensors"] += 1
+        row["gptq_loss"] += e["gptq_loss"]
+        row["fit_loss"] += e["fit_loss"]
+    return layers
 
 
 def show(r) -> None:
     s = summary(r)
+    console = Console(stderr=True)
     table = Table(title=f"{r.path}  ({s['file_bytes'] / 2**20:.1f} MiB, {s['bits_per_weight']:.3f} bits/weight)")
-    for col in ("type", "tensors", "params", "MiB"):
+    for col in ("type", "tensors", "params", "MiB", "bits/weight"):
         table.add_column(col, justify="right" if col != "type" else "left")
     for name, e in sorted(s["types"].items()):
-        table.add_row(name, str(e["tensors"]), f"{e['params']:,}", f"{e['bytes'] / 2**20:.2f}")
-    table.caption = "  ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items())
-    console = Console(stderr=True)
+        table.add_row(name, str(e["tensors"]), f"{e['params']:,}", f"{e['bytes'] / 2**20:.2f}", f"{8 * e['bytes'] / e['params']:.3f}")
     console.print(table)
-    if s["gptq"]:
+    if s["gptq_layers"]:
+        layers = Table(title="calibration loss ½·tr(E H Eᵀ): GPTQ vs importance-weighted fit")
+        for col in ("layer", "tensors", "GPTQ", "fit", "GPTQ / fit"):
+            layers.add_column(col, justify="right" if col != "layer" else "left")
+        rows = list(s["gptq_layers"].items())
+        total = {k: sum(e[k] for _, e in rows) for k in ("tensors", "gptq_loss", "fit_loss")}
+        for i, (name, e) in enumerate([*rows, ("total", total)]):
+            layers.add_row(name, str(e["tensors"]), f"{e['gptq_loss']:.4g}", f"{e['fit_loss']:.4g}",
+                           f"{e['gptq_loss'] / e['fit_loss']:.3f}" if e["fit_loss"] > 0 else "-", end_section=i == len(rows) - 1)
+        console.print(layers)
         ratios = [v["gptq_loss"] / v["fit_loss"] for v in s["gptq"].values() if v["fit_loss"] > 0]
-        console.print(f"GPTQ loss / importance-weighted fit loss (calibration Hessian): median {np.median(ratios):.3f}, "
-                      f"worst {max(ratios):.3f} over {len(ratios)} tensors")
+        console.print(f"per tensor, GPTQ / fit: median {np.median(ratios):.3f}, worst {max(ratios):.3f} over {len(ratios)} tensors")
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items())
+                  + f" (total {sum(s['seconds'].values()):.1f}s)")
+    console.print("peak memory: " + ", ".join(f"{v / 2**30:.2f} GiB {k.removesuffix('_bytes').upper()}"
+                                              for k, v in s["peak_memory"].items()))
