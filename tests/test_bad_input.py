@@ -224,3 +224,8 @@ def test_not_enough_disk_space(capsys, tmp_path, tiny_llama, monkeypatch):
 
     monkeypatch.setattr(edgequant.build.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
     expect_error(capsys, build_argv(tiny_llama, tmp_path), "not enough free disk space", "1 MiB are free")
+
+
+def test_report_not_writable(capsys, tmp_path, tiny_llama):
+    """Refused before the build starts: no output file either."""
+    expect_error(capsys, build_argv(tiny_llama, tmp_path) + ["--report", "/proc/r.html"], "/proc")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..convert.recipes import FTYPES
+from ..errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model whose config has auto_map: transformers then imports the model's own Python code")
     p.add_argument("--verify", action="store_true", help="re-read the output and check it dequantizes exactly to GPTQ's weights")
+    p.add_argument("--report", type=Path, metavar="FILE.html",
+                   help="write a self-contained HTML page: type map of the recipe, GPTQ vs fit loss per tensor")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.set_defaults(func=run)
@@ -46,10 +50,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..build import build
+    from ..convert.gguf_out import check_output_path
 
+    if args.report is not None:  # before the build, not after it
+        check_output_path(args.report)
+        try:
+            tempfile.NamedTemporaryFile(dir=args.report.parent).close()
+        except OSError as e:
+            raise UserError(f"--report: cannot write to {args.report.parent}: {e.strerror}") from None
     result = build(args.model, args.target, args.output, method=args.method, calib=calib_options(args),
                    verify=args.verify, quiet=args.quiet or args.json, work_dir=args.work_dir,
                    allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    if args.report is not None:
+        from ..report import render
+
+        try:
+            args.report.write_text(render(summary(result), f"{args.model} → {args.target} ({args.method})"), encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--report {args.report}: {e.strerror}") from None
     if args.json:
         print(json.dumps(summary(result)))
     elif not args.quiet:
@@ -78,6 +96,7 @@ def summary(r) -> dict:
     return {"output": str(r.path), "tensors": len(r.plan), "gptq": tensors, "gptq_layers": by_layer(tensors),
             "params": r.n_params, "tensor_bytes": r.nbytes, "file_bytes": r.path.stat().st_size,
             "bits_per_weight": round(r.bits_per_weight, 4), "types": dict(by_type),
+            "recipe": {t.name: t.qtype.name for t in r.plan},
             "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "peak_memory": r.peak_memory}
 
 
