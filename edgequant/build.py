@@ -94,7 +94,8 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
                 if method != "rtn":
                     solve = result.report["gptq"].seconds.get("solve", 0.0) if "gptq" in result.report else 0.0
                     result.seconds["calibration"] = time.perf_counter() - t0 - solve
-                    result.seconds["solve"] = solve
+                    if solve:
+                        result.seconds["solve"] = solve
             t0 = time.perf_counter()
             digests = result.report["gptq"].digest if verify and "gptq" in result.report else None
             write_gguf(out, m, ftype, plan, encoder, progress, digests)

@@ -84,6 +84,8 @@ class WorkDir:
                 old = {}
             if old == self.identity:
                 self.opened = True
+                done = len(list(self.path.glob("layer-*.npz")))
+                print(f"edgequant: resuming from {self.path} (layers done: {done})", file=sys.stderr)
                 return
             changed = sorted(k for k in self.identity.keys() | old.keys() if old.get(k) != self.identity.get(k))
             print(f"edgequant: {self.path} holds layers of another build ({', '.join(changed)} differ); starting over",

@@ -128,6 +128,7 @@ def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib
     (tmp_path / ".m.gguf.x1y2.partial").write_bytes(b"GGUF")  # as a kill while writing would leave it
     resumed = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "(layers done: 1)" in resumed.stderr
     assert sha256(out) == reference_build[1]
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
