@@ -32,6 +32,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edgequant.convert.gguf_in import open_gguf
 from edgequant.errors import UserError
 
 _KEYS = gguf.Keys.IMatrix
@@ -103,10 +104,7 @@ def write_imatrix_gguf(
 
 
 def _load_gguf(path: Path) -> Imatrix:
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, struct.error) as e:
-        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+    reader = open_gguf(path)
     missing = [k for k in (_KEYS.DATASETS, _KEYS.CHUNK_COUNT, _KEYS.CHUNK_SIZE) if k not in reader.fields]
     if missing:
         raise UserError(f"{path}: not an imatrix GGUF (missing {', '.join(missing)})")

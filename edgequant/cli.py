@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"edgequant {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 0
     except KeyboardInterrupt:
         print(f"edgequant {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ import llama_cpp
 import llama_cpp.llama  # installs llama-cpp-python's own log callback; ours below replaces it
 import numpy as np
 
+from edgequant.convert.gguf_in import open_gguf
 from edgequant.errors import UserError
 
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=64)
@@ -66,19 +67,8 @@ def backend() -> Backend:
 
 
 def open_gguf_header(path: str | os.PathLike) -> gguf.GGUFReader:
-    """Check that `path` is a readable, complete GGUF; return its reader (metadata, tensor table, memory-mapped)."""
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such file")
-    with p.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise UserError(f"{p}: not a GGUF file (starts with {magic!r})")
-    try:
-        reader = gguf.GGUFReader(p)
-    except Exception as e:  # gguf-py raises assorted errors; a cut file fails when it maps the tensor data
-        raise UserError(f"{p}: damaged or truncated GGUF ({e})") from None
-    return reader
+    """Check that `path` is a readable, complete GGUF (bounds-checked header, see convert.gguf_in); return its reader."""
+    return open_gguf(pathlib.Path(path))
 
 
 def tensor_type_bytes(reader: gguf.GGUFReader) -> dict[str, int]:

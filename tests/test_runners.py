@@ -150,7 +150,7 @@ def gguf_without_hyperparameters(path: Path) -> Path:
 @pytest.mark.parametrize("make_path, fragment", [
     (lambda tmp, gguf: tmp / "missing.gguf", "no such file"),
     (lambda tmp, gguf: gguf_without_hyperparameters(tmp / "h.gguf"), "cannot load it: llama_model_load: error"),
-    (lambda tmp, gguf: (tmp / "x.gguf").write_text("not a model") and tmp / "x.gguf", "not a GGUF"),
+    (lambda tmp, gguf: (tmp / "x.gguf").write_text("not a model") and tmp / "x.gguf", "not a valid GGUF"),
     (lambda tmp, gguf: (tmp / "t.gguf").write_bytes(gguf.read_bytes()[:gguf.stat().st_size // 2]) and tmp / "t.gguf",
      "truncated"),
 ])
