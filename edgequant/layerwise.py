@@ -76,8 +76,14 @@ def materialize(module: nn.Module, prefix: str, m: SourceModel, device: torch.de
             p.copy_(m.checkpoint.load(prefix + name))
 
 
+# Windows per forward: 8, fewer for windows over 1024 tokens.  A batch's activations are the attention scores (on CUDA
+# fp32 with GQA falls back to SDPA's math kernel: heads·L² floats, twice) and 3 FFN-wide tensors per token: for an
+# 8B model, 1.3 GiB per window of 2048, so 8 of them would add 10 GiB to the 8.6 GiB of layer inputs and outputs.
+TOKENS_PER_BATCH = 8192
+
+
 @torch.no_grad()
-def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torch.device, batch: int = 8,
+def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torch.device, batch: int | None = None,
         progress=None, quiet: bool = True, start: int = 0, hidden: torch.Tensor | None = None,
         on_hidden: Callable[[int, torch.Tensor], None] | None = None) -> dict[str, float]:
     """Drive the layer-by-layer pass. Returns seconds per phase.
@@ -85,6 +91,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     To resume, `start` is the first layer to run and `hidden` its inputs, as on_hidden(start - 1, hidden) received
     them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs)."""
     seconds = {"calibration forward": 0.0, "solve": 0.0}
+    batch = batch or max(1, min(8, TOKENS_PER_BATCH // ids.shape[1]))
     model = skeleton(m, device)
     inner = model.model
     embed_name = "model.embed_tokens.weight"
