@@ -49,6 +49,7 @@ class GptqSettings:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
+    refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
 
 
 @dataclass
@@ -188,7 +189,8 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             w_gguf = torch.from_numpy(m.arch.to_gguf(hf_name, w.detach().float().cpu().numpy(), m.hp, m.tensor_names)[1])
             h = stats.hessian
             with one_cpu_thread(device):
-                sol = solve(w_gguf.to(device), h, c, block_size=settings.block_size, damp=settings.damp, act_order=settings.act_order)
+                sol = solve(w_gguf.to(device), h, c, block_size=settings.block_size, damp=settings.damp,
+                            act_order=settings.act_order, refine=settings.refine)
             packed[name] = c.pack(sol.blocks).reshape(-1)
             fit = c.dequantize(c.fit(w_gguf.numpy(), h.diagonal().cpu().numpy()))
             entries[name] = {"loss": hessian_loss(w_gguf, torch.from_numpy(sol.w_hat), h),

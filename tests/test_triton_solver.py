@@ -1,4 +1,4 @@
-"""The Triton sweep (edgequant.gptq.triton_solver) against the torch reference sweep, on CPU under TRITON_INTERPRET=1.
+"""The Triton sweep and polish (edgequant.gptq.triton_solver) against the torch reference, on CPU under TRITON_INTERPRET=1.
 
 The interpreter must be switched on before triton is imported, so the solves run in a child process (this file run
 as a script) that prints one JSON line; the tests read it.  Both backends share everything but the in-block sweep
@@ -30,6 +30,8 @@ CASES = [
     ("Q3_K", 64, 512, 256, False),
     ("Q4_K", 32, 512, 128, True),
 ]
+# (codec, rows, cols): solve(..., refine=2), whose polish runs as Triton's `polish` kernel on that backend.
+REFINE_CASES = [("Q4_K", 40, 512), ("Q6_K", 32, 256), ("Q2_K", 24, 512), ("Q4_0", 40, 256)]
 BOUNDARY = 1e-3  # how close to a half-integer (in grid steps) a weight must be for a differing code to be rounding
 
 
@@ -78,6 +80,18 @@ def compare(name: str, rows: int, cols: int, block_size: int, act_order: bool) -
             "w_hat_is_dequantized": bool(np.array_equal(tri.w_hat, c.dequantize(tri.blocks)))}
 
 
+def compare_refined(name: str, rows: int, cols: int) -> dict:
+    from edgequant.convert.codecs import codec
+    from edgequant.gptq import solve
+
+    c = codec(name)
+    W, H = problem(rows, cols, seed=1)
+    ref, tri = (solve(W, H, c, refine=2, backend=b) for b in ("torch", "triton"))
+    return {"differ": int((c.codes(ref.blocks) != c.codes(tri.blocks)).sum()), "codes": int(W.size),
+            "same_grid": bool(np.array_equal(c.grid(ref.blocks).scale, c.grid(tri.blocks).scale)),
+            "loss_torch": ref.loss, "loss_triton": tri.loss, "loss_gptq": solve(W, H, c, backend="torch").loss}
+
+
 @pytest.fixture(scope="module")
 def results() -> dict:
     proc = subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "1"},
@@ -99,6 +113,16 @@ def test_triton_sweep_matches_torch(results, case):
     assert r["w_hat_is_dequantized"]
 
 
+@pytest.mark.parametrize("case", REFINE_CASES, ids=lambda k: "-".join(map(str, k)))
+def test_triton_polish_matches_torch(results, case):
+    r = results["refine-" + "-".join(map(str, case))]
+    print(f"refine {case}: {r['differ']} of {r['codes']} codes differ; loss {r['loss_triton']:.6g} "
+          f"(torch {r['loss_torch']:.6g}, GPTQ alone {r['loss_gptq']:.6g})")
+    assert r["differ"] / r["codes"] <= 1e-4 and r["same_grid"]
+    assert r["loss_triton"] == pytest.approx(r["loss_torch"], rel=1e-3)
+    assert r["loss_triton"] < r["loss_gptq"]
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
@@ -109,4 +133,6 @@ if __name__ == "__main__":
     # The interpreter runs programs one after another, so fewer, taller tiles than the GPU's 8 rows: the same kernel
     # (the tile is a compile-time constant), and 40 rows leave the last tile part empty.
     triton_solver.BLOCK_R = 32
-    print(json.dumps({"-".join(map(str, case)): compare(*case) for case in CASES}))
+    out = {"-".join(map(str, case)): compare(*case) for case in CASES}
+    out.update({"refine-" + "-".join(map(str, case)): compare_refined(*case) for case in REFINE_CASES})
+    print(json.dumps(out))

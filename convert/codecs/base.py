@@ -7,6 +7,7 @@ A codec works on a whole 2-D tensor at once, vectorized over its blocks:
     blocks = codec.unpack(raw)           # inverse of pack, bit for bit
     w_hat  = codec.dequantize(blocks)    # float32, bit-identical to gguf.quants.dequantize(raw)
     grid   = codec.grid(blocks)          # per-group affine grid: w_hat = scale * q + offset, q in [qmin, qmax]
+    ints   = codec.integer_scales(blocks)  # K-quants: the stored integer sub-block scales (and mins), else None
 
 `fit` is the only place scales are chosen; `pack` never re-chooses them.  Every block type llama.cpp
 dequantizes is affine per group of 16 or 32 weights (`scale * q + offset` in float32, evaluated in that
@@ -53,6 +54,23 @@ class AffineGrid:
         start = 0 if cols is None or cols.start is None else cols.start
         g = (start + np.arange(n)) // self.group
         return self.scale[:, g], self.offset[:, g]
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerScales:
+    """A K-quant's sub-block parameters as stored: per group g of a row, w_hat = (d * scale[g]) * q - (dmin * min[g]),
+    scale and min integers in [lo, hi], d and dmin the group's super-block floats.  What a refit may change.
+
+    d, dmin: (rows, groups) float32; scale, min: (rows, groups) int32; dmin and min are None for the symmetric
+    K-quants (Q3_K, Q6_K: w_hat = (d * scale[g]) * q).
+    """
+
+    d: np.ndarray
+    scale: np.ndarray
+    dmin: np.ndarray | None
+    min: np.ndarray | None
+    lo: int
+    hi: int
 
 
 class Codec(ABC):
@@ -103,6 +121,14 @@ class Codec(ABC):
     @abstractmethod
     def codes(self, blocks) -> np.ndarray:
         """Integer codes (rows, n_per_row) int32, as levels of the grid (w_hat = scale*q + offset)."""
+
+    def integer_scales(self, blocks) -> IntegerScales | None:
+        """The integer sub-block scales a refit may change (K-quants); None for types whose scales are floats."""
+        return None
+
+    def with_integer_scales(self, blocks, scale: np.ndarray, min: np.ndarray | None = None):
+        """The same blocks with new integer scales (and mins), shapes and ranges as integer_scales gives them."""
+        raise NotImplementedError(f"{self.name} has no integer sub-block scales")
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """fit + pack: the bytes ggml_quantize_chunk writes for the same input."""

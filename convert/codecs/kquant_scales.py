@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import AffineGrid, Codec
+from .base import AffineGrid, Codec, IntegerScales
 from .search_affine import F32, in_order_sum, make_qkx2_quants, make_qkx3_quants, make_qp_quants, nearest_int
 
 QK_K = 256
@@ -51,6 +51,7 @@ class ScaleMinCodec(Codec):
     block_size = QK_K
     group: ClassVar[int]  # weights per sub-block
     nmax: ClassVar[int]  # largest code
+    scale_max: ClassVar[int]  # largest sub-block scale and min (4 or 6 bits)
 
     def grid(self, blocks: ScaleMinBlocks) -> AffineGrid:
         rows = blocks.d.shape[0]
@@ -60,6 +61,20 @@ class ScaleMinCodec(Codec):
 
     def codes(self, blocks: ScaleMinBlocks) -> np.ndarray:
         return blocks.q.reshape(blocks.q.shape[0], -1).astype(np.int32)
+
+    def integer_scales(self, blocks: ScaleMinBlocks) -> IntegerScales:
+        rows, _, ns = blocks.scales.shape
+        return IntegerScales(np.repeat(blocks.d.astype(F32), ns, axis=1), blocks.scales.reshape(rows, -1).astype(np.int32),
+                             np.repeat(blocks.dmin.astype(F32), ns, axis=1), blocks.mins.reshape(rows, -1).astype(np.int32),
+                             0, self.scale_max)
+
+    def with_integer_scales(self, blocks: ScaleMinBlocks, scale: np.ndarray, min: np.ndarray | None = None) -> ScaleMinBlocks:
+        for v in (scale, min):
+            if np.any(v < 0) or np.any(v > self.scale_max):
+                raise ValueError(f"{self.name}: sub-block scales/mins outside [0, {self.scale_max}]")
+        shape = blocks.scales.shape
+        return dataclasses.replace(blocks, scales=np.asarray(scale).reshape(shape).astype(np.uint8),
+                                   mins=np.asarray(min).reshape(shape).astype(np.uint8))
 
     def with_codes(self, blocks: ScaleMinBlocks, q: np.ndarray) -> ScaleMinBlocks:
         q = np.asarray(q)
@@ -121,6 +136,7 @@ class SixBitScaleMinCodec(ScaleMinCodec):
     """
 
     group = 32
+    scale_max = 63
     ref_search: ClassVar[tuple[float, float, int]]  # (rmin, rdelta, nstep) of quantize_row_*_ref
     clamp_imatrix_scales: ClassVar[bool]  # quantize_row_*_impl applies MIN(63, .) to the scale codes
 

@@ -30,6 +30,7 @@ class Q2KCodec(ScaleMinCodec):
     type_size = 84
     group = 16
     nmax = 3
+    scale_max = 15
 
     @np.errstate(all="ignore")  # degenerate blocks overflow or divide by zero, in ggml too
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> ScaleMinBlocks:

@@ -39,6 +39,7 @@ class Q3_K(SuperBlockCodec):
     qtype = GGMLQuantizationType.Q3_K
     type_size = 110
     qmin, qmax = -4, 3
+    scale_range = (-32, 31)
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> SuperBlocks:
         x = self.groups_of(w)

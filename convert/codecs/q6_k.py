@@ -27,7 +27,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import register
-from .base import AffineGrid, Codec
+from .base import AffineGrid, Codec, IntegerScales
 from .q8_0 import block_fields, checked_levels, fp16_bytes, fp16_field
 from .search_symmetric import GROUP_MAX_EPS, make_qx_quants, nearest_int, signed_peak
 
@@ -53,6 +53,7 @@ class SuperBlockCodec(Codec):
     block_size: ClassVar[int] = 256
     qmin: ClassVar[int]
     qmax: ClassVar[int]
+    scale_range: ClassVar[tuple[int, int]]  # stored group scales sc
 
     def groups_of(self, w: np.ndarray) -> np.ndarray:
         """(rows, n) float32 -> (rows, n_blocks, 16 groups, 16 weights)."""
@@ -70,6 +71,17 @@ class SuperBlockCodec(Codec):
 
     def with_codes(self, blocks: SuperBlocks, q: np.ndarray) -> SuperBlocks:
         return SuperBlocks(blocks.d, blocks.scales, checked_levels(self, q, blocks.q.shape))
+
+    def integer_scales(self, blocks: SuperBlocks) -> IntegerScales:
+        rows = blocks.d.shape[0]
+        return IntegerScales(np.repeat(blocks.d.astype(F32), 16, axis=1), blocks.scales.reshape(rows, -1).astype(np.int32),
+                             None, None, *self.scale_range)
+
+    def with_integer_scales(self, blocks: SuperBlocks, scale: np.ndarray, min: np.ndarray | None = None) -> SuperBlocks:
+        lo, hi = self.scale_range
+        if np.any(scale < lo) or np.any(scale > hi):
+            raise ValueError(f"{self.name}: group scales outside [{lo}, {hi}]")
+        return SuperBlocks(blocks.d, np.asarray(scale).reshape(blocks.scales.shape).astype(np.int8), blocks.q)
 
 
 
@@ -94,6 +106,7 @@ class Q6_K(SuperBlockCodec):
     qtype = GGMLQuantizationType.Q6_K
     type_size = 210
     qmin, qmax = -32, 31
+    scale_range = (-128, 127)
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> SuperBlocks:
         x = self.groups_of(w)

@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (default 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="lazy-batch block of columns (default 128)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False, help="columns by descending Hessian diagonal")
+    g.add_argument("--refine", type=int, default=2, metavar="N",
+                   help="rounds of coordinate descent on the stored scales and codes after GPTQ (default 2, 0: plain GPTQ)")
     g.add_argument("--work-dir", type=Path, metavar="DIR",
                    help="finished layers are kept here so that a killed build resumes when run again (default OUTPUT.work)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -81,7 +83,8 @@ def calib_options(args: argparse.Namespace):
 
     return CalibOptions(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
                         imatrix=args.imatrix, device=args.device,
-                        gptq=GptqSettings(block_size=args.block_size, damp=args.damp, act_order=args.act_order))
+                        gptq=GptqSettings(block_size=args.block_size, damp=args.damp, act_order=args.act_order,
+                                                      refine=args.refine))
 
 
 def summary(r) -> dict:

@@ -40,6 +40,9 @@ import torch
 
 from edgequant.convert.codecs import AffineGrid, Codec
 
+from .refine import refine as refine_blocks
+from .refine import torch_polish
+
 CHOLESKY_TRIES = 5  # damp, 10·damp, ..., 10⁴·damp
 
 
@@ -57,12 +60,13 @@ class Solution:
 
 @torch.no_grad()
 def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-          backend: str = "auto") -> Solution:
+          backend: str = "auto", refine: int = 0, refine_damp: float = 0.1) -> Solution:
     """GPTQ of W (rows = output features, cols = input features) given H = 2XᵀX (cols, cols).
 
     W and H are numpy arrays or torch tensors; the work runs on H's device (CPU for numpy).  `backend` picks the
     in-block sweep: "torch" (the reference, and the CPU path), "triton" (edgequant.gptq.triton_solver), or "auto":
-    Triton on a CUDA device when it imports, torch otherwise.
+    Triton on a CUDA device when it imports, torch otherwise.  `refine` rounds of edgequant.gptq.refine follow
+    GPTQ, on H + λ'I with λ' = refine_damp · mean(diag H) (or GPTQ's λ if larger).
     """
     device = H.device if isinstance(H, torch.Tensor) else torch.device("cpu")
     W = torch.as_tensor(W, dtype=torch.float32).detach().to(device)
@@ -72,7 +76,7 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     codec.check_shape(cols)
     if block_size % S and S % block_size:
         raise ValueError(f"block_size {block_size} must be a multiple or a divisor of {codec.name}'s {S}")
-    sweep = pick_sweep(backend, device)
+    sweep, polish = pick_sweeps(backend, device)
 
     dead = H.diagonal() == 0
     H[dead, dead] = 1
@@ -97,8 +101,19 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     inverse = torch.argsort(perm)
     codes = Qt[inverse].T.contiguous().cpu().numpy()
     blocks = codec.with_codes(fitted if act_order else concat_blocks(fits), codes)
-    column_loss = Losses[inverse].cpu().numpy()
-    return Solution(blocks, codec.dequantize(blocks), float(column_loss.sum(dtype=np.float64)), column_loss, damp)
+    if not refine:
+        column_loss = Losses[inverse].cpu().numpy()
+        return Solution(blocks, codec.dequantize(blocks), float(column_loss.sum(dtype=np.float64)), column_loss, damp)
+    mean = float(H.diagonal().mean())
+    blocks = refine_blocks(W, H + max(refine_damp * mean, lam) * eye(H), codec, blocks, refine, block_size, polish)
+    w_hat = codec.dequantize(blocks)
+    E = torch.from_numpy(w_hat).to(device) - W
+    column_loss = ((E @ (H + lam * eye(H))) * E).sum(0).div_(2).cpu().numpy()
+    return Solution(blocks, w_hat, float(column_loss.sum(dtype=np.float64)), column_loss, damp)
+
+
+def eye(H: torch.Tensor) -> torch.Tensor:
+    return torch.eye(len(H), device=H.device)
 
 
 class ColumnGrids:
@@ -160,21 +175,21 @@ def torch_sweep(W1, U1, Q1, E1, grids: ColumnGrids, first: int, j0: int, j1: int
         W1[j + 1:].addr_(U1[j, j + 1:], E1[j], alpha=-1)
 
 
-def pick_sweep(backend: str, device: torch.device):
-    """The sweep function for `solve`'s backend argument."""
+def pick_sweeps(backend: str, device: torch.device):
+    """The in-block loops for `solve`'s backend argument: (GPTQ's sweep, refine's polish)."""
     if backend == "auto":
-        if device.type != "cuda":
-            return torch_sweep
-        try:
-            from .triton_solver import sweep
-        except ImportError:
-            return torch_sweep
-        return sweep
+        backend = "torch"
+        if device.type == "cuda":
+            try:
+                from . import triton_solver  # noqa: F401
+                backend = "triton"
+            except ImportError:
+                pass
     if backend == "triton":
-        from .triton_solver import sweep
-        return sweep
+        from .triton_solver import polish, sweep
+        return sweep, polish
     if backend == "torch":
-        return torch_sweep
+        return torch_sweep, torch_polish
     raise ValueError(f"backend {backend!r}: choose auto, torch or triton")
 
 
@@ -184,7 +199,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
     mean = float(H.diagonal().mean())
     for _ in range(CHOLESKY_TRIES):
         lam = damp * mean
-        L, info = torch.linalg.cholesky_ex(H + lam * torch.eye(len(H), device=H.device))
+        L, info = torch.linalg.cholesky_ex(H + lam * eye(H))
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and bool(torch.isfinite(U).all()):

@@ -1,4 +1,6 @@
-"""GPTQ's in-block sweep as one Triton kernel: the CUDA path of edgequant.gptq.solve (backend "triton").
+"""GPTQ's in-block sweep as one Triton kernel: the CUDA path of edgequant.gptq.solve (backend "triton"); and
+refine's in-block polish (`polish`), the same shape of loop: per column, a decision per row, then a rank-1
+update of the block's later columns held in registers.
 
 The torch sweep launches a handful of kernels per column, so on a GPU it is bound by launches, about a hundred
 times slower than the GEMM that carries each block's errors onward.  But rows are independent once U (the upper
@@ -77,3 +79,35 @@ def sweep(W1: torch.Tensor, U1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor
         W1, U1, U1.stride(0), Q1, E1, grids.scale, grids.offset, grids.group_of[first:], rows, n, j0, j1,
         float(grids.qmin), float(grids.qmax), BLOCK_N=triton.next_power_of_2(n), BLOCK_R=BLOCK_R, num_warps=NUM_WARPS,
         enable_fp_fusion=False)
+
+
+@triton.jit(do_not_specialize=["n", "first"])
+def _polish_kernel(G, Q, D, H, ld_h, STEP, rows, n, first, group, qmin, qmax, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = tl.arange(0, BLOCK_N)
+    in_rows = r < rows
+    tile = k[:, None] * rows + r[None, :]
+    g = tl.load(G + tile, mask=(k[:, None] < n) & in_rows[None, :], other=0.0)
+    for j in range(0, n):
+        a = tl.load(STEP + ((first + j) // group).to(tl.int64) * rows + r, mask=in_rows, other=0.0)
+        h = tl.load(H + j * ld_h + k, mask=(k > j) & (k < n), other=0.0)
+        curv = a * a * tl.load(H + j * ld_h + j)
+        gj = tl.sum(tl.where(k[:, None] == j, g, 0.0), axis=0)
+        q = tl.load(Q + j * rows + r, mask=in_rows, other=0.0)
+        up = 2.0 * a * gj + curv
+        dq = tl.where((up < 0) & (q < qmax), 1.0, tl.where((2.0 * curv - up < 0) & (q > qmin), -1.0, 0.0))
+        tl.store(Q + j * rows + r, q + dq, mask=in_rows)
+        dw = dq * a
+        tl.store(D + j * rows + r, dw, mask=in_rows)
+        g = tl.fma(h[:, None], dw[None, :], g)  # one rounding, as torch's addr_
+
+
+def polish(Gt1: torch.Tensor, Qt1: torch.Tensor, Dt1: torch.Tensor, H1: torch.Tensor, St: torch.Tensor, group: int,
+           first: int, qmin: int, qmax: int) -> None:
+    """refine.torch_polish's contract: the columns of one lazy block, in place, one program per tile of rows."""
+    n, rows = Gt1.shape
+    assert Gt1.is_contiguous() and Qt1.is_contiguous() and Dt1.is_contiguous() and St.is_contiguous() and H1.stride(1) == 1
+    _polish_kernel[(triton.cdiv(rows, BLOCK_R),)](
+        Gt1, Qt1, Dt1, H1, H1.stride(0), St, rows, n, first, group, float(qmin), float(qmax),
+        BLOCK_N=triton.next_power_of_2(n), BLOCK_R=BLOCK_R, num_warps=NUM_WARPS, enable_fp_fusion=False)

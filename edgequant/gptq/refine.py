@@ -1,0 +1,132 @@
+"""After GPTQ: lower the layer's loss further by coordinate descent on what the GGUF stores.
+
+GPTQ decides each column once, greedily, and each codec block's scales once, before its columns are rounded.
+With both fixed, the loss L = tr(E H Eᵀ) (E = Ŵ - W; per row a quadratic in the stored integers) can still go
+down by exact coordinate steps on the same grid, alternating:
+
+  refit_scales   each group's integer sub-block scale (and min), K-quants only: the best integer step of the
+                 2x2 (or 1x1) Newton system of that group's parameters, floor/ceil candidates, kept if L drops;
+  polish_codes   each code in turn: q ± 1 where that lowers L (GPTQ's rounding revisited with every other
+                 column's final error known), in lazy blocks of columns like GPTQ's own loop, with an in-block
+                 sweep in torch (the reference, the CPU path) or Triton (triton_solver.polish).
+
+Both keep the gradient G = E H current, so every step's change of L is exact: for a change Δ of Ŵ[r, J],
+ΔL = 2 Δ·G[r, J] + Δᵀ H[J, J] Δ.  Each step only accepts decreases, so L never goes up (up to float rounding).
+H is the caller's (solver.solve passes H + λI with a larger λ than GPTQ's: measured on bench-a, the refinement
+otherwise fits the calibration Hessian better than held-out text).  Everything stays on H's device until the
+end; the grids are rebuilt from the integers exactly as the codec's `grid` does, so the codec's `dequantize` of
+the returned blocks is the Ŵ that was optimized.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgequant.convert.codecs import Codec
+
+
+@torch.no_grad()
+def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, iterations: int, block_size: int = 128,
+           sweep=None):
+    """`iterations` rounds of refit_scales then polish_codes on float32 W (rows, cols) and H, on H's device.
+    sweep: the in-block polish (default torch_polish)."""
+    dev = H.device
+    on_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    grid = codec.grid(blocks)
+    scale, offset = on_dev(grid.scale), on_dev(grid.offset)  # (rows, groups)
+    q = on_dev(codec.codes(blocks)).float()
+    ints = codec.integer_scales(blocks)
+    if ints is not None:
+        d, sc = on_dev(ints.d), on_dev(ints.scale).float()
+        dmin, mn = (on_dev(ints.dmin), on_dev(ints.min).float()) if ints.min is not None else (None, None)
+    for _ in range(iterations):
+        if ints is not None:
+            refit_scales(W, H, q, d, sc, dmin, mn, ints.lo, ints.hi, offset)
+            scale = d * sc  # as codec.grid computes it, in float32
+            if dmin is not None:
+                offset = -(dmin * mn)
+        polish_codes(W, H, q, scale, offset, grid.qmin, grid.qmax, block_size, sweep or torch_polish)
+    if ints is not None:
+        as_int = lambda t: t.to(torch.int32).cpu().numpy()  # noqa: E731
+        blocks = codec.with_integer_scales(blocks, as_int(sc), as_int(mn) if mn is not None else None)
+    return codec.with_codes(blocks, q.to(torch.int32).cpu().numpy())
+
+
+def dequantized(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """AffineGrid.dequantize on the device: scale * q + offset per weight, in that order."""
+    n = q.shape[1] // scale.shape[1]
+    return scale.repeat_interleave(n, dim=1) * q + offset.repeat_interleave(n, dim=1)
+
+
+def refit_scales(W, H, q, d, sc, dmin, mn, lo: int, hi: int, offset) -> None:
+    """Group by group, the integer scale sc (and min mn) that lowers L most for the codes q (in place).
+    Ŵ[:, J] = (d·sc)·q[:, J] - dmin·mn for the group's columns J; dmin, mn None for the symmetric K-quants
+    (whose offset is the constant -0.0)."""
+    rows, groups = sc.shape
+    n = q.shape[1] // groups
+    scale = d * sc
+    G = (dequantized(q, scale, offset if dmin is None else -(dmin * mn)) - W) @ H
+    zero = torch.zeros(rows, device=H.device)
+    for g in range(groups):
+        J = slice(g * n, (g + 1) * n)
+        HJJ = H[J, J]
+        a = d[:, g, None] * q[:, J]  # dŴ[:, J] / d sc
+        Ha = a @ HJJ
+        gs, hss = (G[:, J] * a).sum(1), (Ha * a).sum(1)
+        if dmin is not None:  # dŴ[:, J] / d mn = -dmin, the same for all the group's columns
+            b = -dmin[:, g]
+            gm, hmm, hsm = G[:, J].sum(1) * b, HJJ.sum() * b * b, Ha.sum(1) * b
+            det = hss * hmm - hsm * hsm
+            ok = det > 0
+            step_s = torch.where(ok, (hsm * gm - hmm * gs) / det, zero)
+            step_m = torch.where(ok, (hsm * gs - hss * gm) / det, zero)
+            m_options = [(mn[:, g] + torch.floor(step_m)).clamp(lo, hi) - mn[:, g],
+                         (mn[:, g] + torch.ceil(step_m)).clamp(lo, hi) - mn[:, g]]
+        else:
+            step_s = torch.where(hss > 0, -gs / hss, zero)
+            gm = hmm = hsm = zero
+            m_options = [zero]
+        best, best_s, best_m = zero, zero, zero
+        for ds in (torch.floor(step_s), torch.ceil(step_s)):
+            ds = (sc[:, g] + ds).clamp(lo, hi) - sc[:, g]
+            for dm in m_options:
+                change = 2 * (ds * gs + dm * gm) + ds * ds * hss + dm * dm * hmm + 2 * ds * dm * hsm
+                better = change < best
+                best = torch.where(better, change, best)
+                best_s, best_m = torch.where(better, ds, best_s), torch.where(better, dm, best_m)
+        sc[:, g] += best_s
+        delta = best_s[:, None] * a
+        if dmin is not None:
+            mn[:, g] += best_m
+            delta = delta + (best_m * b)[:, None]
+        G[:, g * n:].addmm_(delta, H[J, g * n:])  # later groups read G; earlier ones are done
+
+
+def polish_codes(W, H, q, scale, offset, qmin: int, qmax: int, block_size: int, sweep) -> None:
+    """Every code once, column by column: q ± 1 on the fixed grid (scale, offset per group) where that lowers L
+    (q updated in place).  Held transposed, (cols, rows), as GPTQ's loop holds its columns."""
+    rows, cols = q.shape
+    group = cols // scale.shape[1]
+    Gt = H @ (dequantized(q, scale, offset) - W).T  # (E H)ᵀ, H symmetric
+    Qt = q.T.contiguous()
+    St = scale.T.contiguous()  # (groups, rows): one column's steps are one contiguous row
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        Dt = torch.empty(i2 - i1, rows, device=H.device)  # the block's changes of Ŵ, carried to later columns
+        sweep(Gt[i1:i2], Qt[i1:i2], Dt, H[i1:i2, i1:i2], St, group, i1, qmin, qmax)
+        Gt[i2:].addmm_(H[i2:, i1:i2], Dt)
+    q.copy_(Qt.T)
+
+
+def torch_polish(Gt1, Qt1, Dt1, H1, St, group: int, first: int, qmin: int, qmax: int) -> None:
+    """The columns of one lazy block (views Gt1, Qt1 of columns first.. in place): per column, the q ± 1 that
+    lowers L, its change of Ŵ into Dt1, and that change's rank-1 update of the block's later gradients."""
+    for j in range(len(Gt1)):
+        a = St[(first + j) // group]
+        curv = a * a * H1[j, j]
+        up = 2 * a * Gt1[j] + curv  # ΔL of q + 1; q - 1 changes L by 2·curv - up: at most one is < 0
+        dq = torch.where((up < 0) & (Qt1[j] < qmax), 1.0, torch.where((2 * curv - up < 0) & (Qt1[j] > qmin), -1.0, 0.0))
+        Qt1[j] += dq
+        Dt1[j] = dq * a
+        Gt1[j + 1:].addr_(H1[j, j + 1:], Dt1[j])
