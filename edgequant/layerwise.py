@@ -13,6 +13,7 @@ layer 0), so any architecture transformers runs is handled without re-implementi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -85,13 +86,15 @@ TOKENS_PER_BATCH = 8192
 @torch.no_grad()
 def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torch.device, batch: int | None = None,
         progress=None, quiet: bool = True, start: int = 0, hidden: torch.Tensor | None = None,
-        on_hidden: Callable[[int, torch.Tensor], None] | None = None) -> dict[str, float]:
-    """Drive the layer-by-layer pass. Returns seconds per phase.
+        on_hidden: Callable[[int, torch.Tensor], None] | None = None, tf32: bool = False) -> dict[str, float]:
+    """Drive the layer-by-layer pass. Returns seconds per phase.  tf32: the forward passes and the sums xᵀx run
+    their float32 matmuls in TF32 on a GPU that has it (on_layer, i.e. the solver, stays in float32).
 
     To resume, `start` is the first layer to run and `hidden` its inputs, as on_hidden(start - 1, hidden) received
     them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs)."""
     seconds = {"calibration forward": 0.0, "solve": 0.0}
     batch = batch or max(1, min(8, TOKENS_PER_BATCH // ids.shape[1]))
+    tf32 = tf32 and device.type == "cuda"  # CPUs: float32 as it is (and builds reproduce bit for bit)
     model = skeleton(m, device)
     inner = model.model
     embed_name = "model.embed_tokens.weight"
@@ -115,7 +118,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     for i, layer in enumerate(inner.layers[start:], start):
         prefix = f"model.layers.{i}."
         materialize(layer, prefix, m, device)
-        hidden = _layer_pass(layer, prefix, hidden, layer_kwargs, on_layer, i, batch, seconds)
+        hidden = _layer_pass(layer, prefix, hidden, layer_kwargs, on_layer, i, batch, seconds, tf32)
         layer.to("meta")
         if on_hidden is not None:
             on_hidden(i, hidden)
@@ -127,8 +130,9 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     head_name = embed_name if m.hp.tied_embeddings else "lm_head.weight"
     t0 = time.perf_counter()
     stats = Stats(torch.zeros(m.hp.n_embd, m.hp.n_embd, device=device))
-    for b in range(0, len(hidden), batch):
-        stats.add(inner.norm(hidden[b : b + batch]))
+    with matmul_precision(tf32):
+        for b in range(0, len(hidden), batch):
+            stats.add(inner.norm(hidden[b : b + batch]))
     check_finite(stats.s, f"the calibration activations entering {head_name}")
     seconds["calibration forward"] += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -139,7 +143,18 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     return seconds
 
 
-def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds) -> torch.Tensor:
+@contextlib.contextmanager
+def matmul_precision(tf32: bool):
+    """float32 matmuls in TF32 (torch's "high" precision) inside the block, if tf32; as they were afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else before)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, tf32: bool) -> torch.Tensor:
     linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
     by_linear: dict[str, Stats] = {}  # linears fed the same tensor (q/k/v, gate/up) share one Stats
     batch_inputs: dict[int, tuple[torch.Tensor, Stats]] = {}  # id -> (input kept alive so ids stay unique, Stats)
@@ -157,10 +172,11 @@ def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds) 
         return fn
 
     def forward_all(out):
-        for b in range(0, len(hidden), batch):
-            batch_inputs.clear()
-            r = layer(hidden[b : b + batch], **kwargs)
-            out[b : b + batch] = r[0] if isinstance(r, tuple) else r
+        with matmul_precision(tf32):
+            for b in range(0, len(hidden), batch):
+                batch_inputs.clear()
+                r = layer(hidden[b : b + batch], **kwargs)
+                out[b : b + batch] = r[0] if isinstance(r, tuple) else r
         batch_inputs.clear()
         return out
 

@@ -50,6 +50,7 @@ class GptqSettings:
     damp: float = 0.01
     act_order: bool = False
     refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
+    tf32: bool = True  # calibration forward passes and Hessian sums in TF32 on a GPU (layerwise.run)
 
 
 @dataclass
@@ -146,8 +147,19 @@ class GptqReport:
 
 
 def hessian_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    e = (w - w_hat).to(h)
+    e = w.to(h) - w_hat.to(h)
     return 0.5 * float(((e @ h) * e).sum())
+
+
+def importance_weighted_fit(c, w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """Ŵ of codec.fit(w, importance) (what llama-quantize --imatrix writes), on w's device: on CUDA through
+    gptq.device_fit where it covers the codec (bit-identical, and no host round trip)."""
+    from .gptq.device_fit import device_fit
+
+    fit = device_fit(c, w, importance, graph=False) if w.device.type == "cuda" else None
+    if fit is not None:
+        return fit.dequantize()
+    return torch.from_numpy(c.dequantize(c.fit(w.cpu().numpy(), importance.cpu().numpy())))
 
 
 @contextlib.contextmanager
@@ -188,13 +200,14 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             c = codec(qtype)
             w_gguf = torch.from_numpy(m.arch.to_gguf(hf_name, w.detach().float().cpu().numpy(), m.hp, m.tensor_names)[1])
             h = stats.hessian
+            w_here = w_gguf.to(device)
             with one_cpu_thread(device):
-                sol = solve(w_gguf.to(device), h, c, block_size=settings.block_size, damp=settings.damp,
+                sol = solve(w_here, h, c, block_size=settings.block_size, damp=settings.damp,
                             act_order=settings.act_order, refine=settings.refine)
             packed[name] = c.pack(sol.blocks).reshape(-1)
-            fit = c.dequantize(c.fit(w_gguf.numpy(), h.diagonal().cpu().numpy()))
-            entries[name] = {"loss": hessian_loss(w_gguf, torch.from_numpy(sol.w_hat), h),
-                             "fit_loss": hessian_loss(w_gguf, torch.from_numpy(fit), h), "digest": digest(sol.w_hat)}
+            entries[name] = {"loss": hessian_loss(w_here, torch.from_numpy(sol.w_hat), h),
+                             "fit_loss": hessian_loss(w_here, importance_weighted_fit(c, w_here, h.diagonal()), h),
+                             "digest": digest(sol.w_hat)}
             w_hat = m.arch.from_gguf(name, sol.w_hat, m.hp)
             new[hf_name] = torch.from_numpy(np.ascontiguousarray(w_hat)).to(w.device)
         work.save_layer(index, packed, entries)
@@ -210,7 +223,8 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
     if resume is not None:
         start, hidden = resume
         task = progress.add_task("GPTQ", total=m.hp.n_layers + 1, completed=start) if progress is not None else None
-        report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden, on_hidden=work.save_hidden)
+        report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden,
+                                       on_hidden=work.checkpoint_hidden, tf32=settings.tf32)
     rtn = rtn_encoder()
 
     def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:

@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from .errors import UserError
 
 MANIFEST = "manifest.json"
 OURS = ("manifest.json", "layer-*.npz", "hidden-*.npy", "*.tmp")
+SAVE_EVERY = 10  # checkpoint_hidden: at least this many times a save's own cost between two saves
 REPORT_KEY = "__report__"  # the layer npz entry holding {tensor: {loss, fit_loss, digest}} as JSON
 
 
@@ -68,6 +70,8 @@ class WorkDir:
         self.path, self.identity = path, identity
         self.opened = False  # only then are the files in it ours to delete
         self.where: dict[str, Path] = {}  # GGUF name -> the layer npz holding it, from report() and save_layer()
+        self._save_cost: float | None = None  # seconds the last checkpoint_hidden save took
+        self._saved_at = 0.0
 
     def open(self) -> None:
         """Make the directory ready for this identity: keep it if it matches, clear it if it is stale."""
@@ -112,11 +116,25 @@ class WorkDir:
         self._write(f"layer-{index}.npz", lambda f: np.savez(f, **arrays))
         self.where.update(dict.fromkeys(report, self.path / f"layer-{index}.npz"))
 
+    def checkpoint_hidden(self, index: int, hidden: torch.Tensor) -> None:
+        """save_hidden, unless the last save was less than SAVE_EVERY times its own cost ago: a small model's layer
+        outputs are saved after every layer; an 8B's (4 GiB, seconds to write, layers of seconds) every few layers,
+        so that checkpoints cost at most ~1/SAVE_EVERY of the build.  A resume redoes the layers after the last one."""
+        now = time.perf_counter()
+        if self._save_cost is None or now - self._saved_at >= SAVE_EVERY * self._save_cost:
+            self.save_hidden(index, hidden)
+            self._saved_at = time.perf_counter()
+            self._save_cost = self._saved_at - now
+        self._test_kill(index)
+
     def save_hidden(self, index: int, hidden: torch.Tensor) -> None:
         self._write(f"hidden-{index}.npy", lambda f: np.save(f, hidden.cpu().numpy()))
         for p in self.path.glob("hidden-*.npy"):
             if p.name != f"hidden-{index}.npy":
                 p.unlink()
+
+    @staticmethod
+    def _test_kill(index: int) -> None:
         if os.environ.get("EDGEQUANT_TEST_KILL_AFTER_LAYER") == str(index):  # tests: a kill between two layers
             os.kill(os.getpid(), signal.SIGKILL)
 

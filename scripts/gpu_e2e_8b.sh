@@ -18,8 +18,8 @@
 #   inspect.txt    `edgequant inspect` of the written GGUF
 # Knobs (environment): E2E_LAYERS (default: the config's 32), E2E_BUDGET (seconds for the whole script, default 570: the
 # build's timeout is what is left after the model is made, minus 30 s for the rest), E2E_METHOD (gptq), E2E_TARGET
-# (Q4_K_M), E2E_SAMPLES (128), E2E_SEQLEN (2048), E2E_TF32=1 (TF32 for every fp32 matmul of the build: forward,
-# Hessians, solver GEMMs; default off, the pipeline as it is), E2E_RESUME=1 (keep a killed build's work dir: the build
+# (Q4_K_M), E2E_SAMPLES (128), E2E_SEQLEN (2048), E2E_TF32=0 (build with --no-tf32: calibration forward
+# passes and Hessians in full fp32; default: the build's own default, TF32 there), E2E_ARGS (more build options), E2E_RESUME=1 (keep a killed build's work dir: the build
 # resumes, and its timings cover the rest only), E2E_CONFIG/E2E_DEVICE (tiny/cpu: try the script without a GPU),
 # E2E_WORK (/tmp/e2e: model, GGUF, work dir), E2E_PKG (/tmp/pkg: edgequant and the wheels, replaced).
 set -u
@@ -29,7 +29,7 @@ LAYERS=${E2E_LAYERS:-}; BUDGET=${E2E_BUDGET:-570}; METHOD=${E2E_METHOD:-gptq}; T
 SAMPLES=${E2E_SAMPLES:-128}; SEQLEN=${E2E_SEQLEN:-2048}; CONFIG=${E2E_CONFIG:-llama-3.1-8b}; DEVICE=${E2E_DEVICE:-cuda}
 M=$W/model-$CONFIG-${LAYERS:-all}; GGUF=$W/out-$TARGET.gguf
 mkdir -p "$OUT" $W
-export PYTHONUNBUFFERED=1 PYTHONPATH=$P E2E_TF32=${E2E_TF32:-0} E2E_TIMELINE=$OUT/timeline.json
+export PYTHONUNBUFFERED=1 PYTHONPATH=$P E2E_TF32=${E2E_TF32:-1} E2E_TIMELINE=$OUT/timeline.json
 log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/e2e.log"; }
 TIMEV() { if [ -x /usr/bin/time ]; then /usr/bin/time -v -o "$1" "${@:2}"; else "${@:2}"; fi; }
 NVPID=
@@ -89,8 +89,6 @@ cat > $W/timed_build.py <<'EOF'
 """`edgequant build` with a timeline on stderr: wraps the pipeline's functions to time them (the code is unchanged)."""
 import atexit, functools, json, os, resource, sys, time
 import torch
-if os.environ.get("E2E_TF32") == "1":
-    torch.backends.cuda.matmul.allow_tf32 = True
 from edgequant import build as build_mod, layerwise, methods, workdir
 import edgequant.gptq as gptq_pkg
 from edgequant.convert.codecs import CODECS
@@ -151,11 +149,11 @@ def fit_wrapper(f):
 for cls in {type(c) for c in CODECS.values()}:
     cls.fit = fit_wrapper(cls.fit)
 
-def layer_before(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds):
+def layer_before(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, *rest):
     state["phase"] = f"layer {index}"
     return dict(seconds), total["host_fit_s"], total["solve_s"], batch
 
-def layer_after(dt, ctx, layer, prefix, hidden, kwargs, on_layer, index, batch, seconds):
+def layer_after(dt, ctx, layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, *rest):
     sec, fit0, solve0, b = ctx
     total["layers"] += 1
     fwd = seconds["calibration forward"] - sec["calibration forward"]
@@ -208,7 +206,7 @@ def summary():
         json.dump(total, f, indent=1)
 
 from edgequant.cli import main
-log(f"edgequant build {' '.join(sys.argv[1:])} (TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})")
+log(f"edgequant build {' '.join(sys.argv[1:])}")
 sys.exit(main(["build", *sys.argv[1:]]))
 EOF
 
@@ -225,7 +223,7 @@ t0=$(date +%s)
 TV=(); [ -x /usr/bin/time ] && TV=(/usr/bin/time -v -o "$OUT/build.time")
 cd /tmp  # edgequant from $P, not the repo's tree
 timeout -s INT -k 20 $T ${TV[@]+"${TV[@]}"} python3 $W/timed_build.py "$M" --target "$TARGET" --method "$METHOD" --calib "$G/wiki.train.first1MB.txt" \
-  --calib-samples "$SAMPLES" --calib-seqlen "$SEQLEN" --device "$DEVICE" --json -o "$GGUF" > "$OUT/build.json" 2> "$OUT/build.log"
+  --calib-samples "$SAMPLES" --calib-seqlen "$SEQLEN" --device "$DEVICE" $([ "$E2E_TF32" = 0 ] && echo --no-tf32) ${E2E_ARGS:-} --json -o "$GGUF" > "$OUT/build.json" 2> "$OUT/build.log"
 rc=$?; cd "$R"
 [ -n "$NVPID" ] && kill "$NVPID" 2>/dev/null; NVPID=
 log "build: rc $rc in $(( $(date +%s) - t0 ))s wall$([ $rc = 124 ] || [ $rc = 130 ] && echo ' (timed out)')"

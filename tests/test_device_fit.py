@@ -54,6 +54,7 @@ def check(name: str, w: np.ndarray, importance: np.ndarray, device: str, w_t: to
         assert np.array_equal(c.pack(got), raw)
         assert same_bits(fit.scale.cpu().numpy(), grid.scale) and same_bits(fit.offset.cpu().numpy(), grid.offset)
         assert (fit.group, fit.qmin, fit.qmax) == (grid.group, grid.qmin, grid.qmax)
+        assert same_bits(fit.dequantize().cpu().numpy(), c.dequantize(ref))
 
 
 @pytest.mark.parametrize("device", DEVICES)

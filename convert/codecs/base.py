@@ -46,6 +46,10 @@ class AffineGrid:
         return np.clip(q, self.qmin, self.qmax).astype(np.int32)
 
     def dequantize(self, q: np.ndarray, cols: slice | None = None) -> np.ndarray:
+        if cols is None:  # whole groups: broadcast per group rather than gather a value per column
+            rows, n = q.shape
+            g = q.reshape(rows, n // self.group, self.group).astype(np.float32)
+            return (self.scale[..., None] * g + self.offset[..., None]).reshape(rows, n)
         scale, offset = self.columns(cols, q.shape[-1])
         return (scale * q.astype(np.float32) + offset).astype(np.float32)
 

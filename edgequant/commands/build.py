@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False, help="columns by descending Hessian diagonal")
     g.add_argument("--refine", type=int, default=2, metavar="N",
                    help="rounds of coordinate descent on the stored scales and codes after GPTQ (default 2, 0: plain GPTQ)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, calibration forward passes and Hessian sums in TF32 (default; the solver stays float32)")
     g.add_argument("--work-dir", type=Path, metavar="DIR",
                    help="finished layers are kept here so that a killed build resumes when run again (default OUTPUT.work)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -84,7 +86,7 @@ def calib_options(args: argparse.Namespace):
     return CalibOptions(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
                         imatrix=args.imatrix, device=args.device,
                         gptq=GptqSettings(block_size=args.block_size, damp=args.damp, act_order=args.act_order,
-                                                      refine=args.refine))
+                                                      refine=args.refine, tf32=args.tf32))
 
 
 def summary(r) -> dict:

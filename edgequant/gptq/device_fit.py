@@ -73,6 +73,13 @@ class DeviceFit:
         """The codec's numpy Blocks (one host transfer per field)."""
         return self.blocks_type(**{k: v.cpu().numpy() for k, v in self.fields.items()})
 
+    def dequantize(self) -> torch.Tensor:
+        """codec.dequantize(self.blocks()) on the device: the K-quant blocks keep their grid levels in `q`."""
+        from .refine import dequantized
+
+        q = self.fields["q"]
+        return dequantized(q.reshape(q.shape[0], -1).float(), self.scale, self.offset)
+
     @staticmethod
     def concat(parts: list[DeviceFit]) -> DeviceFit:
         """Fits of consecutive column ranges of the same rows -> one fit (along the block axis, on the device)."""

@@ -54,9 +54,10 @@ def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, iterations: i
 
 
 def dequantized(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """AffineGrid.dequantize on the device: scale * q + offset per weight, in that order."""
-    n = q.shape[1] // scale.shape[1]
-    return scale.repeat_interleave(n, dim=1) * q + offset.repeat_interleave(n, dim=1)
+    """AffineGrid.dequantize on the device: scale * q + offset per weight, in that order (per group, broadcast)."""
+    rows, groups = scale.shape
+    w = q.reshape(rows, groups, -1) * scale[..., None]
+    return w.add_(offset[..., None]).reshape(q.shape)
 
 
 def refit_scales(W, H, q, d, sc, dmin, mn, lo: int, hi: int, offset) -> None:

@@ -28,7 +28,8 @@ Choices (measured in tests/test_gptq_solver.py, scripts/bench_gptq_cpu.py and on
 The in-block sweep has two backends with the same arithmetic: `torch_sweep`, small tensor ops per column (the
 reference and the CPU path: run with torch.set_num_threads(1) on a busy machine, OpenMP threads spinning against
 other work made it 7x slower here), and on CUDA one Triton kernel per block (triton_solver): the column loop,
-trailing GEMMs included, 40-130x faster on an H200 (scripts/bench_gptq.py).  Everything else (factorization, fits, the trailing GEMMs) is shared.
+trailing GEMMs included, 40-130x faster on an H200 (scripts/bench_gptq.py).  Everything else (factorization, fits, the
+trailing GEMMs) is shared; on CUDA the K-quant fits run on the GPU (device_fit, bit-identical to codec.fit).
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ import torch
 
 from edgequant.convert.codecs import AffineGrid, Codec
 
+from .device_fit import DeviceFit, device_fit
 from .refine import refine as refine_blocks
 from .refine import torch_polish
 
 CHOLESKY_TRIES = 5  # damp, 10·damp, ..., 10⁴·damp
+# device_fit replays a CUDA graph per codec and shape, which keeps ~80 KB per row of Q6_K/Q3_K intermediates: only
+# for the decoder's matrices, not an output head of 128K rows (eager there: ~16 fits of ~70 ms).
+GRAPH_ROWS = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +97,23 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
         grids.put(0, codec.grid(fitted))
     else:
         grids, fits = ColumnGrids(rows, cols, device), []
+        importance_here = H.diagonal() + lam
 
         def refit(c: int) -> None:  # entering a codec block: all its columns are up to date
-            fits.append(codec.fit(np.ascontiguousarray(Wt[c:c + S].T.cpu().numpy()), importance[c:c + S]))
-            grids.put(c, codec.grid(fits[-1]))
+            fit = None
+            if device.type == "cuda":  # the same fit, bit for bit, without leaving the GPU
+                fit = device_fit(codec, Wt[c:c + S].T, importance_here[c:c + S], graph=rows <= GRAPH_ROWS)
+            if fit is None:
+                fit = codec.fit(np.ascontiguousarray(Wt[c:c + S].T.cpu().numpy()), importance[c:c + S])
+            fits.append(fit)
+            grids.put(c, fit if isinstance(fit, DeviceFit) else codec.grid(fit))
 
     Qt, Losses = quantize_columns(Wt, U, grids, sweep, block_size, refit, S)
     inverse = torch.argsort(perm)
     codes = Qt[inverse].T.contiguous().cpu().numpy()
-    blocks = codec.with_codes(fitted if act_order else concat_blocks(fits), codes)
+    if not act_order:
+        fitted = DeviceFit.concat(fits).blocks() if isinstance(fits[0], DeviceFit) else concat_blocks(fits)
+    blocks = codec.with_codes(fitted, codes)
     if not refine:
         column_loss = Losses[inverse].cpu().numpy()
         return Solution(blocks, codec.dequantize(blocks), float(column_loss.sum(dtype=np.float64)), column_loss, damp)
@@ -125,8 +138,9 @@ class ColumnGrids:
         self.rows, self.cols, self.device, self.order = rows, cols, device, order
         self.scale = self.offset = self.group_of = self.groups = None
 
-    def put(self, first: int, grid: AffineGrid) -> None:
-        """The grid fitted for original columns first.. (a codec block, or the whole matrix)."""
+    def put(self, first: int, grid: AffineGrid | DeviceFit) -> None:
+        """The grid fitted for original columns first.. (a codec block, or the whole matrix); its scale and
+        offset are numpy arrays (AffineGrid) or already on the device (DeviceFit)."""
         if self.scale is None:  # the group size is known at the first fit
             self.scale = torch.empty(self.cols // grid.group, self.rows, device=self.device)
             self.offset = torch.empty_like(self.scale)
@@ -135,8 +149,8 @@ class ColumnGrids:
             self.group_of = torch.tensor(self.groups, dtype=torch.int32, device=self.device)
             self.qmin, self.qmax = grid.qmin, grid.qmax
         g = first // grid.group
-        self.scale[g:g + grid.scale.shape[1]] = torch.from_numpy(grid.scale.T.copy()).to(self.device)
-        self.offset[g:g + grid.scale.shape[1]] = torch.from_numpy(grid.offset.T.copy()).to(self.device)
+        self.scale[g:g + grid.scale.shape[1]] = torch.as_tensor(grid.scale).T.to(self.device)
+        self.offset[g:g + grid.scale.shape[1]] = torch.as_tensor(grid.offset).T.to(self.device)
 
 
 def quantize_columns(Wt: torch.Tensor, U: torch.Tensor, grids: ColumnGrids, sweep, block_size: int,

@@ -15,7 +15,7 @@ columns in registers, and walks the columns itself:
       col n-1  [                     ]                           codes[j, r] = q, E[j, r] = err
 
 It writes the codes and the error block E; the trailing update of later blocks stays a cuBLAS GEMM in
-`quantize_columns`, and the grids are still fitted by `codec.fit` on the CPU when the solver enters a codec block.
+`quantize_columns`, and the grids are fitted on the GPU too (device_fit) when the solver enters a codec block.
 
 The arithmetic is torch's on the CPU, operation for operation: IEEE division (Triton's `/` is approximate),
 round-half-to-even built from floor, the rank-1 update as one fused multiply-add (as torch's CPU addr_ rounds it)
