@@ -86,9 +86,12 @@ TOKENS_PER_BATCH = 8192
 @torch.no_grad()
 def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torch.device, batch: int | None = None,
         progress=None, quiet: bool = True, start: int = 0, hidden: torch.Tensor | None = None,
-        on_hidden: Callable[[int, torch.Tensor], None] | None = None, tf32: bool = False) -> dict[str, float]:
+        on_hidden: Callable[[int, torch.Tensor], None] | None = None, tf32: bool = False,
+        requantize: bool = False) -> dict[str, float]:
     """Drive the layer-by-layer pass. Returns seconds per phase.  tf32: the forward passes and the sums xᵀx run
     their float32 matmuls in TF32 on a GPU that has it (on_layer, i.e. the solver, stays in float32).
+    requantize: on_layer always returns new weights, so pass 1's outputs are dropped and pass 2 writes its outputs
+    over its inputs: one copy of the activations in memory instead of two (4 GiB for an 8B's 128 x 2048 windows).
 
     To resume, `start` is the first layer to run and `hidden` its inputs, as on_hidden(start - 1, hidden) received
     them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs)."""
@@ -118,7 +121,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     for i, layer in enumerate(inner.layers[start:], start):
         prefix = f"model.layers.{i}."
         materialize(layer, prefix, m, device)
-        hidden = _layer_pass(layer, prefix, hidden, layer_kwargs, on_layer, i, batch, seconds, tf32)
+        hidden = _layer_pass(layer, prefix, hidden, layer_kwargs, on_layer, i, batch, seconds, tf32, requantize)
         layer.to("meta")
         if on_hidden is not None:
             on_hidden(i, hidden)
@@ -154,7 +157,7 @@ def matmul_precision(tf32: bool):
         torch.set_float32_matmul_precision(before)
 
 
-def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, tf32: bool) -> torch.Tensor:
+def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, tf32: bool, requantize: bool) -> torch.Tensor:
     linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
     by_linear: dict[str, Stats] = {}  # linears fed the same tensor (q/k/v, gate/up) share one Stats
     batch_inputs: dict[int, tuple[torch.Tensor, Stats]] = {}  # id -> (input kept alive so ids stay unique, Stats)
@@ -172,17 +175,20 @@ def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, 
         return fn
 
     def forward_all(out):
+        """The layer over all of `hidden`, batch by batch, into `out` (which may be `hidden` itself: a batch's
+        outputs replace its inputs once computed) or nowhere (out None)."""
         with matmul_precision(tf32):
             for b in range(0, len(hidden), batch):
                 batch_inputs.clear()
                 r = layer(hidden[b : b + batch], **kwargs)
-                out[b : b + batch] = r[0] if isinstance(r, tuple) else r
+                if out is not None:
+                    out[b : b + batch] = r[0] if isinstance(r, tuple) else r
         batch_inputs.clear()
         return out
 
     t0 = time.perf_counter()
     handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in linears.items()]
-    out = forward_all(torch.empty_like(hidden))
+    out = forward_all(None if requantize else torch.empty_like(hidden))
     for h in handles:
         h.remove()
     seconds["calibration forward"] += time.perf_counter() - t0
@@ -192,13 +198,13 @@ def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, 
     t0 = time.perf_counter()
     new = on_layer(index, {prefix + n + ".weight": (mod.weight, by_linear[n]) for n, mod in linears.items()})
     seconds["solve"] += time.perf_counter() - t0
-    if not new:
+    if not new and not requantize:
         return check_finite(out, f"the output of layer {index}")
     t0 = time.perf_counter()
     for n, mod in linears.items():
         if prefix + n + ".weight" in new:
             mod.weight.copy_(new[prefix + n + ".weight"])
-    out = forward_all(out)
+    out = forward_all(hidden)
     seconds["calibration forward"] += time.perf_counter() - t0
     return check_finite(out, f"the output of layer {index} with its quantized weights")
 

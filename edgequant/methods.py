@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -189,6 +190,7 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
     types = {t.name: t.qtype for t in plan}
     names = hf_to_gguf(m)
     report = GptqReport()
+    host = ThreadPoolExecutor(max_workers=8)
 
     def on_layer(index, weights):
         new, packed, entries = {}, {}, {}
@@ -204,12 +206,16 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             with one_cpu_thread(device):
                 sol = solve(w_here, h, c, block_size=settings.block_size, damp=settings.damp,
                             act_order=settings.act_order, refine=settings.refine)
-            packed[name] = c.pack(sol.blocks).reshape(-1)
+            # packing and hashing on host threads (both release the GIL), while the GPU goes on
+            packed[name] = host.submit(lambda c=c, b=sol.blocks: c.pack(b).reshape(-1))
             entries[name] = {"loss": hessian_loss(w_here, torch.from_numpy(sol.w_hat), h),
                              "fit_loss": hessian_loss(w_here, importance_weighted_fit(c, w_here, h.diagonal()), h),
-                             "digest": digest(sol.w_hat)}
+                             "digest": host.submit(digest, sol.w_hat)}
             w_hat = m.arch.from_gguf(name, sol.w_hat, m.hp)
             new[hf_name] = torch.from_numpy(np.ascontiguousarray(w_hat)).to(w.device)
+        packed = {k: f.result() for k, f in packed.items()}
+        for e in entries.values():
+            e["digest"] = e["digest"].result()
         work.save_layer(index, packed, entries)
         report.add(entries)
         if task is not None:
@@ -223,8 +229,9 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
     if resume is not None:
         start, hidden = resume
         task = progress.add_task("GPTQ", total=m.hp.n_layers + 1, completed=start) if progress is not None else None
-        report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden,
-                                       on_hidden=work.checkpoint_hidden, tf32=settings.tf32)
+        with host:
+            report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden,
+                                           on_hidden=work.checkpoint_hidden, tf32=settings.tf32, requantize=True)
     rtn = rtn_encoder()
 
     def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:

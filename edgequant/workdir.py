@@ -35,7 +35,7 @@ from .errors import UserError
 
 MANIFEST = "manifest.json"
 OURS = ("manifest.json", "layer-*.npz", "hidden-*.npy", "*.tmp")
-SAVE_EVERY = 10  # checkpoint_hidden: at least this many times a save's own cost between two saves
+SAVE_EVERY = 20  # checkpoint_hidden: at least this many times a save's own cost between two saves
 REPORT_KEY = "__report__"  # the layer npz entry holding {tensor: {loss, fit_loss, digest}} as JSON
 
 

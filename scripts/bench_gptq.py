@@ -14,7 +14,9 @@ activations are).  Per shape and type, in one run:
                 beyond fitting (chol, the loop, copying each codec block to the CPU for its fit, packing the
                 codes and dequantizing Ŵ on the CPU)
   fit           codec.fit's own time (numpy on the CPU) in the recorded solve, and how many calls
-  solve         the whole recorded solve, fits included (backend "triton", as `build` runs it on CUDA)
+  solve         the whole recorded solve, fits included (numpy codec.fit on the CPU)
+  GPU fit       the whole solve as `build` runs it on CUDA: backend "triton", fits on the GPU (gptq.device_fit)
+  refine2       the same with --refine 2 (gptq.refine after the solve)
   codes ≠       codes that differ between the Triton and torch loops on the same grids, and their losses' relative
                 difference
 
@@ -162,7 +164,8 @@ def main() -> None:
     W, H = weights(64, 512), hessian(512)  # compile outside the timings
     solve(W, H, codec("Q4_K"), backend="triton", block_size=args.block_size)
     head = (f"{'type':5} {'rows x cols':>12} {'chol ms':>8} {'triton ms':>10} {'torch ms':>9} {'ratio':>6} "
-            f"{'GEMMs ms':>9} {'solve-fit s':>12} {'fit s':>7} {'fits':>5} {'solve s':>8} {'codes ≠':>8} {'loss Δ':>8}")
+            f"{'GEMMs ms':>9} {'solve-fit s':>12} {'fit s':>7} {'fits':>5} {'solve s':>8} {'GPU fit s':>9} {'refine2 s':>9} "
+            f"{'codes ≠':>8} {'loss Δ':>8}")
     lines = []
     for cols in sorted({c for _, c in shapes}):
         H = hessian(cols)
@@ -173,6 +176,10 @@ def main() -> None:
             for name in args.types:
                 rec = RecordedCodec(codec(name))
                 total, _ = timed(lambda: solve(W, H, rec, backend="triton", block_size=args.block_size))
+                c = codec(name)
+                solve(W, H, c, backend="triton", block_size=args.block_size)  # capture device_fit's graph
+                gpu_fit, _ = timed(lambda: solve(W, H, c, backend="triton", block_size=args.block_size), args.repeat)
+                refined, _ = timed(lambda: solve(W, H, c, backend="triton", block_size=args.block_size, refine=2))
                 no_fit, _ = timed(lambda: solve(W, H, rec.replay(), backend="triton", block_size=args.block_size))
                 grids = fixed_grids(rec, rows, cols)
                 t_tri, (q_tri, l_tri) = loop(Wt, U, grids, triton_solver.sweep, args.block_size, args.repeat)
@@ -183,12 +190,13 @@ def main() -> None:
                 row = {"type": name, "rows": rows, "cols": cols, "chol_ms": 1e3 * chol, "triton_ms": 1e3 * t_tri,
                        "torch_ms": 1e3 * t_ref, "ratio": t_ref / t_tri, "gemms_ms": 1e3 * t_gemm,
                        "solve_no_fit_s": no_fit, "fit_s": rec.fit_seconds, "fits": len(rec.blocks),
-                       "solve_s": total, "codes_differ": differ, "loss_rel_diff": loss_tri / loss_ref - 1}
+                       "solve_s": total, "solve_device_fit_s": gpu_fit, "solve_refine2_s": refined,
+                       "codes_differ": differ, "loss_rel_diff": loss_tri / loss_ref - 1}
                 report["rows"].append(row)
                 lines.append(f"{name:5} {f'{rows} x {cols}':>12} {row['chol_ms']:8.1f} {row['triton_ms']:10.2f} "
                              f"{row['torch_ms']:9.0f} {row['ratio']:6.0f} {row['gemms_ms']:9.2f} {no_fit:12.3f} "
-                             f"{rec.fit_seconds:7.2f} {len(rec.blocks):5} {total:8.2f} {differ:8.1e} "
-                             f"{row['loss_rel_diff']:8.1e}")
+                             f"{rec.fit_seconds:7.2f} {len(rec.blocks):5} {total:8.2f} {gpu_fit:9.3f} {refined:9.3f} "
+                             f"{differ:8.1e} {row['loss_rel_diff']:8.1e}")
                 print(lines[-1], flush=True)
             del W, Wt
         del H, U

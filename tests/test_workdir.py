@@ -57,13 +57,14 @@ def test_checkpoints_are_spaced_by_their_own_cost(tmp_path, monkeypatch):
     """checkpoint_hidden saves the first time, then only once SAVE_EVERY times the last save's cost has passed."""
     from edgequant import workdir
 
-    clock = iter([0.0, 2.0, 5.0, 19.0, 22.0, 25.0]).__next__  # save 0 takes 2 s; the next is due at 2 + 20 = 22
+    due = 2.0 + 2.0 * workdir.SAVE_EVERY  # save 0 takes 2 s (0 to 2 s); the next is due SAVE_EVERY times that later
+    clock = iter([0.0, 2.0, 5.0, due - 0.5, due, due + 3]).__next__
     monkeypatch.setattr(workdir.time, "perf_counter", clock)
     work = WorkDir(tmp_path / "w", {"model": "a"})
     work.open()
     for i in range(3):
         work.checkpoint_hidden(i, torch.full((2,), float(i)))
-    assert work.resume_point()[0] == 1  # only layer 0's outputs were saved (at 0 s; layers 1 and 2 came at 5 and 19 s)
-    work.checkpoint_hidden(3, torch.full((2,), 3.0))  # at 22 s
+    assert work.resume_point()[0] == 1  # only layer 0's outputs were saved (layers 1 and 2 came too early)
+    work.checkpoint_hidden(3, torch.full((2,), 3.0))  # when due
     start, hidden = work.resume_point()
     assert start == 4 and torch.equal(hidden, torch.full((2,), 3.0))

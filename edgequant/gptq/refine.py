@@ -27,17 +27,15 @@ from edgequant.convert.codecs import Codec
 
 
 @torch.no_grad()
-def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, iterations: int, block_size: int = 128,
-           sweep=None):
-    """`iterations` rounds of refit_scales then polish_codes on float32 W (rows, cols) and H, on H's device.
-    sweep: the in-block polish (default torch_polish)."""
-    dev = H.device
-    on_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-    grid = codec.grid(blocks)
-    scale, offset = on_dev(grid.scale), on_dev(grid.offset)  # (rows, groups)
-    q = on_dev(codec.codes(blocks)).float()
+def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, q: torch.Tensor, scale: torch.Tensor,
+           offset: torch.Tensor, iterations: int, block_size: int = 128, sweep=None):
+    """`iterations` rounds of refit_scales then polish_codes, on H's device.  W: float32 (rows, cols); q: the codes
+    as float32 (rows, cols), updated in place; scale, offset: the grid of `blocks` (rows, groups) on the device.
+    Returns (blocks with the new integer scales, their codes not updated: codec.with_codes(·, q) does that,
+    the new scale, the new offset).  sweep: the in-block polish (default torch_polish)."""
     ints = codec.integer_scales(blocks)
     if ints is not None:
+        on_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(H.device)  # noqa: E731
         d, sc = on_dev(ints.d), on_dev(ints.scale).float()
         dmin, mn = (on_dev(ints.dmin), on_dev(ints.min).float()) if ints.min is not None else (None, None)
     for _ in range(iterations):
@@ -46,11 +44,12 @@ def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, iterations: i
             scale = d * sc  # as codec.grid computes it, in float32
             if dmin is not None:
                 offset = -(dmin * mn)
-        polish_codes(W, H, q, scale, offset, grid.qmin, grid.qmax, block_size, sweep or torch_polish)
+        polish_codes(W, H, q, scale, offset, codec.grid(blocks).qmin, codec.grid(blocks).qmax, block_size,
+                     sweep or torch_polish)
     if ints is not None:
         as_int = lambda t: t.to(torch.int32).cpu().numpy()  # noqa: E731
         blocks = codec.with_integer_scales(blocks, as_int(sc), as_int(mn) if mn is not None else None)
-    return codec.with_codes(blocks, q.to(torch.int32).cpu().numpy())
+    return blocks, scale, offset
 
 
 def dequantized(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from edgequant.convert.codecs import AffineGrid, Codec
 
 from .device_fit import DeviceFit, device_fit
 from .refine import refine as refine_blocks
-from .refine import torch_polish
+from .refine import dequantized, torch_polish
 
 CHOLESKY_TRIES = 5  # damp, 10·damp, ..., 10⁴·damp
 # device_fit replays a CUDA graph per codec and shape, which keeps ~80 KB per row of Q6_K/Q3_K intermediates: only
@@ -110,19 +110,24 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
 
     Qt, Losses = quantize_columns(Wt, U, grids, sweep, block_size, refit, S)
     inverse = torch.argsort(perm)
-    codes = Qt[inverse].T.contiguous().cpu().numpy()
+    q = Qt[inverse].T.float().contiguous()  # original column order, as the grids of `fitted`
     if not act_order:
         fitted = DeviceFit.concat(fits).blocks() if isinstance(fits[0], DeviceFit) else concat_blocks(fits)
-    blocks = codec.with_codes(fitted, codes)
-    if not refine:
-        column_loss = Losses[inverse].cpu().numpy()
-        return Solution(blocks, codec.dequantize(blocks), float(column_loss.sum(dtype=np.float64)), column_loss, damp)
-    mean = float(H.diagonal().mean())
-    blocks = refine_blocks(W, H + max(refine_damp * mean, lam) * eye(H), codec, blocks, refine, block_size, polish)
-    w_hat = codec.dequantize(blocks)
-    E = torch.from_numpy(w_hat).to(device) - W
-    column_loss = ((E @ (H + lam * eye(H))) * E).sum(0).div_(2).cpu().numpy()
-    return Solution(blocks, w_hat, float(column_loss.sum(dtype=np.float64)), column_loss, damp)
+    grid = codec.grid(fitted)
+    scale, offset = (torch.from_numpy(a).to(device) for a in (grid.scale, grid.offset))
+    if refine:
+        mean = float(H.diagonal().mean())
+        fitted, scale, offset = refine_blocks(W, H + max(refine_damp * mean, lam) * eye(H), codec, fitted, q, scale,
+                                              offset, refine, block_size, polish)
+    w_hat = dequantized(q, scale, offset)  # codec.dequantize(blocks) bit for bit, computed where the codes are
+    if refine:
+        E = w_hat - W
+        Losses = ((E @ (H + lam * eye(H))) * E).sum(0).div_(2)
+    else:
+        Losses = Losses[inverse]
+    column_loss = Losses.cpu().numpy()
+    blocks = codec.with_codes(fitted, q.to(torch.int32).cpu().numpy())
+    return Solution(blocks, w_hat.cpu().numpy(), float(column_loss.sum(dtype=np.float64)), column_loss, damp)
 
 
 def eye(H: torch.Tensor) -> torch.Tensor:
