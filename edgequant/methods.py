@@ -200,19 +200,18 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             if qtype in FLOAT_TYPES:
                 continue
             c = codec(qtype)
-            w_gguf = torch.from_numpy(m.arch.to_gguf(hf_name, w.detach().float().cpu().numpy(), m.hp, m.tensor_names)[1])
+            w_here = m.arch.to_gguf(hf_name, w.detach().float(), m.hp, m.tensor_names)[1].contiguous()  # on the device
             h = stats.hessian
-            w_here = w_gguf.to(device)
             with one_cpu_thread(device):
                 sol = solve(w_here, h, c, block_size=settings.block_size, damp=settings.damp,
                             act_order=settings.act_order, refine=settings.refine)
             # packing and hashing on host threads (both release the GIL), while the GPU goes on
             packed[name] = host.submit(lambda c=c, b=sol.blocks: c.pack(b).reshape(-1))
-            entries[name] = {"loss": hessian_loss(w_here, torch.from_numpy(sol.w_hat), h),
+            w_hat = torch.from_numpy(sol.w_hat).to(device)
+            entries[name] = {"loss": hessian_loss(w_here, w_hat, h),
                              "fit_loss": hessian_loss(w_here, importance_weighted_fit(c, w_here, h.diagonal()), h),
                              "digest": host.submit(digest, sol.w_hat)}
-            w_hat = m.arch.from_gguf(name, sol.w_hat, m.hp)
-            new[hf_name] = torch.from_numpy(np.ascontiguousarray(w_hat)).to(w.device)
+            new[hf_name] = m.arch.from_gguf(name, w_hat, m.hp)
         packed = {k: f.result() for k, f in packed.items()}
         for e in entries.values():
             e["digest"] = e["digest"].result()

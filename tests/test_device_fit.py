@@ -133,3 +133,11 @@ def test_uncovered_codecs_and_no_importance():
     assert df.fit_on_device(codec("Q4_K"), w, None) is None
     with pytest.raises(ValueError):
         df.device_fit(codec("Q4_K"), torch.zeros(2, 128), imp[:128])
+
+
+def test_large_slices_go_in_chunks_of_rows(monkeypatch):
+    """Above MAX_WEIGHTS the fit runs on chunks of rows (an output head of 128K rows would need ~75 GB at once)."""
+    monkeypatch.setattr(df, "MAX_WEIGHTS", 5 * 512)
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((23, 512)).astype(F32)
+    check("Q6_K", w, importances(rng, 512)["skewed"], "cpu")

@@ -49,6 +49,7 @@ from edgequant.convert.codecs.q6_k import Q6_K, SuperBlocks
 from edgequant.convert.codecs.search_symmetric import GROUP_MAX_EPS
 
 F32 = np.float32
+MAX_WEIGHTS = 1 << 22  # one fit's slice at most (larger ones go in chunks of rows): ~1.3 GB of Q6_K intermediates
 _MAGIC = 12582912.0  # 1.5 * 2**23, as search_symmetric.nearest_int
 _EPS = float(GROUP_MAX_EPS)
 
@@ -111,6 +112,11 @@ def device_fit(codec, w: torch.Tensor, importance: torch.Tensor | None, graph: b
     w = w.to(torch.float32)
     codec.check_shape(w.shape[1])
     importance = importance.to(device=w.device, dtype=torch.float32)
+    if w.numel() > MAX_WEIGHTS:  # rows are independent: bound the intermediates (~0.3 KB per weight for Q6_K)
+        step = max(1, MAX_WEIGHTS // w.shape[1])
+        parts = [device_fit(codec, w[r:r + step], importance, graph=False) for r in range(0, w.shape[0], step)]
+        return dataclasses.replace(parts[0], **{k: torch.cat([getattr(p, k) for p in parts]) for k in ("scale", "offset")},
+                                   fields={k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields})
     if graph and w.device.type == "cuda":
         return _replay(_FITS[kind], codec, w, importance)
     return _FITS[kind](codec, w.contiguous(), importance.contiguous())
