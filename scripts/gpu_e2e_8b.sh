@@ -85,7 +85,10 @@ else
 fi
 du -sh "$M" | tee -a "$OUT/e2e.log"
 
-cat > $W/timed_build.py <<'EOF'
+# The driver body runs only in the main process: the encoder's worker processes are spawned and re-import the
+# main module, which must then do nothing.
+printf 'import runpy\nif __name__ == "__main__":\n    runpy.run_path(__file__.replace("timed_build.py", "timed_build_body.py"), run_name="timed_build")\n' > $W/timed_build.py
+cat > $W/timed_build_body.py <<'EOF'
 """`edgequant build` with a timeline on stderr: wraps the pipeline's functions to time them (the code is unchanged)."""
 import atexit, functools, json, os, resource, sys, time
 import torch
