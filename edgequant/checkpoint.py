@@ -89,11 +89,14 @@ class Checkpoint:
         if name in self.pickled:
             t = self.pickled[name].to(torch.float32, copy=True)
         else:
+            data = bytearray(e.end - e.begin)
             with open(e.file, "rb") as f:
                 f.seek(e.begin)
-                data = f.read(e.end - e.begin)
-            t = torch.frombuffer(bytearray(data), dtype=SAFETENSORS_DTYPES[e.dtype]).reshape(e.shape).float()
-        bad = int(t.numel() - torch.isfinite(t).sum())
+                if f.readinto(data) != len(data):  # the file shrank since its header was checked
+                    raise UserError(f"{e.file}: truncated while reading {name}")
+            t = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[e.dtype]).reshape(e.shape).float()
+        # NaN and Inf reach the sum (one fast reduction); only then count them (a finite sum can also overflow)
+        bad = 0 if torch.isfinite(t.sum()) else int(t.numel() - torch.isfinite(t).sum())
         if bad:
             layer = LAYER.search(name)
             where = f" (layer {layer.group(1)})" if layer else ""
