@@ -33,6 +33,7 @@ def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, q: torch.Tens
     as float32 (rows, cols), updated in place; scale, offset: the grid of `blocks` (rows, groups) on the device.
     Returns (blocks with the new integer scales, their codes not updated: codec.with_codes(·, q) does that,
     the new scale, the new offset).  sweep: the in-block polish (default torch_polish)."""
+    grid = codec.grid(blocks)
     ints = codec.integer_scales(blocks)
     if ints is not None:
         on_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(H.device)  # noqa: E731
@@ -44,8 +45,7 @@ def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, q: torch.Tens
             scale = d * sc  # as codec.grid computes it, in float32
             if dmin is not None:
                 offset = -(dmin * mn)
-        polish_codes(W, H, q, scale, offset, codec.grid(blocks).qmin, codec.grid(blocks).qmax, block_size,
-                     sweep or torch_polish)
+        polish_codes(W, H, q, scale, offset, grid.qmin, grid.qmax, block_size, sweep or torch_polish)
     if ints is not None:
         as_int = lambda t: t.to(torch.int32).cpu().numpy()  # noqa: E731
         blocks = codec.with_integer_scales(blocks, as_int(sc), as_int(mn) if mn is not None else None)
