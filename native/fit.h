@@ -1,0 +1,26 @@
+/* Block fits in C: the scales and codes convert/codecs chooses (and libggml's ggml_quantize_chunk), byte for byte.
+ *
+ * A fresh C rendering of our numpy codecs (convert/codecs/search_affine.py, search_symmetric.py, kquant_scales.py,
+ * q*_*.py), one group at a time: every float32 operation is the numpy code's, in its order and association, so the
+ * bytes are the same.  They are the reference; tests/test_native_fit.py compares all three.
+ *
+ * Types (GGML codes, as in kernels.h): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1 with and without an
+ * importance vector, Q8_0 (which ignores it).  Compiled with -ffp-contract=off: no fused multiply-add may change a
+ * rounding.
+ */
+
+#ifndef EQ_FIT_H
+#define EQ_FIT_H
+
+#include <stdint.h>
+
+/* 1 if eq_fit_rows handles `type`, else 0. */
+int eq_fit_supported(int type);
+
+/* Quantize `rows` rows of `n_per_row` float32 (row-major, contiguous) into GGUF blocks at `out` (rows of
+ * n_per_row / block * type_size bytes, contiguous).  `importance`: n_per_row float32 per-column weights, or NULL.
+ * One thread, no allocation.  Returns 0, or -1 for an unsupported type or a row length that is not a multiple of
+ * the block size. */
+int eq_fit_rows(int type, const float *x, void *out, int64_t rows, int64_t n_per_row, const float *importance);
+
+#endif
