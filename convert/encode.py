@@ -1,22 +1,26 @@
 """float32 tensor -> the exact bytes of one GGUF tensor of a given type (float types via gguf-py, blocks via codecs).
 
 Every block codec fits a row from that row alone (plus the per-column importance), so a large tensor is encoded in
-chunks of whole rows by several workers, and the bytes are those of one call.  Which kind of worker depends on the
-fit (1024x4096 random weights, 2 cores, best of 5; speedup of 2 workers over one call):
+chunks of whole rows by several workers, and the bytes are those of one call.
 
-    | fit                                          | ns/weight | 2 threads | 2 processes |
+Block fits run in C (edgequant.native.fit: the numpy codecs' arithmetic, same bytes) when the extension is built:
+the call releases the GIL, so the chunks go to threads that write straight into one result array.  Without the
+extension the numpy codecs fit, and the kind of worker depends on the fit (1024x4096 random weights, 2 cores, best
+of 5; speedup of 2 workers over one call):
+
+    | numpy fit                                    | ns/weight | 2 threads | 2 processes |
     |----------------------------------------------|-----------|-----------|-------------|
     | scale searches: K-quants, legacy + imatrix   | 60-220    | 0.9-1.5x  | 1.4-2.1x    |
     | direct: Q8_0, Q4_0/Q4_1/Q5_0/Q5_1 no imatrix | 6-13      | 1.4-2.6x  | 0.8-1.1x    |
 
-The searches run many short numpy calls on cache-sized arrays, which the GIL serialises across threads, so they go
-to processes (rows pickled to them: a few ns per weight); the direct fits are a few long ufunc loops that run
+The numpy searches run many short numpy calls on cache-sized arrays, which the GIL serialises across threads, so
+they go to processes (rows pickled to them: a few ns per weight); the direct fits are a few long ufunc loops that run
 outside the GIL, on the caller's rows, so they go to threads.
 
 Workers: EDGEQUANT_THREADS if set (1: everything in the calling thread), else the CPUs this process may run on.
 The pools start with the first large tensor and serve the whole process.  Processes are spawned (not forked from a
 process that may hold torch's threads) and import only the codecs, plus the caller's main module, as spawned
-processes do: a script that encodes must keep its work under `if __name__ == "__main__":`.
+processes do: a script that encodes without the extension must keep its work under `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ import numpy as np
 
 from ..errors import UserError
 from .codecs import codec
+
+try:
+    from ..native import fit as native_fit
+except ImportError:  # the C extension is not built: the numpy codecs fit everything
+    native_fit = None
 
 Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -56,12 +65,30 @@ def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType, importance: np.ndarr
     workers = worker_count() if workers is None else workers
     rows = min(max(math.ceil(w2.shape[0] / (TASKS_PER_WORKER * workers)), math.ceil(TASK_MIN_WEIGHTS / w2.shape[1])),
                max(1, TASK_MAX_WEIGHTS // w2.shape[1]))
-    if workers <= 1 or w2.size < PARALLEL_MIN_WEIGHTS or rows >= w2.shape[0]:
+    one_call = workers <= 1 or w2.size < PARALLEL_MIN_WEIGHTS or rows >= w2.shape[0]
+    if native_fit is not None and native_fit.supports(qtype):
+        return _encode_native(w2, qtype, importance, workers, None if one_call else rows)
+    if one_call:
         return codec(qtype).quantize(w2, importance).reshape(-1)
     chunks = [w2[r:r + rows] for r in range(0, w2.shape[0], rows)]
     searches = not (qtype in DIRECT_FITS and (importance is None or qtype == Q.Q8_0))
     parts = pool(workers, processes=searches).map(_encode_rows, [qtype] * len(chunks), chunks, [importance] * len(chunks))
     return np.concatenate([p.reshape(-1) for p in parts])
+
+
+def _encode_native(w: np.ndarray, qtype: gguf.GGMLQuantizationType, importance: np.ndarray | None, workers: int,
+                   rows: int | None) -> np.ndarray:
+    """The C fits, in chunks of `rows` rows on the thread pool (None: one call here), into one array."""
+    codec(qtype).check_shape(w.shape[1])
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    out = np.empty((w.shape[0], native_fit.row_bytes(qtype, w.shape[1])), dtype=np.uint8)
+    if rows is None:
+        native_fit.quantize(w, qtype, importance, out)
+    else:
+        starts = range(0, w.shape[0], rows)
+        list(pool(workers, processes=False).map(
+            lambda r: native_fit.quantize(w[r:r + rows], qtype, importance, out[r:r + rows]), starts))
+    return out.reshape(-1)
 
 
 def _encode_rows(qtype: gguf.GGMLQuantizationType, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
