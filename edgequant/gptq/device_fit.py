@@ -28,15 +28,18 @@ op, and nothing goes back to the host (no `.item()`, no branch on a tensor value
 sequential because ggml's are: make_qkx3_quants' 37 trial grids (each rescales from the min of the best grid so
 far) and make_qp_quants' refinement (each element sees the sums the previous one left).  The refinement runs all
 its 5 passes: a pass that changes nothing in a group leaves the group as it was, so the passes ggml skips are
-no-ops.  Even so a Q4_K fit is about 5,400 small kernels, most of them the element-by-element sums, so on CUDA
-`device_fit` captures each codec and shape once into a CUDA graph and replays it (`_replay`).  Inputs are assumed
-finite (GPTQ's are).
+no-ops.  Even so a Q4_K fit is about 5,400 small kernels in torch, most of them the element-by-element sums.  So on
+CUDA the three searches and the in-order sums run as Triton kernels instead (edgequant.gptq.triton_fit: one kernel
+per search, each program walking ggml's loops for a tile of groups, with the same float32 operations in the same
+order; `KERNELS` picks), which leaves a fit a few dozen kernels, and `device_fit` captures each codec and shape
+once into a CUDA graph and replays it (`_replay`).  Inputs are assumed finite (GPTQ's are).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 
 import numpy as np
@@ -52,6 +55,10 @@ F32 = np.float32
 MAX_WEIGHTS = 1 << 22  # one fit's slice at most (larger ones go in chunks of rows): ~1.3 GB of Q6_K intermediates
 _MAGIC = 12582912.0  # 1.5 * 2**23, as search_symmetric.nearest_int
 _EPS = float(GROUP_MAX_EPS)
+# What runs the searches and the in-order sums: "auto" (edgequant.gptq.triton_fit on a CUDA device when triton
+# imports, torch otherwise), "torch" (everywhere: the reference; scripts/bench_device_fit.py --torch), "triton"
+# (everywhere: the tests run it on the CPU under TRITON_INTERPRET=1).
+KERNELS = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +129,7 @@ def device_fit(codec, w: torch.Tensor, importance: torch.Tensor | None, graph: b
     return _FITS[kind](codec, w.contiguous(), importance.contiguous())
 
 
-# (codec type, shape, device) -> (graph, its input w, its input importance, its output DeviceFit)
+# (codec type, shape, device, Triton's or torch's searches) -> (graph, its input w, its input importance, its output DeviceFit)
 _GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, DeviceFit]] = {}
 
 
@@ -133,7 +140,7 @@ def _replay(fit, codec, w: torch.Tensor, importance: torch.Tensor) -> DeviceFit:
     launches, replayed from a graph by the kernels alone (2-4x faster for Q4_K on an H200).  Each graph keeps its
     inputs, outputs and intermediates allocated until `release_graphs` (scripts/bench_device_fit.py prints how much).
     """
-    key = (type(codec), tuple(w.shape), w.device)
+    key = (type(codec), tuple(w.shape), w.device, _triton_fit(w) is not None)
     if key not in _GRAPHS:
         static_w, static_imp = w.contiguous().clone(), importance.contiguous().clone()
         with torch.cuda.device(w.device):
@@ -178,6 +185,23 @@ def _table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+def _triton_fit(t: torch.Tensor):
+    """edgequant.gptq.triton_fit where it runs t's searches and sums (see KERNELS), else None."""
+    if KERNELS == "torch" or (KERNELS == "auto" and t.device.type != "cuda"):
+        return None
+    return _import_triton_fit(KERNELS == "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_triton_fit(required: bool):
+    try:
+        return importlib.import_module("edgequant.gptq.triton_fit")
+    except ImportError:
+        if required:
+            raise
+        return None
+
+
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
     """search_symmetric.nearest_int in torch (int32).  NaN gives 0, as the NaNs x86 arithmetic makes (ggml's and
     numpy's) do through the trick; CUDA's have other payload bits, which it would turn into 2**22 - 1."""
@@ -187,6 +211,8 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
 
 def in_order_sum(t: torch.Tensor, from_zero: bool = True) -> torch.Tensor:
     """Sum over dim 0, one term after the other (search_affine.in_order_sum)."""
+    if (kernels := _triton_fit(t)) is not None:
+        return kernels.in_order_sum(t, from_zero)
     terms = t.unbind(0)
     acc = terms[0] + 0.0 if from_zero else terms[0].clone()
     for term in terms[1:]:
@@ -240,6 +266,10 @@ def make_qkx3_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     (Evaluating trial k+1 for both outcomes inside trial k's error sum saves a fifth of the kernels but moves
     more memory: it measured 15-40 % slower on an H200.)
     """
+    numerators = _table(tuple(float(F32(rmin) + F32(rdelta) * F32(s) + F32(nmax)) for s in range(nstep + 1)),
+                        x.device)
+    if (kernels := _triton_fit(x)) is not None:
+        return kernels.make_qkx3_quants(x, weights, numerators, nmax)
     n = x.shape[0]
     lo, hi = _scan_extreme(x, amin=True), _scan_extreme(x, amin=False)
     sum_w, sum_x = in_order_sum(torch.stack([weights, weights * x], 1), from_zero=False)
@@ -256,8 +286,6 @@ def make_qkx3_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     scale = _div(1.0, iscale)
     codes = _levels(iscale, x, lo, nmax)
     best = _squared_error(scale, lo, codes, x, weights)
-    numerators = _table(tuple(float(F32(rmin) + F32(rdelta) * F32(s) + F32(nmax)) for s in range(nstep + 1)),
-                        x.device)
     for step in range(nstep + 1):
         iscale = _div(numerators[step], hi - lo)
         cand.copy_(_levels(iscale, x, lo, nmax))
@@ -302,6 +330,9 @@ def _squared_error(scale, offset, levels, x, weights) -> torch.Tensor:
 def make_qp_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """search_affine.make_qp_quants on element-major x, weights (n, groups): scale (groups,), codes (n, groups)
     uint8 (negative inputs wrap, as ggml's uint8_t does)."""
+    steps = _table(tuple(float(F32(0.1) * F32(s) + F32(nmax)) for s in (-4, -3, -2, -1, 1, 2, 3, 4)), x.device)
+    if (kernels := _triton_fit(x)) is not None:
+        return kernels.make_qp_quants(x, weights, steps, nmax, _EPS)
     n = x.shape[0]
     top = x.amax(0).clamp_(min=0)  # ggml's running max from 0; a group whose top is 0 is reset below
     zero = top < _EPS
@@ -309,8 +340,7 @@ def make_qp_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int) -> tuple[t
     first = (nearest_int(iscale * x) & 0xFF).to(torch.float32)
     diff = x - _div(1.0, iscale) * first
     best = in_order_sum(weights * diff * diff)
-    steps = (-4, -3, -2, -1, 1, 2, 3, 4)
-    trial_iscale = _div(_table(tuple(float(F32(0.1) * F32(s) + F32(nmax)) for s in steps), x.device)[:, None], top)
+    trial_iscale = _div(steps[:, None], top)
     levels = nearest_int(trial_iscale * x[:, None]).clamp_(max=nmax).to(torch.float32)  # (n, 8, groups)
     diff = x[:, None] - _div(1.0, trial_iscale) * levels
     mse = in_order_sum(weights[:, None] * diff * diff)
@@ -348,10 +378,12 @@ def make_qp_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int) -> tuple[t
 def make_qx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """search_symmetric.make_qx_quants on element-major x, weights (n, groups): scale (groups,), codes (n, groups)
     uint8 = level + nmax.  The 19 trial grids are independent: they are evaluated together, then picked in order."""
+    numerators = _table((float(F32(-nmax)),) + tuple(float(-(F32(nmax) + F32(0.1) * F32(s)))
+                                                     for s in range(-9, 10) if s != 0), x.device)
+    if (kernels := _triton_fit(x)) is not None:
+        return kernels.make_qx_quants(x, weights, numerators, nmax, _EPS)
     amax, peak = signed_peak(x, 0)
-    steps = [s for s in range(-9, 10) if s != 0]
-    numerators = (float(F32(-nmax)),) + tuple(float(-(F32(nmax) + F32(0.1) * F32(s))) for s in steps)
-    iscales = _div(_table(numerators, x.device)[:, None], peak)  # (19, groups)
+    iscales = _div(numerators[:, None], peak)  # (19, groups)
     lv = torch.round(x[:, None] * iscales).clamp_(-nmax, nmax - 1)  # (n, 19, groups)
     terms = torch.stack([weights * x, weights], 1)[:, :, None] * lv[:, None]  # [w*x*l, w*l]
     terms[:, 1] *= lv
