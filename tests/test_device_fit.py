@@ -276,7 +276,8 @@ def test_triton_kernels_compile_to_correctly_rounded_ptx(monkeypatch):
     compiled, divisions = set(), 0
     for kernel, args, kwargs in launches:
         constexprs = {k: v for k, v in kwargs.items() if k in kernel.arg_names}
-        signature = {p: types[a.dtype if isinstance(a, torch.Tensor) else type(a)] for p, a in zip(kernel.arg_names, args)}
+        signature = {p: types[a.dtype if isinstance(a, torch.Tensor) else type(a)]
+                     for p, a in zip(kernel.arg_names, args)}
         key = (kernel.fn.__name__, tuple(constexprs.items()))
         if key in compiled:
             continue

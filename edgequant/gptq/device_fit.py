@@ -129,7 +129,8 @@ def device_fit(codec, w: torch.Tensor, importance: torch.Tensor | None, graph: b
     return _FITS[kind](codec, w.contiguous(), importance.contiguous())
 
 
-# (codec type, shape, device, Triton's or torch's searches) -> (graph, its input w, its input importance, its output DeviceFit)
+# (codec type, shape, device, whether Triton runs the searches) -> (graph, its input w, its input importance, its
+# output DeviceFit)
 _GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, DeviceFit]] = {}
 
 
