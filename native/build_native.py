@@ -1,7 +1,7 @@
 """cffi (API mode) builder for `edgequant.native._kernels`, the C kernels in this directory.
 
 setup.py names it in `cffi_modules`, so `pip install` compiles the extension; setup.py's build_ext adds
-SOURCE_FLAGS to their one source each (the AVX2 file alone gets -mavx2 -mfma -mf16c, so the rest runs on any
+SOURCE_FLAGS to their one source each (the AVX2 files alone get -mavx2 -mfma -mf16c, so the rest runs on any
 x86-64).  Paths are relative to the repository root, where builds run.
 """
 
@@ -11,10 +11,10 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path("native")
-SOURCES = [str(HERE / name) for name in ("dispatch.c", "scalar.c", "avx2.c", "neon.c", "fit.c")]
-HEADERS = [str(HERE / name) for name in ("blocks.h", "dequant.h", "kernels.h", "fit.h")]
+SOURCES = [str(HERE / name) for name in ("dispatch.c", "scalar.c", "avx2.c", "neon.c", "fit.c", "fit_avx2.c")]
+HEADERS = [str(HERE / name) for name in ("blocks.h", "dequant.h", "kernels.h", "fit.h", "fit_rows.h")]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-SOURCE_FLAGS = {str(HERE / "avx2.c"): ["-mavx2", "-mfma", "-mf16c"]} if X86_64 else {}
+SOURCE_FLAGS = {str(HERE / name): ["-mavx2", "-mfma", "-mf16c"] for name in ("avx2.c", "fit_avx2.c")} if X86_64 else {}
 # -ffp-contract=off: the kernels reproduce ggml's float rounding, so only the fusions they write may happen.
 COMPILE_ARGS = ["-O3", "-std=gnu99", "-ffp-contract=off", "-pthread"]
 
@@ -33,7 +33,8 @@ int eq_dot_rows(int isa, int type, int n, int64_t rows, const void *weights, siz
 int eq_matmul(int isa, int type, int n, int64_t rows, const void *weights, size_t row_stride,
               int64_t m, const float *x, float *y, int n_threads);
 int eq_fit_supported(int type);
-int eq_fit_rows(int type, const float *x, void *out, int64_t rows, int64_t n_per_row, const float *importance);
+int eq_fit_rows(int isa, int type, const float *x, void *out, int64_t rows, int64_t n_per_row,
+                const float *importance);
 """
 
 ffibuilder = FFI()

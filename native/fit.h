@@ -19,8 +19,14 @@ int eq_fit_supported(int type);
 
 /* Quantize `rows` rows of `n_per_row` float32 (row-major, contiguous) into GGUF blocks at `out` (rows of
  * n_per_row / block * type_size bytes, contiguous).  `importance`: n_per_row float32 per-column weights, or NULL.
- * One thread, no allocation.  Returns 0, or -1 for an unsupported type or a row length that is not a multiple of
- * the block size. */
-int eq_fit_rows(int type, const float *x, void *out, int64_t rows, int64_t n_per_row, const float *importance);
+ * `isa` (kernels.h's EQ_ISA_*) picks the build: EQ_ISA_SCALAR the portable one (SSE2 / NEON vectors, as the
+ * compiler's baseline allows), EQ_ISA_AVX2 fit_avx2.c's, EQ_ISA_BEST the fastest this CPU runs; all write the same
+ * bytes.  One thread, no allocation.  Returns 0, or -1 for an unsupported type or ISA, or a row length that is not
+ * a multiple of the block size. */
+int eq_fit_rows(int isa, int type, const float *x, void *out, int64_t rows, int64_t n_per_row,
+                const float *importance);
+
+/* fit_avx2.c's build (x86-64 only; call through eq_fit_rows, which checks the CPU). */
+int eq_fit_rows_avx2(int type, const float *x, void *out, int64_t rows, int64_t n_per_row, const float *importance);
 
 #endif

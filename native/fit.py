@@ -3,7 +3,8 @@
     raw = quantize(w, qtype, importance)   # (rows, n) float32 -> (rows, row bytes) uint8, as codec(qtype).quantize
 
 The call holds no Python state and cffi releases the GIL around it, so threads may encode disjoint rows at once
-(`out` lets them share one result array).
+(`out` lets them share one result array).  `isa`: "scalar" (the portable build: SSE2 or NEON vectors), "avx2", or
+"best"; every build writes the same bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from . import _isa
 from ._kernels import ffi, lib
 
 
@@ -23,7 +25,7 @@ def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
 
 
 def quantize(w: np.ndarray, qtype: GGMLQuantizationType, importance: np.ndarray | None = None,
-             out: np.ndarray | None = None) -> np.ndarray:
+             out: np.ndarray | None = None, isa: str = "best") -> np.ndarray:
     """(rows, n) float32 -> (rows, row_bytes) uint8, into `out` if given (C-contiguous, that shape)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, n = w.shape
@@ -37,7 +39,7 @@ def quantize(w: np.ndarray, qtype: GGMLQuantizationType, importance: np.ndarray 
         if importance.shape != (n,):
             raise ValueError(f"importance has shape {importance.shape}, expected ({n},)")
         imp = ffi.cast("float *", importance.ctypes.data)
-    status = lib.eq_fit_rows(int(qtype), ffi.cast("float *", w.ctypes.data), ffi.cast("void *", out.ctypes.data),
+    status = lib.eq_fit_rows(_isa(isa), int(qtype), ffi.cast("float *", w.ctypes.data), ffi.cast("void *", out.ctypes.data),
                              rows, n, imp)
     if status != 0:
         raise ValueError(f"no native fit for {qtype.name} rows of {n}")

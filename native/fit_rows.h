@@ -1,12 +1,14 @@
-/* Block fits in C, the same float32 arithmetic as our numpy codecs (see fit.h).
+/* Block fits in C, the same float32 arithmetic as our numpy codecs (see fit.h): the implementation, included by
+ * fit.c (portable build) and fit_avx2.c (-mavx2), each of which gets its own vectorized copy.
  *
- * Each numpy search works element-major on many groups at once; here one group at a time, with the same steps:
+ * Each numpy search works element-major on many groups at once, and so do the C searches, on LANES groups (the
+ * vector lanes; see "searches over LANES groups" below), with the same steps:
  *
  *   numpy (convert/codecs)                     here
  *   search_affine.make_qkx2_quants (= qkx3)    search_affine     weighted (scale, min) search, grids with a min
- *   search_affine.make_qp_quants               search_qp         non-negative values to scale * L (super-block scales)
+ *   search_affine.make_qp_quants               search_qp         values >= 0 to scale * L (super-block scales; one set)
  *   search_symmetric.make_qx_quants            search_qx         weighted symmetric scale from 19 trial grids
- *   search_symmetric.make_q3_quants            search_q3         symmetric scale by coordinate descent on the codes
+ *   search_symmetric.make_q3_quants            search_q3         symmetric scale by coordinate descent (one group)
  *
  * What keeps the bytes equal: sums accumulate element after element from 0 (or from the first term where numpy's
  * in_order_sum(from_zero=False) does), products associate left to right as numpy evaluates them, nearest_int is
@@ -14,6 +16,9 @@
  * range give INT_MIN, of which the low byte is kept), and each per-group branch tests numpy's mask condition
  * (NaN compares false).
  */
+
+#ifndef EQ_FIT_ROWS_H
+#define EQ_FIT_ROWS_H
 
 #include <math.h>
 #include <stdint.h>
@@ -66,72 +71,121 @@ static inline void signed_peak(const float *x, int n, float *amax, float *peak) 
     *peak = best > 0 ? x[at] : 0.0f;
 }
 
+/* ---- searches over LANES groups at once ----
+ *
+ * The affine and symmetric searches run on LANES groups side by side, element i of group g at [i * LANES + g], in
+ * GCC/Clang vector types whose lanes are the groups: each group's sums still add its elements in order, and the
+ * per-group branches become selects on masks (all ones where the numpy mask is true), evaluated for every lane as
+ * numpy evaluates them.  vf/vi are one vector register: 4 lanes (SSE2, NEON) or 8 (AVX). */
+
+#if defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4 /* SSE2 / NEON registers: wider generic vectors would be split lane by lane */
+#endif
+#define VECTOR_INLINE static inline __attribute__((always_inline)) /* vf by value stays in registers */
+
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+VECTOR_INLINE vf vload(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+VECTOR_INLINE void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+VECTOR_INLINE vf vsplat(float s) {
+    const vf zero = {0};
+    return zero + s;
+}
+
+VECTOR_INLINE vi isplat(int32_t s) {
+    const vi zero = {0};
+    return zero + s;
+}
+
+VECTOR_INLINE vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+VECTOR_INLINE vi iselect(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
+
+VECTOR_INLINE vf vabs(vf v) { return (vf)((vi)v & isplat(0x7fffffff)); }
+
+/* nearest_int on every lane, clamped to [lo, hi] and returned as float (exact: |hi|, |lo| < 2^22). */
+VECTOR_INLINE vf nearest_int_clamped(vf v, int32_t lo, int32_t hi) {
+    vi q = ((vi)(v + vsplat(MAGIC)) & isplat(0x007fffff)) - isplat(0x00400000);
+    q = iselect(q < isplat(lo), isplat(lo), q);
+    q = iselect(q > isplat(hi), isplat(hi), q);
+    return (vf)(q + isplat(0x4b400000)) - vsplat(MAGIC); /* small int -> float through MAGIC's bits */
+}
+
 /* ---- grids with a min: w ~ scale * L - the_min, L in [0, nmax] ---- */
 
-static inline void affine_levels(const float *x, int n, float lo, float iscale, int nmax, uint8_t *L) {
-    for (int i = 0; i < n; ++i) L[i] = (uint8_t)clamp_int(nearest_int((x[i] - lo) * iscale), 0, nmax);
+VECTOR_INLINE void affine_levels(const float *x, int n, vf lo, vf iscale, int nmax, vf *L) {
+    for (int i = 0; i < n; ++i) L[i] = nearest_int_clamped((vload(x + i * LANES) - lo) * iscale, 0, nmax);
 }
 
-/* sum_i w_i * |scale * L_i + offset - x_i| (mad) or its square. */
-static inline float affine_error(const float *x, const float *w, int n, float scale, float offset, const uint8_t *L,
-                                 int use_mad) {
-    float s = 0.0f;
+/* sum_i w_i * |scale * L_i + offset - x_i| (mad) or its square, per group. */
+VECTOR_INLINE vf affine_error(const float *x, const float *w, int n, vf scale, vf offset, const vf *L, int use_mad) {
+    vf err = {0};
     for (int i = 0; i < n; ++i) {
-        const float diff = scale * (float)L[i] + offset - x[i];
-        s += (use_mad ? fabsf(diff) : diff * diff) * w[i];
+        const vf diff = scale * L[i] + offset - vload(x + i * LANES);
+        err += (use_mad ? vabs(diff) : diff * diff) * vload(w + i * LANES);
     }
-    return s;
+    return err;
 }
 
-/* make_qkx2_quants (n <= 32): returns the scale; *the_min = -min >= 0; codes in L. */
-static float search_affine(const float *x, const float *w, int n, int nmax, float rmin, float rdelta, int nstep,
-                           int use_mad, float *the_min, uint8_t *L) {
-    float lo = x[0], hi = x[0], sum_w = w[0], sum_x = w[0] * x[0];
+/* make_qkx2_quants on LANES groups of n <= 32: scale[g], the_min[g] = -min >= 0, codes (side by side). */
+static void search_affine(const float *x, const float *w, int n, int nmax, float rmin, float rdelta, int nstep,
+                          int use_mad, float *scale_out, float *the_min, uint8_t *codes) {
+    const vf zero = {0};
+    vf lo = vload(x), hi = lo, sum_w = vload(w), sum_x = sum_w * lo;
     for (int i = 1; i < n; ++i) {
-        if (x[i] < lo) lo = x[i];
-        if (x[i] > hi) hi = x[i];
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
+        const vf v = vload(x + i * LANES), wi = vload(w + i * LANES);
+        lo = vselect(v < lo, v, lo);
+        hi = vselect(v > hi, v, hi);
+        sum_w += wi;
+        sum_x += wi * v;
     }
-    if (lo > 0) lo = 0.0f;
-    if (!(hi > lo)) { /* flat group: codes 0, scale 0 */
-        memset(L, 0, (size_t)n);
-        *the_min = -lo;
-        return 0.0f;
-    }
-    float iscale = (float)nmax / (hi - lo), scale = 1.0f / iscale;
+    lo = vselect(lo > zero, zero, lo);
+    const vi flat = ~(hi > lo); /* all codes 0, scale 0 */
+    const vf flat_min = lo;
+    vf iscale = vsplat((float)nmax) / (hi - lo), scale = vsplat(1.0f) / iscale;
+    vf L[32], cand[32];
     affine_levels(x, n, lo, iscale, nmax, L);
-    float best = affine_error(x, w, n, scale, lo, L, use_mad);
-    uint8_t cand[32];
+    vf best = affine_error(x, w, n, scale, lo, L, use_mad);
     for (int step = 0; nstep >= 1 && step <= nstep; ++step) {
         /* rescaled from the current best min, which may have moved on an earlier step */
-        iscale = (rmin + rdelta * (float)step + (float)nmax) / (hi - lo);
+        iscale = vsplat(rmin + rdelta * (float)step + (float)nmax) / (hi - lo);
         affine_levels(x, n, lo, iscale, nmax, cand);
-        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        vf sum_l = zero, sum_l2 = zero, sum_xl = zero;
         for (int i = 0; i < n; ++i) {
-            const float l = (float)cand[i], wl = w[i] * l;
+            const vf wl = vload(w + i * LANES) * cand[i];
             sum_l += wl;
-            sum_l2 += wl * l;
-            sum_xl += wl * x[i];
+            sum_l2 += wl * cand[i];
+            sum_xl += wl * vload(x + i * LANES);
         }
-        const float det = sum_w * sum_l2 - sum_l * sum_l;
-        if (!(det > 0)) continue;
-        float this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-        float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-        if (this_min > 0) {
-            this_min = 0.0f;
-            this_scale = sum_xl / sum_l2;
-        }
-        const float err = affine_error(x, w, n, this_scale, this_min, cand, use_mad);
-        if (err < best) {
-            memcpy(L, cand, (size_t)n);
-            best = err;
-            scale = this_scale;
-            lo = this_min;
-        }
+        const vf det = sum_w * sum_l2 - sum_l * sum_l;
+        vf this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+        vf this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+        const vi clamp = this_min > zero;
+        this_min = vselect(clamp, zero, this_min);
+        this_scale = vselect(clamp, sum_xl / sum_l2, this_scale);
+        const vf err = affine_error(x, w, n, this_scale, this_min, cand, use_mad);
+        const vi better = (det > zero) & (err < best);
+        for (int i = 0; i < n; ++i) L[i] = vselect(better, cand[i], L[i]);
+        best = vselect(better, err, best);
+        scale = vselect(better, this_scale, scale);
+        lo = vselect(better, this_min, lo);
     }
-    *the_min = -lo;
-    return scale;
+    for (int i = 0; i < n; ++i) {
+        float l[LANES];
+        vstore(l, vselect(flat, zero, L[i]));
+        for (int g = 0; g < LANES; ++g) codes[i * LANES + g] = (uint8_t)l[g];
+    }
+    vstore(scale_out, vselect(flat, zero, scale));
+    vstore(the_min, -vselect(flat, flat_min, lo));
 }
 
 /* sum_i w_i * (x_i - L_i / iscale)^2 with L = nearest_int(iscale * x) kept as `first` does (low byte) or capped
@@ -198,50 +252,68 @@ static float search_qp(const float *x, const float *w, int n, int nmax, uint8_t 
 
 /* ---- symmetric grids: w ~ scale * l, l in [-nmax, nmax - 1], stored as l + nmax ---- */
 
-static inline float qx_level(float v, float lo, float hi) {
-    float r = round_even(v);
-    r = r < lo ? lo : r; /* NaN stays NaN, as np.maximum/np.minimum keep it */
-    return r > hi ? hi : r;
+/* clip(rint(v), lo, hi) as search_symmetric's levels(): NaN stays NaN, as np.maximum/np.minimum keep it. */
+VECTOR_INLINE vf qx_level(vf v, vf lo, vf hi) {
+    vf r = (v + vsplat(MAGIC)) - vsplat(MAGIC); /* rint for |v| <= 2^22; beyond, past the clamps with v's sign */
+    r = vselect(r < lo, lo, r);
+    return vselect(r > hi, hi, r);
 }
 
-static inline void qx_sums(const float *x, const float *w, const float *wx, int n, float iscale, int nmax,
-                           float *sumlx, float *suml2) {
-    const float lo = (float)-nmax, hi = (float)(nmax - 1);
-    float slx = 0.0f, sl2 = 0.0f;
+/* signed_peak per group: numpy's argmax(|x|) (the first maximum; the first NaN wins, and stays). */
+VECTOR_INLINE void signed_peak_lanes(const float *x, int n, vf *amax, vf *peak) {
+    vf top = vabs(vload(x)), at = vload(x);
+    for (int i = 1; i < n; ++i) {
+        const vf v = vload(x + i * LANES), a = vabs(v);
+        const vi take = ((a > top) | (a != a)) & (top == top);
+        top = vselect(take, a, top);
+        at = vselect(take, v, at);
+    }
+    *amax = top;
+    *peak = vselect(top > (vf){0}, at, (vf){0});
+}
+
+VECTOR_INLINE void qx_sums(const float *x, const float *w, const vf *wx, int n, vf iscale, int nmax, vf *sumlx,
+                           vf *suml2) {
+    const vf lo = vsplat((float)-nmax), hi = vsplat((float)(nmax - 1));
+    vf slx = {0}, sl2 = {0};
     for (int i = 0; i < n; ++i) {
-        const float l = qx_level(x[i] * iscale, lo, hi);
+        const vf l = qx_level(vload(x + i * LANES) * iscale, lo, hi);
         slx += wx[i] * l;
-        sl2 += w[i] * l * l;
+        sl2 += vload(w + i * LANES) * l * l;
     }
     *sumlx = slx;
     *suml2 = sl2;
 }
 
-/* make_qx_quants (n <= 32): returns the scale, codes l + nmax in L; all-zero groups give 0 and 0. */
-static float search_qx(const float *x, const float *w, int n, int nmax, uint8_t *L) {
-    float amax, peak, wx[32], sumlx, suml2;
-    signed_peak(x, n, &amax, &peak);
-    if (amax < GROUP_MAX_EPS) {
-        memset(L, 0, (size_t)n);
-        return 0.0f;
-    }
-    for (int i = 0; i < n; ++i) wx[i] = w[i] * x[i];
-    float best_iscale = (float)-nmax / peak;
+/* make_qx_quants on LANES groups of n <= 32: scale[g], codes l + nmax (side by side); all-zero groups give 0, 0. */
+static void search_qx(const float *x, const float *w, int n, int nmax, float *scale_out, uint8_t *codes) {
+    const vf zero = {0};
+    vf amax, peak, wx[32], sumlx, suml2;
+    signed_peak_lanes(x, n, &amax, &peak);
+    for (int i = 0; i < n; ++i) wx[i] = vload(w + i * LANES) * vload(x + i * LANES);
+    vf best_iscale = vsplat((float)-nmax) / peak;
     qx_sums(x, w, wx, n, best_iscale, nmax, &sumlx, &suml2);
-    float scale = suml2 != 0 ? sumlx / suml2 : 0.0f, best = scale * sumlx;
+    vf scale = vselect(suml2 != zero, sumlx / suml2, zero), best = scale * sumlx;
     for (int step = -9; step <= 9; ++step) {
         if (!step) continue;
-        const float iscale = -((float)nmax + 0.1f * (float)step) / peak;
+        const vf iscale = vsplat(-((float)nmax + 0.1f * (float)step)) / peak;
         qx_sums(x, w, wx, n, iscale, nmax, &sumlx, &suml2);
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            best_iscale = iscale;
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
+        const vi better = (suml2 > zero) & (sumlx * sumlx > best * suml2);
+        const vf s = sumlx / suml2;
+        best_iscale = vselect(better, iscale, best_iscale);
+        scale = vselect(better, s, scale);
+        best = vselect(better, s * sumlx, best);
     }
-    const float lo = (float)-nmax, hi = (float)(nmax - 1);
-    for (int i = 0; i < n; ++i) L[i] = low_byte(qx_level(x[i] * best_iscale, lo, hi) + (float)nmax);
-    return scale;
+    const vi blank = amax < vsplat(GROUP_MAX_EPS);
+    const vf lo = vsplat((float)-nmax), hi = vsplat((float)(nmax - 1));
+    for (int i = 0; i < n; ++i) {
+        float u[LANES];
+        vstore(u, qx_level(vload(x + i * LANES) * best_iscale, lo, hi) + vsplat((float)nmax));
+        for (int g = 0; g < LANES; ++g) codes[i * LANES + g] = low_byte(u[g]);
+    }
+    for (int i = 0; i < n; ++i)
+        for (int g = 0; g < LANES; ++g) codes[i * LANES + g] = blank[g] ? 0 : codes[i * LANES + g];
+    vstore(scale_out, vselect(blank, zero, scale));
 }
 
 /* make_q3_quants (n <= 16, weights x^2): returns the scale, codes l + nmax in L. */
@@ -288,12 +360,6 @@ static inline float sum_squares(const float *x, int64_t n) {
     return s;
 }
 
-static inline float sum_of(const float *x, int n) {
-    float s = 0.0f;
-    for (int i = 0; i < n; ++i) s += x[i];
-    return s;
-}
-
 /* Final codes on the stored grid: q = clip(nearest_int((x + dmin*min) / (d*scale)), 0, nmax); a sub-block whose
  * step is zero keeps its search codes. */
 static inline void requantize_affine(const float *x, int group, float d, float dmin, uint8_t scale, uint8_t min,
@@ -313,19 +379,55 @@ typedef struct {
 static const sixbit_params Q4_K_PARAMS = {15, -1.0f, 0.1f, 20, 0};
 static const sixbit_params Q5_K_PARAMS = {31, -0.5f, 0.1f, 15, 1};
 
+/* LANES groups of n values side by side, group g from src + g * stride; groups from `count` on are zeros. */
+static inline void side_by_side(const float *src, int n, int stride, int count, float *out) {
+    for (int i = 0; i < n; ++i)
+        for (int g = 0; g < LANES; ++g) out[i * LANES + g] = g < count ? src[g * stride + i] : 0.0f;
+}
+
+/* The codes of the first `count` groups back in place: group g to q + g * stride. */
+static inline void codes_back(const uint8_t *codes, int n, int stride, int count, uint8_t *q) {
+    for (int g = 0; g < count; ++g)
+        for (int i = 0; i < n; ++i) q[g * stride + i] = codes[i * LANES + g];
+}
+
+/* wt = imp * sqrt(sigma2 + x^2), side by side as x is: the K-quant and legacy importance weighting. */
+static inline void importance_weights(const float *imp, const float *xt, int n, int stride, int count, float sigma2,
+                                      float *wt) {
+    side_by_side(imp, n, stride, count, wt);
+    for (int k = 0; k < n * LANES; ++k) wt[k] = wt[k] * sqrtf(sigma2 + xt[k] * xt[k]);
+}
+
+/* Per-group sums of n side-by-side values, from 0 in element order. */
+static inline void lane_sums(const float *t, int n, float *sum) {
+    for (int g = 0; g < LANES; ++g) sum[g] = 0.0f;
+    for (int i = 0; i < n; ++i)
+        for (int g = 0; g < LANES; ++g) sum[g] += t[i * LANES + g];
+}
+
 /* Q4_K/Q5_K super-block (kquant_scales.SixBitScaleMinCodec.fit): d, dmin, the 12 scale bytes, codes q[256]. */
 static void fit_sixbit(const float *x, const float *imp, const sixbit_params *p, uint16_t *d16, uint16_t *dmin16,
                        uint8_t s[12], uint8_t q[256]) {
-    float sub_scale[8], sub_min[8], weights[32];
-    uint8_t ls[8], lm[8];
-    if (!imp) { /* weights |x| + rms(sub-block); the largest scale and min set d and dmin */
-        for (int j = 0; j < 8; ++j) {
-            const float *xs = x + 32 * j;
-            const float av_x = sqrtf(sum_squares(xs, 32) / 32.0f);
-            for (int i = 0; i < 32; ++i) weights[i] = av_x + fabsf(xs[i]);
-            sub_scale[j] = search_affine(xs, weights, 32, p->nmax, p->rmin, p->rdelta, p->nstep, 0, &sub_min[j],
-                                         q + 32 * j);
+    float xt[32 * LANES], wt[32 * LANES], sub_scale[8], sub_min[8], sw[8];
+    uint8_t codes[32 * LANES], ls[8], lm[8];
+    const float sigma2 = imp ? 2.0f * sum_squares(x, 256) / 256.0f : 0.0f;
+    for (int j = 0; j < 8; j += LANES) { /* LANES sub-blocks at a time */
+        side_by_side(x + 32 * j, 32, 32, LANES, xt);
+        if (!imp) { /* weights |x| + rms(sub-block) */
+            float sq[LANES], av_x[LANES];
+            for (int k = 0; k < 32 * LANES; ++k) wt[k] = xt[k] * xt[k];
+            lane_sums(wt, 32, sq);
+            for (int g = 0; g < LANES; ++g) av_x[g] = sqrtf(sq[g] / 32.0f);
+            for (int k = 0; k < 32 * LANES; ++k) wt[k] = av_x[k % LANES] + fabsf(xt[k]);
+            search_affine(xt, wt, 32, p->nmax, p->rmin, p->rdelta, p->nstep, 0, sub_scale + j, sub_min + j, codes);
+        } else { /* weights importance * sqrt(sigma2 + x^2) */
+            importance_weights(imp + 32 * j, xt, 32, 32, LANES, sigma2, wt);
+            lane_sums(wt, 32, sw + j);
+            search_affine(xt, wt, 32, p->nmax, -0.9f, 0.05f, 36, 0, sub_scale + j, sub_min + j, codes);
         }
+        codes_back(codes, 32, 32, LANES, q + 32 * j);
+    }
+    if (!imp) { /* the largest scale and min set d and dmin */
         float max_scale = 0.0f, max_min = 0.0f;
         for (int j = 0; j < 8; ++j) {
             if (sub_scale[j] > max_scale) max_scale = sub_scale[j];
@@ -339,15 +441,7 @@ static void fit_sixbit(const float *x, const float *imp, const sixbit_params *p,
         }
         *d16 = eq_float_to_half(max_scale / 63.0f);
         *dmin16 = eq_float_to_half(max_min / 63.0f);
-    } else { /* weights importance * sqrt(sigma2 + x^2); the 8 scales and mins by a weighted search */
-        const float sigma2 = 2.0f * sum_squares(x, 256) / 256.0f;
-        float sw[8];
-        for (int j = 0; j < 8; ++j) {
-            const float *xs = x + 32 * j;
-            for (int i = 0; i < 32; ++i) weights[i] = imp[32 * j + i] * sqrtf(sigma2 + xs[i] * xs[i]);
-            sub_scale[j] = search_affine(xs, weights, 32, p->nmax, -0.9f, 0.05f, 36, 0, &sub_min[j], q + 32 * j);
-            sw[j] = sum_of(weights, 32);
-        }
+    } else { /* the 8 scales and mins by a weighted search */
         const float d_block = search_qp(sub_scale, sw, 8, 63, ls);
         const float m_block = search_qp(sub_min, sw, 8, 63, lm);
         if (p->clamp_imatrix_scales)
@@ -397,17 +491,25 @@ static void fit_q5_k(const float *x, const float *imp, void *block) {
     pack_k_nibbles(q, b->qs);
 }
 
-/* Q2_K super-block (q2_k.Q2KCodec.fit). */
+/* Q2_K super-block (q2_k.Q2KCodec.fit): 16 sub-blocks of 16, LANES at a time. */
 static void fit_q2_k(const float *x, const float *imp, void *block) {
     eq_q2_K *b = block;
-    float sub_scale[16], sub_min[16], weights[16];
-    uint8_t q[256], byte[16];
-    if (!imp) { /* weights |x|, absolute error; 4-bit scales and mins relative to the largest */
-        for (int j = 0; j < 16; ++j) {
-            const float *xs = x + 16 * j;
-            for (int i = 0; i < 16; ++i) weights[i] = fabsf(xs[i]);
-            sub_scale[j] = search_affine(xs, weights, 16, 3, -0.5f, 0.1f, 15, 1, &sub_min[j], q + 16 * j);
+    float xt[16 * LANES], wt[16 * LANES], sub_scale[16], sub_min[16], sw[16];
+    uint8_t q[256], byte[16], codes[16 * LANES];
+    const float sigma2 = imp ? sum_squares(x, 256) / 256.0f : 0.0f;
+    for (int j = 0; j < 16; j += LANES) {
+        side_by_side(x + 16 * j, 16, 16, LANES, xt);
+        if (!imp) { /* weights |x|, absolute error */
+            for (int k = 0; k < 16 * LANES; ++k) wt[k] = fabsf(xt[k]);
+            search_affine(xt, wt, 16, 3, -0.5f, 0.1f, 15, 1, sub_scale + j, sub_min + j, codes);
+        } else { /* weights importance * sqrt(sigma2 + x^2) */
+            importance_weights(imp + 16 * j, xt, 16, 16, LANES, sigma2, wt);
+            lane_sums(wt, 16, sw + j);
+            search_affine(xt, wt, 16, 3, -0.9f, 0.05f, 36, 0, sub_scale + j, sub_min + j, codes);
         }
+        codes_back(codes, 16, 16, LANES, q + 16 * j);
+    }
+    if (!imp) { /* 4-bit scales and mins relative to the largest */
         float max_scale = 0.0f, max_min = 0.0f;
         for (int j = 0; j < 16; ++j) {
             if (sub_scale[j] > max_scale) max_scale = sub_scale[j];
@@ -421,16 +523,8 @@ static void fit_q2_k(const float *x, const float *imp, void *block) {
         }
         b->d = eq_float_to_half(max_scale > 0 ? max_scale / 15.0f : 0.0f);
         b->dmin = eq_float_to_half(max_min > 0 ? max_min / 15.0f : 0.0f);
-    } else { /* weights importance * sqrt(sigma2 + x^2); the 16 scales and mins by a weighted search */
-        const float sigma2 = sum_squares(x, 256) / 256.0f;
-        float sw[16];
+    } else { /* the 16 scales and mins by a weighted search */
         uint8_t ls[16], lm[16];
-        for (int j = 0; j < 16; ++j) {
-            const float *xs = x + 16 * j;
-            for (int i = 0; i < 16; ++i) weights[i] = imp[16 * j + i] * sqrtf(sigma2 + xs[i] * xs[i]);
-            sw[j] = sum_of(weights, 16);
-            sub_scale[j] = search_affine(xs, weights, 16, 3, -0.9f, 0.05f, 36, 0, &sub_min[j], q + 16 * j);
-        }
         b->d = eq_float_to_half(search_qp(sub_scale, sw, 16, 15, ls));
         b->dmin = eq_float_to_half(search_qp(sub_min, sw, 16, 15, lm));
         for (int j = 0; j < 16; ++j) byte[j] = (uint8_t)(ls[j] | (uint8_t)(lm[j] << 4));
@@ -476,15 +570,20 @@ static void fit_q3_k(const float *x, const float *imp, void *block) {
         b->d = eq_float_to_half(max_scale != 0 ? 1.0f / iscale : 0.0f);
     } else { /* weights importance * sqrt(sigma2 + x^2); the 16 scales by make_qx_quants (nmax 32) */
         const float sigma2 = 2.0f * sum_squares(x, 256) / 256.0f;
-        float weights[256], sw[16];
-        uint8_t s6[16];
-        for (int i = 0; i < 256; ++i) weights[i] = imp[i] * sqrtf(sigma2 + x[i] * x[i]);
-        for (int j = 0; j < 16; ++j) {
-            scales[j] = search_qx(x + 16 * j, weights + 16 * j, 16, 4, q + 16 * j);
-            sw[j] = sum_of(weights + 16 * j, 16);
+        float xt[16 * LANES], wt[16 * LANES], sw[16], d[LANES];
+        uint8_t codes[16 * LANES];
+        for (int j = 0; j < 16; j += LANES) {
+            side_by_side(x + 16 * j, 16, 16, LANES, xt);
+            importance_weights(imp + 16 * j, xt, 16, 16, LANES, sigma2, wt);
+            search_qx(xt, wt, 16, 4, scales + j, codes);
+            lane_sums(wt, 16, sw + j);
+            codes_back(codes, 16, 16, LANES, q + 16 * j);
         }
-        b->d = eq_float_to_half(search_qx(scales, sw, 16, 32, s6));
-        for (int j = 0; j < 16; ++j) sc[j] = (int8_t)(s6[j] - 32);
+        side_by_side(scales, 16, 16, 1, xt); /* one group: the 16 scales, weighted by their groups' weights */
+        side_by_side(sw, 16, 16, 1, wt);
+        search_qx(xt, wt, 16, 32, d, codes);
+        b->d = eq_float_to_half(d[0]);
+        for (int j = 0; j < 16; ++j) sc[j] = (int8_t)(codes[j * LANES] - 32);
     }
     requantize_symmetric(x, eq_half_to_float(b->d), sc, 4, q);
     memset(b->hmask, 0, 32);
@@ -502,13 +601,20 @@ static void fit_q3_k(const float *x, const float *imp, void *block) {
         b->scales[8 + m] = (uint8_t)((s[m] >> 4) | (s[4 + m] >> 4) << 2 | (s[8 + m] >> 4) << 4 | (s[12 + m] >> 4) << 6);
 }
 
-/* Q6_K super-block (q6_k.Q6_K.fit). */
+/* Q6_K super-block (q6_k.Q6_K.fit): 16 groups of 16, LANES at a time. */
 static void fit_q6_k(const float *x, const float *imp, void *block) {
     eq_q6_K *b = block;
-    float weights[256], scales[16];
-    uint8_t q[256];
-    for (int i = 0; i < 256; ++i) weights[i] = imp ? imp[i] : x[i] * x[i];
-    for (int j = 0; j < 16; ++j) scales[j] = search_qx(x + 16 * j, weights + 16 * j, 16, 32, q + 16 * j);
+    float xt[16 * LANES], wt[16 * LANES], scales[16];
+    uint8_t q[256], codes[16 * LANES];
+    for (int j = 0; j < 16; j += LANES) {
+        side_by_side(x + 16 * j, 16, 16, LANES, xt);
+        if (imp)
+            side_by_side(imp + 16 * j, 16, 16, LANES, wt);
+        else
+            for (int k = 0; k < 16 * LANES; ++k) wt[k] = xt[k] * xt[k];
+        search_qx(xt, wt, 16, 32, scales + j, codes);
+        codes_back(codes, 16, 16, LANES, q + 16 * j);
+    }
     float max_abs, max_scale;
     signed_peak(scales, 16, &max_abs, &max_scale);
     if (max_abs < GROUP_MAX_EPS) { /* blank super-block */
@@ -528,107 +634,139 @@ static void fit_q6_k(const float *x, const float *imp, void *block) {
         }
 }
 
-/* ---- 32-weight legacy types ---- */
+/* ---- 32-weight legacy types, `count` <= LANES consecutive blocks at a time ---- */
 
 /* Q8_0 (q8_0.Q8_0.fit): d = max|x| / 127, q = roundf(x / d); importance is ignored. */
-static void fit_q8_0(const float *x, void *block) {
-    eq_q8_0 *b = block;
-    float amax = fabsf(x[0]);
-    for (int i = 1; i < 32 && !isnan(amax); ++i) {
-        const float a = fabsf(x[i]);
-        if (a > amax || isnan(a)) amax = a;
+static void fit_q8_0(const float *x, const float *imp, float sigma2, int count, void *out) {
+    (void)imp, (void)sigma2;
+    for (eq_q8_0 *b = out; count--; ++b, x += 32) {
+        float amax = fabsf(x[0]);
+        for (int i = 1; i < 32 && !isnan(amax); ++i) {
+            const float a = fabsf(x[i]);
+            if (a > amax || isnan(a)) amax = a;
+        }
+        const float d = amax / 127.0f, inv = d != 0 ? 1.0f / d : 0.0f;
+        for (int i = 0; i < 32; ++i) {
+            const float v = x[i] * inv;
+            b->qs[i] = (int8_t)low_byte(v + copysignf(ROUND_HALF_DOWN, v)); /* roundf, truncated by the cast */
+        }
+        b->d = eq_float_to_half(d);
     }
-    const float d = amax / 127.0f, inv = d != 0 ? 1.0f / d : 0.0f;
-    for (int i = 0; i < 32; ++i) {
-        const float v = x[i] * inv;
-        b->qs[i] = (int8_t)low_byte(v + copysignf(ROUND_HALF_DOWN, v)); /* roundf, truncated by the cast */
-    }
-    b->d = eq_float_to_half(d);
 }
 
-/* Q4_0/Q5_0 codes u in [0, 2 nmax - 1] (q4_0.SymmetricLegacy): without importance d = peak / -nmax and
- * u = min(2 nmax - 1, (int8)(x / d + nmax + 0.5)); with it make_qx_quants under importance * sqrt(sigma2 + x^2),
- * sigma2 the row's mean square. */
-static float fit_symmetric_legacy(const float *x, const float *imp, float sigma2, int nmax, uint8_t u[32]) {
+/* Q4_0/Q5_0 scales d[b] and codes u[b] in [0, 2 nmax - 1] (q4_0.SymmetricLegacy): without importance
+ * d = peak / -nmax and u = min(2 nmax - 1, (int8)(x / d + nmax + 0.5)); with it make_qx_quants under
+ * importance * sqrt(sigma2 + x^2), sigma2 the row's mean square. */
+static void fit_symmetric_legacy(const float *x, const float *imp, float sigma2, int count, int nmax, float d[LANES],
+                                 uint8_t u[LANES][32]) {
     if (imp) {
-        float weights[32];
-        for (int i = 0; i < 32; ++i) weights[i] = imp[i] * sqrtf(sigma2 + x[i] * x[i]);
-        return search_qx(x, weights, 32, nmax, u);
-    }
-    float amax, peak;
-    signed_peak(x, 32, &amax, &peak);
-    const float d = peak / (float)-nmax, inv = d != 0 ? 1.0f / d : 0.0f;
-    const float bias = (float)nmax + 0.5f;
-    for (int i = 0; i < 32; ++i) {
-        const int8_t v = (int8_t)low_byte(x[i] * inv + bias);
-        u[i] = (uint8_t)(v < 2 * nmax - 1 ? v : 2 * nmax - 1);
-    }
-    return d;
-}
-
-static void fit_q4_0(const float *x, const float *imp, float sigma2, void *block) {
-    eq_q4_0 *b = block;
-    uint8_t u[32];
-    b->d = eq_float_to_half(fit_symmetric_legacy(x, imp, sigma2, 8, u));
-    for (int j = 0; j < 16; ++j) b->qs[j] = (uint8_t)(u[j] | (uint8_t)(u[j + 16] << 4)); /* unmasked, as q4_0.pack */
-}
-
-static void fit_q5_0(const float *x, const float *imp, float sigma2, void *block) {
-    eq_q5_0 *b = block;
-    uint8_t u[32];
-    uint32_t qh = 0;
-    b->d = eq_float_to_half(fit_symmetric_legacy(x, imp, sigma2, 16, u));
-    for (int j = 0; j < 32; ++j) qh |= (uint32_t)((u[j] >> 4) != 0) << j;
-    memcpy(b->qh, &qh, 4);
-    for (int j = 0; j < 16; ++j) b->qs[j] = (uint8_t)((u[j] & 0x0f) | (u[j + 16] & 0x0f) << 4);
-}
-
-/* Q4_1/Q5_1 (q4_1.LegacyMinCodec): d and m; without importance the min/max grid, codes (int8)(v + 0.5) kept as
- * each type's reference does (Q4_1: min(15, .), Q5_1: low 5 bits); with it make_qkx3_quants. */
-static void fit_min_legacy(const float *x, const float *imp, float sigma2, int nmax, uint16_t *d16, uint16_t *m16,
-                           uint8_t q[32]) {
-    if (imp) {
-        float weights[32], the_min;
-        for (int i = 0; i < 32; ++i) weights[i] = imp[i] * sqrtf(sigma2 + x[i] * x[i]);
-        *d16 = eq_float_to_half(search_affine(x, weights, 32, nmax, -0.9f, 0.05f, 36, 0, &the_min, q));
-        *m16 = eq_float_to_half(-the_min);
+        float xt[32 * LANES], wt[32 * LANES];
+        uint8_t codes[32 * LANES];
+        side_by_side(x, 32, 32, count, xt);
+        importance_weights(imp, xt, 32, 32, count, sigma2, wt);
+        search_qx(xt, wt, 32, nmax, d, codes);
+        codes_back(codes, 32, 32, count, u[0]);
         return;
     }
-    float lo = x[0], hi = x[0];
-    for (int i = 1; i < 32; ++i) {
-        if (x[i] < lo) lo = x[i];
-        if (x[i] > hi) hi = x[i];
+    for (int b = 0; b < count; ++b, x += 32) {
+        float amax, peak;
+        signed_peak(x, 32, &amax, &peak);
+        d[b] = peak / (float)-nmax;
+        const float inv = d[b] != 0 ? 1.0f / d[b] : 0.0f, bias = (float)nmax + 0.5f;
+        for (int i = 0; i < 32; ++i) {
+            const int8_t v = (int8_t)low_byte(x[i] * inv + bias);
+            u[b][i] = (uint8_t)(v < 2 * nmax - 1 ? v : 2 * nmax - 1);
+        }
     }
-    const float d = (hi - lo) / (float)nmax, inv = d != 0 ? 1.0f / d : 0.0f;
-    for (int i = 0; i < 32; ++i) {
-        const int8_t v = (int8_t)low_byte((x[i] - lo) * inv + 0.5f);
-        q[i] = nmax == 15 ? (uint8_t)(v < 15 ? v : 15) : (uint8_t)v & 0x1f;
-    }
-    *d16 = eq_float_to_half(d);
-    *m16 = eq_float_to_half(lo);
 }
 
-static void fit_q4_1(const float *x, const float *imp, float sigma2, void *block) {
-    eq_q4_1 *b = block;
-    uint8_t q[32];
-    fit_min_legacy(x, imp, sigma2, 15, &b->d, &b->m, q);
-    for (int j = 0; j < 16; ++j) b->qs[j] = (uint8_t)((q[j] & 0x0f) | (q[j + 16] & 0x0f) << 4);
+static void fit_q4_0(const float *x, const float *imp, float sigma2, int count, void *out) {
+    float d[LANES];
+    uint8_t u[LANES][32];
+    fit_symmetric_legacy(x, imp, sigma2, count, 8, d, u);
+    eq_q4_0 *b = out;
+    for (int k = 0; k < count; ++k) {
+        b[k].d = eq_float_to_half(d[k]);
+        for (int j = 0; j < 16; ++j) b[k].qs[j] = (uint8_t)(u[k][j] | (uint8_t)(u[k][j + 16] << 4)); /* unmasked */
+    }
 }
 
-static void fit_q5_1(const float *x, const float *imp, float sigma2, void *block) {
-    eq_q5_1 *b = block;
-    uint8_t q[32];
-    uint32_t qh = 0;
-    fit_min_legacy(x, imp, sigma2, 31, &b->d, &b->m, q);
-    for (int j = 0; j < 32; ++j) qh |= (uint32_t)((q[j] >> 4) & 1) << j;
-    memcpy(b->qh, &qh, 4);
-    for (int j = 0; j < 16; ++j) b->qs[j] = (uint8_t)((q[j] & 0x0f) | (q[j + 16] & 0x0f) << 4);
+static void fit_q5_0(const float *x, const float *imp, float sigma2, int count, void *out) {
+    float d[LANES];
+    uint8_t u[LANES][32];
+    fit_symmetric_legacy(x, imp, sigma2, count, 16, d, u);
+    eq_q5_0 *b = out;
+    for (int k = 0; k < count; ++k) {
+        uint32_t qh = 0;
+        b[k].d = eq_float_to_half(d[k]);
+        for (int j = 0; j < 32; ++j) qh |= (uint32_t)((u[k][j] >> 4) != 0) << j;
+        memcpy(b[k].qh, &qh, 4);
+        for (int j = 0; j < 16; ++j) b[k].qs[j] = (uint8_t)((u[k][j] & 0x0f) | (u[k][j + 16] & 0x0f) << 4);
+    }
+}
+
+/* Q4_1/Q5_1 d[b], m[b] and codes q[b] (q4_1.LegacyMinCodec): without importance the min/max grid, codes
+ * (int8)(v + 0.5) kept as each type's reference does (Q4_1: min(15, .), Q5_1: low 5 bits); with it
+ * make_qkx3_quants. */
+static void fit_min_legacy(const float *x, const float *imp, float sigma2, int count, int nmax, float d[LANES],
+                           float m[LANES], uint8_t q[LANES][32]) {
+    if (imp) {
+        float xt[32 * LANES], wt[32 * LANES], the_min[LANES];
+        uint8_t codes[32 * LANES];
+        side_by_side(x, 32, 32, count, xt);
+        importance_weights(imp, xt, 32, 32, count, sigma2, wt);
+        search_affine(xt, wt, 32, nmax, -0.9f, 0.05f, 36, 0, d, the_min, codes);
+        for (int b = 0; b < count; ++b) m[b] = -the_min[b];
+        codes_back(codes, 32, 32, count, q[0]);
+        return;
+    }
+    for (int b = 0; b < count; ++b, x += 32) {
+        float lo = x[0], hi = x[0];
+        for (int i = 1; i < 32; ++i) {
+            if (x[i] < lo) lo = x[i];
+            if (x[i] > hi) hi = x[i];
+        }
+        d[b] = (hi - lo) / (float)nmax;
+        m[b] = lo;
+        const float inv = d[b] != 0 ? 1.0f / d[b] : 0.0f;
+        for (int i = 0; i < 32; ++i) {
+            const int8_t v = (int8_t)low_byte((x[i] - lo) * inv + 0.5f);
+            q[b][i] = nmax == 15 ? (uint8_t)(v < 15 ? v : 15) : (uint8_t)v & 0x1f;
+        }
+    }
+}
+
+static void fit_q4_1(const float *x, const float *imp, float sigma2, int count, void *out) {
+    float d[LANES], m[LANES];
+    uint8_t q[LANES][32];
+    fit_min_legacy(x, imp, sigma2, count, 15, d, m, q);
+    eq_q4_1 *b = out;
+    for (int k = 0; k < count; ++k) {
+        b[k].d = eq_float_to_half(d[k]);
+        b[k].m = eq_float_to_half(m[k]);
+        for (int j = 0; j < 16; ++j) b[k].qs[j] = (uint8_t)((q[k][j] & 0x0f) | (q[k][j + 16] & 0x0f) << 4);
+    }
+}
+
+static void fit_q5_1(const float *x, const float *imp, float sigma2, int count, void *out) {
+    float d[LANES], m[LANES];
+    uint8_t q[LANES][32];
+    fit_min_legacy(x, imp, sigma2, count, 31, d, m, q);
+    eq_q5_1 *b = out;
+    for (int k = 0; k < count; ++k) {
+        uint32_t qh = 0;
+        b[k].d = eq_float_to_half(d[k]);
+        b[k].m = eq_float_to_half(m[k]);
+        for (int j = 0; j < 32; ++j) qh |= (uint32_t)((q[k][j] >> 4) & 1) << j;
+        memcpy(b[k].qh, &qh, 4);
+        for (int j = 0; j < 16; ++j) b[k].qs[j] = (uint8_t)((q[k][j] & 0x0f) | (q[k][j + 16] & 0x0f) << 4);
+    }
 }
 
 /* ---- rows ---- */
 
 typedef void (*super_block_fit)(const float *x, const float *imp, void *block);
-typedef void (*legacy_fit)(const float *x, const float *imp, float sigma2, void *block);
+typedef void (*legacy_fit)(const float *x, const float *imp, float sigma2, int count, void *blocks);
 
 static super_block_fit super_block_fit_of(int type) {
     switch (type) {
@@ -647,34 +785,36 @@ static legacy_fit legacy_fit_of(int type) {
     case EQ_Q4_1: return fit_q4_1;
     case EQ_Q5_0: return fit_q5_0;
     case EQ_Q5_1: return fit_q5_1;
+    case EQ_Q8_0: return fit_q8_0;
     default: return NULL;
     }
 }
 
-int eq_fit_supported(int type) {
-    return type == EQ_Q8_0 || super_block_fit_of(type) != NULL || legacy_fit_of(type) != NULL;
-}
+static int fit_supported(int type) { return super_block_fit_of(type) != NULL || legacy_fit_of(type) != NULL; }
 
-int eq_fit_rows(int type, const float *x, void *out, int64_t rows, int64_t n, const float *importance) {
+/* eq_fit_rows (fit.h) in this translation unit's build. */
+static int fit_rows(int type, const float *x, void *out, int64_t rows, int64_t n, const float *importance) {
     const int block = eq_block_size(type), size = eq_type_size(type);
-    if (!eq_fit_supported(type) || block <= 0 || n <= 0 || n % block) return -1;
+    if (!fit_supported(type) || block <= 0 || n <= 0 || n % block) return -1;
     const int64_t nb = n / block;
-    uint8_t *dst = out;
     const super_block_fit fit_k = super_block_fit_of(type);
     const legacy_fit fit_legacy = legacy_fit_of(type);
+    uint8_t *dst = out;
     for (int64_t r = 0; r < rows; ++r) {
         const float *row = x + r * n;
+        if (fit_k) {
+            for (int64_t i = 0; i < nb; ++i, dst += size) fit_k(row + i * block, importance ? importance + i * block : NULL, dst);
+            continue;
+        }
         /* the legacy importance fits weigh by the row's mean square */
-        const float sigma2 = fit_legacy && importance ? sum_squares(row, n) / (float)n : 0.0f;
-        for (int64_t i = 0; i < nb; ++i, dst += size) {
-            const float *xb = row + i * block, *imp = importance ? importance + i * block : NULL;
-            if (fit_k)
-                fit_k(xb, imp, dst);
-            else if (fit_legacy)
-                fit_legacy(xb, imp, sigma2, dst);
-            else
-                fit_q8_0(xb, dst);
+        const float sigma2 = importance ? sum_squares(row, n) / (float)n : 0.0f;
+        for (int64_t i = 0; i < nb; i += LANES) {
+            const int count = nb - i < LANES ? (int)(nb - i) : LANES;
+            fit_legacy(row + i * block, importance ? importance + i * block : NULL, sigma2, count, dst);
+            dst += (int64_t)count * size;
         }
     }
     return 0;
 }
+
+#endif

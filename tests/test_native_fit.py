@@ -1,4 +1,5 @@
-"""The C block fits (edgequant.native.fit) against the numpy codecs and libggml: the same bytes, block for block."""
+"""The C block fits (edgequant.native.fit), every build this CPU runs, against the numpy codecs and libggml: the
+same bytes, block for block."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from test_codecs_affine import importances
 from test_codecs_symmetric import adversarial_rows as symmetric_edge_rows
 
 fit = pytest.importorskip("edgequant.native.fit")
+from edgequant.native import available_isas  # noqa: E402
+
+ISAS = available_isas()  # the portable build ("scalar": SSE2/NEON vectors) and, where the CPU has it, AVX2
 
 TYPES = ["Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"]
 N = 512  # the edge-case rows' length: two super-blocks
@@ -38,19 +42,21 @@ def differing_rows(a: np.ndarray, b: np.ndarray, rows: int, type_size: int) -> n
     return np.flatnonzero((a.reshape(rows, -1, type_size) != b.reshape(rows, -1, type_size)).any(axis=(1, 2)))
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", ["none", "random", "zeros", "skewed"])
 @pytest.mark.parametrize("name", TYPES)
-def test_same_bytes_as_numpy_and_ggml(name, kind, matrix):
+def test_same_bytes_as_numpy_and_ggml(name, kind, isa, matrix):
     c = codec(name)
     imp = importances(np.random.default_rng(3))[kind]
-    ours = fit.quantize(matrix, c.qtype, imp)
+    ours = fit.quantize(matrix, c.qtype, imp, isa=isa)
     assert ours.shape == (len(matrix), N // c.block_size * c.type_size) and ours.dtype == np.uint8
     assert differing_rows(ours, c.quantize(matrix, imp), len(matrix), c.type_size).size == 0
     assert differing_rows(ours, ggml_oracle.quantize_chunk(c.qtype, matrix, imp), len(matrix), c.type_size).size == 0
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
-def test_overflowing_magnitudes_as_numpy(name):
+def test_overflowing_magnitudes_as_numpy(name, isa):
     """Beyond |w| ~ 1e19 the searches see inf and NaN; the C fits still write the numpy codecs' bytes (those can
     differ from ggml's for Q3_K/Q6_K there, which no finite bf16 checkpoint of a trained model comes near)."""
     c = codec(name)
@@ -59,20 +65,23 @@ def test_overflowing_magnitudes_as_numpy(name):
     for imp in (None, (rng.random(N) * 10).astype(np.float32), (rng.random(N) * 1e30).astype(np.float32)):
         with np.errstate(all="ignore"):
             numpy_bytes = c.quantize(w, imp)
-        assert differing_rows(fit.quantize(w, c.qtype, imp), numpy_bytes, len(w), c.type_size).size == 0
+        assert differing_rows(fit.quantize(w, c.qtype, imp, isa=isa), numpy_bytes, len(w), c.type_size).size == 0
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
-def test_rows_are_independent(name):
-    """A row's bytes do not depend on its neighbours (what encoding in row chunks relies on); wide rows too."""
+def test_rows_are_independent(name, isa):
+    """A row's bytes do not depend on its neighbours (what encoding in row chunks relies on); wide rows too, and
+    rows whose 32-weight blocks do not fill the last batch of lanes."""
     c = codec(name)
     rng = np.random.default_rng(5)
-    w = rng.standard_normal((6, 4096)).astype(np.float32)
-    imp = rng.random(4096).astype(np.float32)
-    whole = fit.quantize(w, c.qtype, imp)
+    n = 4096 + 256 + (32 if c.block_size == 32 else 0)
+    w = rng.standard_normal((6, n)).astype(np.float32)
+    imp = rng.random(n).astype(np.float32)
+    whole = fit.quantize(w, c.qtype, imp, isa=isa)
     out = np.zeros_like(whole)
     for r in range(len(w)):
-        fit.quantize(w[r:r + 1], c.qtype, imp, out[r:r + 1])
+        fit.quantize(w[r:r + 1], c.qtype, imp, out[r:r + 1], isa=isa)
     assert np.array_equal(out, whole)
     assert np.array_equal(whole, ggml_oracle.quantize_chunk(c.qtype, w, imp))
 
