@@ -8,7 +8,7 @@ import torch
 
 from edgequant.convert.codecs import codec
 from edgequant.gptq import solve
-from edgequant.gptq.refine import polish_codes, refit_scales, torch_polish
+from edgequant.gptq.refine import polish_codes, refit_scales, torch_polish, torch_refit
 
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -79,7 +79,7 @@ def test_refit_keeps_scales_in_range_and_lowers_the_loss(name):
     d, sc = torch.from_numpy(ints.d), torch.from_numpy(ints.scale).float()
     dmin, mn = (torch.from_numpy(ints.dmin), torch.from_numpy(ints.min).float()) if ints.min is not None else (None, None)
     q = torch.from_numpy(c.codes(blocks)).float()
-    refit_scales(W, H, q, d, sc, dmin, mn, ints.lo, ints.hi, torch.from_numpy(c.grid(blocks).offset))
+    refit_scales(W, H, q, d, sc, dmin, mn, ints.lo, ints.hi, torch.from_numpy(c.grid(blocks).offset), 128, torch_refit)
     new = c.with_integer_scales(blocks, sc.int().numpy(), None if mn is None else mn.int().numpy())
     new_ints = c.integer_scales(new)
     assert ints.lo <= new_ints.scale.min() and new_ints.scale.max() <= ints.hi

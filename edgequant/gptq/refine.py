@@ -5,7 +5,8 @@ With both fixed, the loss L = tr(E H Eᵀ) (E = Ŵ - W; per row a quadratic in t
 down by exact coordinate steps on the same grid, alternating:
 
   refit_scales   each group's integer sub-block scale (and min), K-quants only: the best integer step of the
-                 2x2 (or 1x1) Newton system of that group's parameters, floor/ceil candidates, kept if L drops;
+                 2x2 (or 1x1) Newton system of that group's parameters, floor/ceil candidates, kept if L drops,
+                 in lazy blocks of groups with an in-block loop in torch or Triton (triton_solver.refit);
   polish_codes   each code in turn: q ± 1 where that lowers L (GPTQ's rounding revisited with every other
                  column's final error known), in lazy blocks of columns like GPTQ's own loop, with an in-block
                  sweep in torch (the reference, the CPU path) or Triton (triton_solver.polish).
@@ -28,11 +29,11 @@ from edgequant.convert.codecs import Codec
 
 @torch.no_grad()
 def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, q: torch.Tensor, scale: torch.Tensor,
-           offset: torch.Tensor, iterations: int, block_size: int = 128, sweep=None):
+           offset: torch.Tensor, iterations: int, block_size: int = 128, polish=None, refit=None):
     """`iterations` rounds of refit_scales then polish_codes, on H's device.  W: float32 (rows, cols); q: the codes
     as float32 (rows, cols), updated in place; scale, offset: the grid of `blocks` (rows, groups) on the device.
     Returns (blocks with the new integer scales, their codes not updated: codec.with_codes(·, q) does that,
-    the new scale, the new offset).  sweep: the in-block polish (default torch_polish)."""
+    the new scale, the new offset).  polish, refit: the in-block loops (default torch_polish, torch_refit)."""
     grid = codec.grid(blocks)
     ints = codec.integer_scales(blocks)
     if ints is not None:
@@ -41,11 +42,11 @@ def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, q: torch.Tens
         dmin, mn = (on_dev(ints.dmin), on_dev(ints.min).float()) if ints.min is not None else (None, None)
     for _ in range(iterations):
         if ints is not None:
-            refit_scales(W, H, q, d, sc, dmin, mn, ints.lo, ints.hi, offset)
+            refit_scales(W, H, q, d, sc, dmin, mn, ints.lo, ints.hi, offset, block_size, refit or torch_refit)
             scale = d * sc  # as codec.grid computes it, in float32
             if dmin is not None:
                 offset = -(dmin * mn)
-        polish_codes(W, H, q, scale, offset, grid.qmin, grid.qmax, block_size, sweep or torch_polish)
+        polish_codes(W, H, q, scale, offset, grid.qmin, grid.qmax, block_size, polish or torch_polish)
     if ints is not None:
         as_int = lambda t: t.to(torch.int32).cpu().numpy()  # noqa: E731
         blocks = codec.with_integer_scales(blocks, as_int(sc), as_int(mn) if mn is not None else None)
@@ -59,48 +60,70 @@ def dequantized(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> t
     return w.add_(offset[..., None]).reshape(q.shape)
 
 
-def refit_scales(W, H, q, d, sc, dmin, mn, lo: int, hi: int, offset) -> None:
-    """Group by group, the integer scale sc (and min mn) that lowers L most for the codes q (in place).
+def refit_scales(W, H, q, d, sc, dmin, mn, lo: int, hi: int, offset, block_size: int, sweep) -> None:
+    """Group by group, the integer scale sc (and min mn) that lowers L most for the codes q (sc, mn in place).
     Ŵ[:, J] = (d·sc)·q[:, J] - dmin·mn for the group's columns J; dmin, mn None for the symmetric K-quants
-    (whose offset is the constant -0.0)."""
+    (whose offset is the constant -0.0).  In lazy blocks of whole groups, as polish_codes: `sweep` (torch_refit or
+    triton_solver.refit) walks a block's groups, then one GEMM carries the block's changes to later columns."""
     rows, groups = sc.shape
-    n = q.shape[1] // groups
-    scale = d * sc
-    G = (dequantized(q, scale, offset if dmin is None else -(dmin * mn)) - W) @ H
-    zero = torch.zeros(rows, device=H.device)
-    for g in range(groups):
-        J = slice(g * n, (g + 1) * n)
-        HJJ = H[J, J]
-        a = d[:, g, None] * q[:, J]  # dŴ[:, J] / d sc
-        Ha = a @ HJJ
-        gs, hss = (G[:, J] * a).sum(1), (Ha * a).sum(1)
-        if dmin is not None:  # dŴ[:, J] / d mn = -dmin, the same for all the group's columns
-            b = -dmin[:, g]
-            gm, hmm, hsm = G[:, J].sum(1) * b, HJJ.sum() * b * b, Ha.sum(1) * b
+    cols = q.shape[1]
+    n = cols // groups
+    Gt = H @ (dequantized(q, d * sc, offset if dmin is None else -(dmin * mn)) - W).T  # (E H)ᵀ, H symmetric
+    Qt = q.T.contiguous()
+    # (groups, rows): one group's parameters are one contiguous row
+    dT, scT = d.T.contiguous(), sc.T.contiguous()
+    dminT, mnT = (dmin.T.contiguous(), mn.T.contiguous()) if dmin is not None else (None, None)
+    step = max(n, block_size // n * n)
+    for c1 in range(0, cols, step):
+        c2 = min(c1 + step, cols)
+        Dt = torch.empty(c2 - c1, rows, device=H.device)
+        sweep(Gt[c1:c2], Qt[c1:c2], Dt, H[c1:c2, c1:c2], dT, scT, dminT, mnT, c1 // n, n, lo, hi)
+        Gt[c2:].addmm_(H[c2:, c1:c2], Dt)
+    sc.copy_(scT.T)
+    if mn is not None:
+        mn.copy_(mnT.T)
+
+
+def torch_refit(Gt1, Qt1, Dt1, H1, dT, scT, dminT, mnT, g0: int, n: int, lo: int, hi: int) -> None:
+    """The groups of one lazy block (columns of Gt1, Qt1: (cols, rows) views, groups g0.. of n columns): per group
+    and row the best integer step of scT[g] (and mnT[g]) from the 2x2 (1x1) Newton system, floor/ceil candidates,
+    kept if it lowers L; its change of Ŵ into Dt1 and onto the block's later gradients."""
+    rows = Gt1.shape[1]
+    zero = torch.zeros(rows, device=Gt1.device)
+    for t in range(len(Gt1) // n):
+        g, J = g0 + t, slice(t * n, (t + 1) * n)
+        HJJ = H1[J, J]
+        a = dT[g] * Qt1[J]  # dŴ[:, J] / d sc, transposed
+        Ha = HJJ @ a
+        gs, hss = (Gt1[J] * a).sum(0), (Ha * a).sum(0)
+        if dminT is not None:  # dŴ[:, J] / d mn = -dmin, the same for all the group's columns
+            b = -dminT[g]
+            gm, hmm, hsm = Gt1[J].sum(0) * b, HJJ.sum() * b * b, Ha.sum(0) * b
             det = hss * hmm - hsm * hsm
             ok = det > 0
             step_s = torch.where(ok, (hsm * gm - hmm * gs) / det, zero)
             step_m = torch.where(ok, (hsm * gs - hss * gm) / det, zero)
-            m_options = [(mn[:, g] + torch.floor(step_m)).clamp(lo, hi) - mn[:, g],
-                         (mn[:, g] + torch.ceil(step_m)).clamp(lo, hi) - mn[:, g]]
+            m_options = [(mnT[g] + torch.floor(step_m)).clamp(lo, hi) - mnT[g],
+                         (mnT[g] + torch.ceil(step_m)).clamp(lo, hi) - mnT[g]]
         else:
             step_s = torch.where(hss > 0, -gs / hss, zero)
             gm = hmm = hsm = zero
             m_options = [zero]
         best, best_s, best_m = zero, zero, zero
         for ds in (torch.floor(step_s), torch.ceil(step_s)):
-            ds = (sc[:, g] + ds).clamp(lo, hi) - sc[:, g]
+            ds = (scT[g] + ds).clamp(lo, hi) - scT[g]
             for dm in m_options:
                 change = 2 * (ds * gs + dm * gm) + ds * ds * hss + dm * dm * hmm + 2 * ds * dm * hsm
                 better = change < best
                 best = torch.where(better, change, best)
                 best_s, best_m = torch.where(better, ds, best_s), torch.where(better, dm, best_m)
-        sc[:, g] += best_s
-        delta = best_s[:, None] * a
-        if dmin is not None:
-            mn[:, g] += best_m
-            delta = delta + (best_m * b)[:, None]
-        G[:, g * n:].addmm_(delta, H[J, g * n:])  # later groups read G; earlier ones are done
+        scT[g] += best_s
+        delta = best_s * a
+        if dminT is not None:
+            mnT[g] += best_m
+            delta = delta + best_m * b
+        Dt1[J] = delta
+        Gt1[J.stop:].addmm_(H1[J.stop:, J], delta)  # later groups of the block read G; earlier ones are done
 
 
 def polish_codes(W, H, q, scale, offset, qmin: int, qmax: int, block_size: int, sweep) -> None:

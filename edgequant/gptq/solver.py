@@ -43,7 +43,7 @@ from edgequant.convert.codecs import AffineGrid, Codec
 
 from .device_fit import DeviceFit, device_fit
 from .refine import refine as refine_blocks
-from .refine import dequantized, torch_polish
+from .refine import dequantized, torch_polish, torch_refit
 
 CHOLESKY_TRIES = 5  # damp, 10·damp, ..., 10⁴·damp
 # device_fit replays a CUDA graph per codec and shape, which keeps ~80 KB per row of Q6_K/Q3_K intermediates: only
@@ -81,7 +81,7 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     codec.check_shape(cols)
     if block_size % S and S % block_size:
         raise ValueError(f"block_size {block_size} must be a multiple or a divisor of {codec.name}'s {S}")
-    sweep, polish = pick_sweeps(backend, device)
+    sweep, polish, refit_loop = pick_sweeps(backend, device)
 
     dead = H.diagonal() == 0
     H[dead, dead] = 1
@@ -118,7 +118,7 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     if refine:
         mean = float(H.diagonal().mean())
         fitted, scale, offset = refine_blocks(W, H + max(refine_damp * mean, lam) * eye(H), codec, fitted, q, scale,
-                                              offset, refine, block_size, polish)
+                                              offset, refine, block_size, polish, refit_loop)
     w_hat = dequantized(q, scale, offset)  # codec.dequantize(blocks) bit for bit, computed where the codes are
     if refine:
         E = w_hat - W
@@ -195,7 +195,7 @@ def torch_sweep(W1, U1, Q1, E1, grids: ColumnGrids, first: int, j0: int, j1: int
 
 
 def pick_sweeps(backend: str, device: torch.device):
-    """The in-block loops for `solve`'s backend argument: (GPTQ's sweep, refine's polish)."""
+    """The in-block loops for `solve`'s backend argument: (GPTQ's sweep, refine's polish, refine's refit)."""
     if backend == "auto":
         backend = "torch"
         if device.type == "cuda":
@@ -205,10 +205,10 @@ def pick_sweeps(backend: str, device: torch.device):
             except ImportError:
                 pass
     if backend == "triton":
-        from .triton_solver import polish, sweep
-        return sweep, polish
+        from .triton_solver import polish, refit, sweep
+        return sweep, polish, refit
     if backend == "torch":
-        return torch_sweep, torch_polish
+        return torch_sweep, torch_polish, torch_refit
     raise ValueError(f"backend {backend!r}: choose auto, torch or triton")
 
 

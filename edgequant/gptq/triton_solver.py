@@ -1,6 +1,7 @@
 """GPTQ's in-block sweep as one Triton kernel: the CUDA path of edgequant.gptq.solve (backend "triton"); and
 refine's in-block polish (`polish`), the same shape of loop: per column, a decision per row, then a rank-1
-update of the block's later columns held in registers.
+update of the block's later columns held in registers; and refine's in-block `refit` of the integer group scales
+(per group a 2x2 Newton step per row, then the group's change carried to the block's later groups by small dots).
 
 The torch sweep launches a handful of kernels per column, so on a GPU it is bound by launches, about a hundred
 times slower than the GEMM that carries each block's errors onward.  But rows are independent once U (the upper
@@ -111,3 +112,86 @@ def polish(Gt1: torch.Tensor, Qt1: torch.Tensor, Dt1: torch.Tensor, H1: torch.Te
     _polish_kernel[(triton.cdiv(rows, BLOCK_R),)](
         Gt1, Qt1, Dt1, H1, H1.stride(0), St, rows, n, first, group, float(qmin), float(qmax),
         BLOCK_N=triton.next_power_of_2(n), BLOCK_R=BLOCK_R, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+# refit: rows per program (tl.dot needs at least 16) and warps
+REFIT_BLOCK_R = 32
+REFIT_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["n_groups", "g0"])
+def _refit_kernel(G, Q, D, H, ld_h, DS, SC, DM, MN, rows, n_groups, g0, lo, hi, N: tl.constexpr,
+                  HAS_MIN: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = tl.arange(0, N)
+    in_rows = r < rows
+    m = in_rows[None, :] & (k[:, None] < N)
+    for t in range(0, n_groups):
+        c = t * N
+        tile = (c + k)[:, None] * rows + r[None, :]  # the group's N columns of this program's rows
+        gJ = tl.load(G + tile, mask=m, other=0.0)
+        at = (g0 + t).to(tl.int64) * rows + r  # the group's parameters, per row
+        s = tl.load(SC + at, mask=in_rows, other=0.0)
+        a = tl.load(DS + at, mask=in_rows, other=0.0)[None, :] * tl.load(Q + tile, mask=m, other=0.0)
+        hJJ = tl.load(H + (c + k)[:, None] * ld_h + (c + k)[None, :])
+        ha = tl.dot(hJJ, a, input_precision="ieee")
+        gs = tl.sum(gJ * a, axis=0)
+        hss = tl.sum(ha * a, axis=0)
+        if HAS_MIN:
+            b = -tl.load(DM + at, mask=in_rows, other=0.0)
+            mn = tl.load(MN + at, mask=in_rows, other=0.0)
+            gm = tl.sum(gJ, axis=0) * b
+            hmm = tl.sum(tl.sum(hJJ, axis=1), axis=0) * b * b
+            hsm = tl.sum(ha, axis=0) * b
+            det = hss * hmm - hsm * hsm
+            ok = det > 0
+            safe = tl.where(ok, det, 1.0)
+            step_s = tl.where(ok, tl.math.div_rn(hsm * gm - hmm * gs, safe), 0.0)
+            step_m = tl.where(ok, tl.math.div_rn(hsm * gs - hss * gm, safe), 0.0)
+            m0 = tl.minimum(tl.maximum(mn + tl.floor(step_m), lo), hi) - mn
+            m1 = tl.minimum(tl.maximum(mn + tl.ceil(step_m), lo), hi) - mn
+        else:
+            step_s = tl.where(hss > 0, tl.math.div_rn(-gs, tl.where(hss > 0, hss, 1.0)), 0.0)
+            gm = tl.zeros_like(gs)
+            hmm = tl.zeros_like(gs)
+            hsm = tl.zeros_like(gs)
+            m0 = tl.zeros_like(gs)
+            m1 = tl.zeros_like(gs)
+        best = tl.zeros_like(gs)
+        best_s = tl.zeros_like(gs)
+        best_m = tl.zeros_like(gs)
+        # the candidates in torch_refit's order (floor, ceil) x (floor, ceil); the first strict improvement wins ties
+        for i in tl.static_range(2):
+            ds = tl.minimum(tl.maximum(s + (tl.floor(step_s) if i == 0 else tl.ceil(step_s)), lo), hi) - s
+            for j in tl.static_range(2 if HAS_MIN else 1):
+                dm = m0 if j == 0 else m1
+                change = 2.0 * (ds * gs + dm * gm) + ds * ds * hss + dm * dm * hmm + 2.0 * ds * dm * hsm
+                better = change < best
+                best = tl.where(better, change, best)
+                best_s = tl.where(better, ds, best_s)
+                best_m = tl.where(better, dm, best_m)
+        tl.store(SC + at, s + best_s, mask=in_rows)
+        delta = best_s[None, :] * a
+        if HAS_MIN:
+            tl.store(MN + at, mn + best_m, mask=in_rows)
+            delta = delta + (best_m * b)[None, :]
+        tl.store(D + tile, delta, mask=m)
+        for u in range(t + 1, n_groups):  # the block's later groups: G += H[U, J] · delta
+            tile_u = (u * N + k)[:, None] * rows + r[None, :]
+            h_uj = tl.load(H + (u * N + k)[:, None] * ld_h + (c + k)[None, :])
+            g_u = tl.load(G + tile_u, mask=m, other=0.0) + tl.dot(h_uj, delta, input_precision="ieee")
+            tl.store(G + tile_u, g_u, mask=m)
+        tl.debug_barrier()  # the next group reads what this one stored, possibly from other threads
+
+
+def refit(Gt1, Qt1, Dt1, H1, dT, scT, dminT, mnT, g0: int, n: int, lo: int, hi: int) -> None:
+    """refine.torch_refit's contract: the groups of one lazy block, in place, one program per tile of rows.  The
+    same decisions as torch up to the order of the float sums (tl.dot's and the reductions'): a row whose best
+    candidate is within rounding of another may pick the other (tests/test_triton_solver.py counts them)."""
+    cols, rows = Gt1.shape
+    assert Gt1.is_contiguous() and Qt1.is_contiguous() and Dt1.is_contiguous() and H1.stride(1) == 1
+    has_min = dminT is not None
+    _refit_kernel[(triton.cdiv(rows, REFIT_BLOCK_R),)](
+        Gt1, Qt1, Dt1, H1, H1.stride(0), dT, scT, dminT if has_min else dT, mnT if has_min else scT, rows,
+        cols // n, g0, float(lo), float(hi), N=n, HAS_MIN=has_min, BLOCK_R=REFIT_BLOCK_R, num_warps=REFIT_WARPS,
+        enable_fp_fusion=False)
