@@ -1,20 +1,31 @@
 """Stream calibration activations through the model one decoder layer at a time, collecting each linear's Hessian.
 
-    inputs of layer 0 (embeddings) ─► layer i: pass 1 accumulates S = Σ xᵀx per distinct linear input
+    inputs of layer 0 (embeddings) ─► layer i: a pass accumulates S = Σ xᵀx per distinct linear input
                                       ─► on_layer(S) may return new (quantized) weights, loaded into the layer
-                                      ─► pass 2 produces layer i+1's inputs with those weights (true-sequential)
+                                      ─► a last pass produces layer i+1's inputs with those weights (true-sequential)
     after the last layer: final norm ─► S for the output head ─► on_layer again
 
 Only one decoder layer's weights (plus the embeddings/head when they are used) and the activations are in memory at
 a time; the rest of the model stays on the meta device.  q/k/v share one input and gate/up another, so they share
 one S.  The attention mask and rotary embeddings are captured from transformers' own forward (a pre-hook on
 layer 0), so any architecture transformers runs is handled without re-implementing it.
+
+Two options make each linear see what it will see in the quantized model, and aim at what the full-precision
+model computes:
+  sequential  inside a layer too: the linears sharing an input are solved group by group in forward order
+              (q/k/v, o, gate/up, down), each group's inputs computed with the earlier groups already quantized
+              (one more, partial, forward pass per group);
+  asymmetric  a second stream of activations runs through the full-precision layers alongside, and each linear's
+              Stats also sum Σ x_fpᵀ x (x_fp: the full-precision model's input for the same token), so the solver
+              can aim at the full-precision outputs (gptq.target.asymmetric_target).  Twice the activations.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,14 +38,20 @@ from .model import SourceModel
 
 @dataclass
 class Stats:
-    """Σ xᵀx over `n` activation rows of one linear input (fp32). H = 2S/n; llama-imatrix's importance = diag(S)/n."""
+    """Σ xᵀx over `n` activation rows of one linear input (fp32). H = 2S/n; llama-imatrix's importance = diag(S)/n.
+    With a full-precision stream (asymmetric), cross = Σ x_fpᵀ x over the same rows."""
 
     s: torch.Tensor
     n: int = 0
+    cross: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.s.addmm_(x.T, x)
+        if x_fp is not None:
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.s)
+            self.cross.addmm_(x_fp.reshape(-1, x.shape[-1]).float().T, x)
         self.n += x.shape[0]
 
     @property
@@ -70,11 +87,16 @@ def skeleton(m: SourceModel, device: torch.device) -> nn.Module:
     return model.eval()
 
 
-def materialize(module: nn.Module, prefix: str, m: SourceModel, device: torch.device) -> None:
+def load_weights(module: nn.Module, prefix: str, m: SourceModel) -> dict[str, torch.Tensor]:
+    """The module's parameters from the checkpoint, as float32 host tensors."""
+    return {name: m.checkpoint.load(prefix + name) for name, _ in module.named_parameters()}
+
+
+def materialize(module: nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> None:
     module.to_empty(device=device)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(m.checkpoint.load(prefix + name))
+            p.copy_(weights[name])
 
 
 # Windows per forward: 8, fewer for windows over 1024 tokens.  A batch's activations are the attention scores (on CUDA
@@ -87,17 +109,23 @@ TOKENS_PER_BATCH = 8192
 def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torch.device, batch: int | None = None,
         progress=None, quiet: bool = True, start: int = 0, hidden: torch.Tensor | None = None,
         on_hidden: Callable[[int, torch.Tensor], None] | None = None, tf32: bool = False,
-        requantize: bool = False) -> dict[str, float]:
+        requantize: bool = False, sequential: bool = False, asymmetric: bool = False,
+        on_done: Callable[[object], None] | None = None) -> dict[str, float]:
     """Drive the layer-by-layer pass. Returns seconds per phase.  tf32: the forward passes and the sums xᵀx run
     their float32 matmuls in TF32 on a GPU that has it (on_layer, i.e. the solver, stays in float32).
-    requantize: on_layer always returns new weights, so pass 1's outputs are dropped and pass 2 writes its outputs
-    over its inputs: one copy of the activations in memory instead of two (4 GiB for an 8B's 128 x 2048 windows).
+    requantize: on_layer always returns new weights, so the collecting pass's outputs are dropped and the last pass
+    writes its outputs over its inputs: one copy of the activations in memory instead of two (4 GiB for an 8B's
+    128 x 2048 windows).  sequential, asymmetric: see the module's docstring (both imply requantize); with
+    sequential, on_layer is called once per group of linears sharing an input.  on_done(i) follows layer i's last
+    on_layer call (and "output" the head's).
 
     To resume, `start` is the first layer to run and `hidden` its inputs, as on_hidden(start - 1, hidden) received
-    them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs)."""
+    them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs; with asymmetric,
+    both streams stacked, (2, windows, L, d))."""
     seconds = {"calibration forward": 0.0, "solve": 0.0}
     batch = batch or max(1, min(8, TOKENS_PER_BATCH // ids.shape[1]))
     tf32 = tf32 and device.type == "cuda"  # CPUs: float32 as it is (and builds reproduce bit for bit)
+    requantize = requantize or sequential or asymmetric
     model = skeleton(m, device)
     inner = model.model
     embed_name = "model.embed_tokens.weight"
@@ -113,34 +141,56 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     except _Captured as c:
         layer_kwargs = {k: v for k, v in c.kwargs.items() if k != "hidden_states"}
     hook.remove()
-    hidden = inner.embed_tokens(ids.to(device)) if start == 0 else hidden.to(device)  # (n, L, d)
+    if start == 0:
+        hidden = inner.embed_tokens(ids.to(device))  # (n, L, d)
+        hidden = torch.stack([hidden, hidden]) if asymmetric else hidden
+    else:
+        hidden = hidden.to(device)
     if not m.hp.tied_embeddings:
         inner.embed_tokens.to("meta")
     task = progress.add_task("calibrating", total=len(inner.layers) + 1, completed=start) if progress is not None else None
-
-    for i, layer in enumerate(inner.layers[start:], start):
-        prefix = f"model.layers.{i}."
-        materialize(layer, prefix, m, device)
-        hidden = _layer_pass(layer, prefix, hidden, layer_kwargs, on_layer, i, batch, seconds, tf32, requantize)
-        layer.to("meta")
-        if on_hidden is not None:
-            on_hidden(i, hidden)
-        if task is not None:
-            progress.advance(task)
+    passes = Passes(layer_kwargs, batch, seconds, tf32)
+    layers = inner.layers
+    head_name = embed_name if m.hp.tied_embeddings else "lm_head.weight"
+    reader = ThreadPoolExecutor(max_workers=1)  # reads layer i + 1 (after the last layer, the head) while i is solved
+    with reader:
+        upcoming = reader.submit(load_weights, layers[start], f"model.layers.{start}.", m) if start < len(layers) else None
+        head = reader.submit(m.checkpoint.load, head_name) if start == len(layers) else None
+        for i in range(start, len(layers)):
+            layer, prefix = layers[i], f"model.layers.{i}."
+            weights = upcoming.result()
+            if i + 1 < len(layers):
+                upcoming = reader.submit(load_weights, layers[i + 1], f"model.layers.{i + 1}.", m)
+            else:
+                head = reader.submit(m.checkpoint.load, head_name)
+            materialize(layer, weights, device)
+            del weights
+            hidden = passes.layer(layer, prefix, hidden, on_layer, i, requantize, sequential, asymmetric)
+            layer.to("meta")
+            if on_done is not None:
+                on_done(i)
+            if on_hidden is not None:
+                on_hidden(i, hidden)
+            if task is not None:
+                progress.advance(task)
 
     inner.norm.to_empty(device=device)
     inner.norm.weight.copy_(m.checkpoint.load("model.norm.weight"))
-    head_name = embed_name if m.hp.tied_embeddings else "lm_head.weight"
     t0 = time.perf_counter()
     stats = Stats(torch.zeros(m.hp.n_embd, m.hp.n_embd, device=device))
     with matmul_precision(tf32):
-        for b in range(0, len(hidden), batch):
-            stats.add(inner.norm(hidden[b : b + batch]))
+        for b in range(0, hidden.shape[-3], batch):
+            if asymmetric:
+                stats.add(inner.norm(hidden[0, b : b + batch]), inner.norm(hidden[1, b : b + batch]))
+            else:
+                stats.add(inner.norm(hidden[b : b + batch]))
     check_finite(stats.s, f"the calibration activations entering {head_name}")
     seconds["calibration forward"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    on_layer("output", {head_name: (m.checkpoint.load(head_name).to(device), stats)})
+    on_layer("output", {head_name: (head.result().to(device), stats)})
     seconds["solve"] += time.perf_counter() - t0
+    if on_done is not None:
+        on_done("output")
     if task is not None:
         progress.advance(task)
     return seconds
@@ -157,56 +207,124 @@ def matmul_precision(tf32: bool):
         torch.set_float32_matmul_precision(before)
 
 
-def _layer_pass(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, tf32: bool, requantize: bool) -> torch.Tensor:
-    linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
-    by_linear: dict[str, Stats] = {}  # linears fed the same tensor (q/k/v, gate/up) share one Stats
-    batch_inputs: dict[int, tuple[torch.Tensor, Stats]] = {}  # id -> (input kept alive so ids stay unique, Stats)
+class _Stop(Exception):
+    """Raised by a capture hook once a partial forward pass has what it came for."""
 
-    def hook(name):
-        def fn(_mod, args):
-            x = args[0]
-            if id(x) in batch_inputs:  # a sibling already counted this input
-                by_linear.setdefault(name, batch_inputs[id(x)][1])
-                return
-            st = by_linear.setdefault(name, Stats(torch.zeros(x.shape[-1], x.shape[-1], device=x.device)))
-            st.add(x)
-            batch_inputs[id(x)] = (x, st)
 
-        return fn
+@dataclass
+class Passes:
+    """The forward passes over one decoder layer, batch by batch."""
 
-    def forward_all(out):
-        """The layer over all of `hidden`, batch by batch, into `out` (which may be `hidden` itself: a batch's
-        outputs replace its inputs once computed) or nowhere (out None)."""
-        with matmul_precision(tf32):
-            for b in range(0, len(hidden), batch):
-                batch_inputs.clear()
-                r = layer(hidden[b : b + batch], **kwargs)
-                if out is not None:
-                    out[b : b + batch] = r[0] if isinstance(r, tuple) else r
-        batch_inputs.clear()
+    kwargs: dict
+    batch: int
+    seconds: dict[str, float]
+    tf32: bool
+
+    def layer(self, layer, prefix, hidden, on_layer, index, requantize: bool, sequential: bool, asymmetric: bool):
+        """Collect, solve (on_layer) and step one layer: its outputs, the next layer's inputs (written over `hidden`
+        when requantize)."""
+        linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+        ours, full = (hidden[0], hidden[1]) if asymmetric else (hidden, None)
+        reference = copy.deepcopy(layer) if asymmetric else None  # keeps the full-precision weights
+        groups = self.input_groups(layer, linears, ours[:1]) if sequential else [list(linears)]
+        new_weights = False
+        for group in groups:
+            t0 = time.perf_counter()
+            stats, out = self.collect(layer, reference, group, ours, full, stop=sequential, keep=not requantize)
+            self.seconds["calibration forward"] += time.perf_counter() - t0
+            for n, st in stats.items():
+                check_finite(st.s, f"the calibration activations entering {prefix}{n} (layer {index})")
+            t0 = time.perf_counter()
+            new = on_layer(index, {prefix + n + ".weight": (linears[n].weight, stats[n]) for n in group})
+            self.seconds["solve"] += time.perf_counter() - t0
+            for n in group:
+                if prefix + n + ".weight" in new:
+                    linears[n].weight.copy_(new[prefix + n + ".weight"])
+                    new_weights = True
+        if not new_weights and not requantize:
+            return check_finite(out, f"the output of layer {index}")
+        t0 = time.perf_counter()
+        self.forward_all(layer, ours, ours)
+        if asymmetric:
+            self.forward_all(reference, full, full)
+        self.seconds["calibration forward"] += time.perf_counter() - t0
+        return check_finite(hidden, f"the output of layer {index} with its quantized weights")
+
+    def input_groups(self, layer, linears: dict[str, nn.Module], x: torch.Tensor) -> list[list[str]]:
+        """The linears in forward order, those fed the same tensor in one group: [[q, k, v], [o], [gate, up], [down]]."""
+        seen: list[tuple[str, torch.Tensor]] = []  # (name, its input), inputs kept alive so that `is` holds
+        handles = [mod.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0]))) for n, mod in linears.items()]
+        try:
+            with matmul_precision(self.tf32):
+                layer(x, **self.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        groups: list[list[str]] = []
+        for k, (name, x_in) in enumerate(seen):
+            if k and x_in is seen[k - 1][1]:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+        return groups
+
+    def collect(self, layer, reference, names: list[str], ours, full, stop: bool, keep: bool):
+        """Stats of the inputs of the linears `names` over all windows: {name: Stats} (linears fed the same tensor
+        share one), and the layer's outputs if keep (else None).  reference/full: the full-precision layer and its
+        stream, for Stats.cross.  stop: the pass ends at the group's first linear (names share one input)."""
+        stats: dict[str, Stats] = {}
+        out = torch.empty_like(ours) if keep else None
+        for b in range(0, len(ours), self.batch):
+            inputs, r = self.inputs(layer, ours[b : b + self.batch], names, stop)
+            fp = self.inputs(reference, full[b : b + self.batch], names, stop)[0] if reference is not None else {}
+            if out is not None:
+                out[b : b + self.batch] = r
+            counted: dict[int, Stats] = {}  # id(input) -> its Stats, for this batch
+            for name, x in inputs.items():
+                if id(x) in counted:
+                    stats.setdefault(name, counted[id(x)])
+                    continue
+                st = stats.setdefault(name, Stats(torch.zeros(x.shape[-1], x.shape[-1], device=x.device)))
+                with matmul_precision(self.tf32):
+                    st.add(x, fp.get(name))
+                counted[id(x)] = st
+        return stats, out
+
+    def inputs(self, layer, x: torch.Tensor, names: list[str], stop: bool):
+        """Run layer(x) keeping the input of each linear in `names`: ({name: input}, the layer's output or None if
+        stopped at the first of them)."""
+        got: dict[str, torch.Tensor] = {}
+        modules = dict(layer.named_modules())
+
+        def hook(name):
+            def fn(_mod, args):
+                got[name] = args[0]
+                if stop:
+                    for sibling in names:  # they all read this same tensor
+                        got[sibling] = args[0]
+                    raise _Stop
+
+            return fn
+
+        handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+        try:
+            with matmul_precision(self.tf32):
+                r = layer(x, **self.kwargs)
+            r = r[0] if isinstance(r, tuple) else r
+        except _Stop:
+            r = None
+        finally:
+            for h in handles:
+                h.remove()
+        return got, r
+
+    def forward_all(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer over all windows of x into `out` (which may be x itself: a batch's outputs replace its inputs)."""
+        with matmul_precision(self.tf32):
+            for b in range(0, len(x), self.batch):
+                r = layer(x[b : b + self.batch], **self.kwargs)
+                out[b : b + self.batch] = r[0] if isinstance(r, tuple) else r
         return out
-
-    t0 = time.perf_counter()
-    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in linears.items()]
-    out = forward_all(None if requantize else torch.empty_like(hidden))
-    for h in handles:
-        h.remove()
-    seconds["calibration forward"] += time.perf_counter() - t0
-    for n, st in by_linear.items():
-        check_finite(st.s, f"the calibration activations entering {prefix}{n} (layer {index})")
-
-    t0 = time.perf_counter()
-    new = on_layer(index, {prefix + n + ".weight": (mod.weight, by_linear[n]) for n, mod in linears.items()})
-    seconds["solve"] += time.perf_counter() - t0
-    if not new and not requantize:
-        return check_finite(out, f"the output of layer {index}")
-    t0 = time.perf_counter()
-    for n, mod in linears.items():
-        if prefix + n + ".weight" in new:
-            mod.weight.copy_(new[prefix + n + ".weight"])
-    out = forward_all(hidden)
-    seconds["calibration forward"] += time.perf_counter() - t0
-    return check_finite(out, f"the output of layer {index} with its quantized weights")
 
 
 def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:

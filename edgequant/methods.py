@@ -52,6 +52,8 @@ class GptqSettings:
     act_order: bool = False
     refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
     tf32: bool = True  # calibration forward passes and Hessian sums in TF32 on a GPU (layerwise.run)
+    sequential: bool = False  # solve a layer's linears group by group, each on inputs through the quantized ones
+    asymmetric: float = 0.0  # strength of the full-precision target (gptq.target.asymmetric_target); 0: off
 
 
 @dataclass
@@ -154,12 +156,16 @@ def hessian_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
 
 def importance_weighted_fit(c, w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
     """Ŵ of codec.fit(w, importance) (what llama-quantize --imatrix writes), on w's device: on CUDA through
-    gptq.device_fit where it covers the codec (bit-identical, and no host round trip)."""
+    gptq.device_fit where it covers the codec (bit-identical, and no host round trip), one super-block of columns
+    at a time: the fits are per block, and those are the shapes whose CUDA graphs the solver has captured."""
     from .gptq.device_fit import device_fit
+    from .gptq.solver import GRAPH_ROWS
 
-    fit = device_fit(c, w, importance, graph=False) if w.device.type == "cuda" else None
-    if fit is not None:
-        return fit.dequantize()
+    if w.device.type == "cuda":
+        S, graph = c.block_size, len(w) <= GRAPH_ROWS
+        parts = [device_fit(c, w[:, j:j + S], importance[j:j + S], graph=graph) for j in range(0, w.shape[1], S)]
+        if parts[0] is not None:
+            return torch.cat([p.dequantize() for p in parts], 1)
     return torch.from_numpy(c.dequantize(c.fit(w.cpu().numpy(), importance.cpu().numpy())))
 
 
@@ -186,14 +192,17 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
     """Run GPTQ over the whole model now (the layers not already in `work`), each layer's packed blocks saved to
     `work` as it finishes; the encoder then hands out the packed blocks (RTN for the rest)."""
     from .gptq import solve
+    from .gptq.target import asymmetric_target
 
     types = {t.name: t.qtype for t in plan}
     names = hf_to_gguf(m)
     report = GptqReport()
     host = ThreadPoolExecutor(max_workers=8)
 
+    pending: dict[str, dict] = {"packed": {}, "entries": {}}  # the layer being solved (sequential: in groups)
+
     def on_layer(index, weights):
-        new, packed, entries = {}, {}, {}
+        new = {}
         for hf_name, (w, stats) in weights.items():
             name = names[hf_name]
             qtype = types[name]
@@ -202,25 +211,33 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             c = codec(qtype)
             w_here = m.arch.to_gguf(hf_name, w.detach().float(), m.hp, m.tensor_names)[1].contiguous()  # on the device
             h = stats.hessian
+            target = w_here
+            if settings.asymmetric and stats.cross is not None:
+                target = asymmetric_target(w_here, stats.s, stats.cross, settings.damp, settings.asymmetric)
             with one_cpu_thread(device):
-                sol = solve(w_here, h, c, block_size=settings.block_size, damp=settings.damp,
+                sol = solve(target, h, c, block_size=settings.block_size, damp=settings.damp,
                             act_order=settings.act_order, refine=settings.refine)
             # packing and hashing on host threads (both release the GIL), while the GPU goes on
-            packed[name] = host.submit(lambda c=c, b=sol.blocks: c.pack(b).reshape(-1))
+            pending["packed"][name] = host.submit(lambda c=c, b=sol.blocks: c.pack(b).reshape(-1))
             w_hat = torch.from_numpy(sol.w_hat).to(device)
-            entries[name] = {"loss": hessian_loss(w_here, w_hat, h),
-                             "fit_loss": hessian_loss(w_here, importance_weighted_fit(c, w_here, h.diagonal()), h),
-                             "digest": host.submit(digest, sol.w_hat)}
+            pending["entries"][name] = {
+                "loss": hessian_loss(target, w_hat, h),
+                "fit_loss": hessian_loss(target, importance_weighted_fit(c, w_here, h.diagonal()), h),
+                "digest": host.submit(digest, sol.w_hat)}
             new[hf_name] = m.arch.from_gguf(name, w_hat, m.hp)
-        packed = {k: f.result() for k, f in packed.items()}
+        return new
+
+    def on_done(index):
+        packed = {k: f.result() for k, f in pending["packed"].items()}
+        entries = pending["entries"]
         for e in entries.values():
             e["digest"] = e["digest"].result()
         work.save_layer(index, packed, entries)
         report.add(entries)
+        pending["packed"], pending["entries"] = {}, {}
         if task is not None:
             loss, fit = sum(report.loss.values()), sum(report.fit_loss.values())
             progress.update(task, advance=1, description=f"GPTQ (done: {index}, loss {loss:.4g} = {loss / fit if fit else 1:.3f}× fit)")
-        return new
 
     work.open()
     report.add(work.report())  # layers finished by an earlier, killed run
@@ -230,7 +247,9 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
         task = progress.add_task("GPTQ", total=m.hp.n_layers + 1, completed=start) if progress is not None else None
         with host:
             report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden,
-                                           on_hidden=work.checkpoint_hidden, tf32=settings.tf32, requantize=True)
+                                           on_hidden=work.checkpoint_hidden, on_done=on_done, tf32=settings.tf32,
+                                           requantize=True, sequential=settings.sequential,
+                                           asymmetric=settings.asymmetric > 0)
     rtn = rtn_encoder()
 
     def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:

@@ -152,12 +152,13 @@ def fit_wrapper(f):
 for cls in {type(c) for c in CODECS.values()}:
     cls.fit = fit_wrapper(cls.fit)
 
-def layer_before(layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, *rest):
+def layer_before(passes, layer, prefix, hidden, on_layer, index, *rest):
     state["phase"] = f"layer {index}"
-    return dict(seconds), total["host_fit_s"], total["solve_s"], batch
+    return dict(passes.seconds), total["host_fit_s"], total["solve_s"], passes.batch
 
-def layer_after(dt, ctx, layer, prefix, hidden, kwargs, on_layer, index, batch, seconds, *rest):
+def layer_after(dt, ctx, passes, layer, prefix, hidden, on_layer, index, *rest):
     sec, fit0, solve0, b = ctx
+    seconds = passes.seconds
     total["layers"] += 1
     fwd = seconds["calibration forward"] - sec["calibration forward"]
     log(f"layer {index}: {dt:.1f}s = forward+Hessians {fwd:.1f}s + on_layer {seconds['solve'] - sec['solve']:.1f}s "
@@ -181,7 +182,7 @@ def timed_total(key, label=None, min_s=0.0):
             log(label(dt, *a, **k))
     return after
 
-wrap(layerwise, "_layer_pass", layer_before, layer_after)
+wrap(layerwise.Passes, "layer", layer_before, layer_after)
 wrap(layerwise, "run", lambda *a, **k: log(f"layer pass starts: {tuple(a[1].shape)} token windows; {mem()}"),
      lambda dt, ctx, *a, **k: log(f"layer pass done in {dt:.1f}s; {mem()}"))
 for owner in (gptq_pkg, methods):  # methods imports solve from edgequant.gptq when it runs (or at import)

@@ -1,0 +1,34 @@
+"""The weights GPTQ should aim at when a layer's inputs already carry the earlier layers' quantization error.
+
+GPTQ minimizes ‖X Wᵀ − X Ŵᵀ‖² over the quantized model's own inputs X: each layer matches the full-precision
+layer *on the already-degraded inputs*, and errors accumulate from layer to layer.  Asymmetric calibration (as in
+GPTQv2, Li et al. 2025) matches the full-precision model's output instead, ‖X_fp Wᵀ − X Ŵᵀ‖², X_fp being the
+full-precision model's inputs for the same tokens.  That objective is GPTQ's own quadratic around another point:
+
+    ‖X_fp Wᵀ − X Ŵᵀ‖² = ‖X (W* − Ŵ)ᵀ‖² + const,   W* = W · X_fpᵀX · (XᵀX)⁻¹   (least squares)
+
+so the solver stays as it is and only its target moves from W to W*.  With the damping λ (the solver's relative
+one) the solve is a ridge toward W: W* = W (X_fpᵀX + λI)(XᵀX + λI)⁻¹, which is W exactly when X_fp = X.  A strength
+α < 1 takes W + α(W* − W), the partial correction GPTQv2 found better on small calibration sets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def asymmetric_target(W: torch.Tensor, S: torch.Tensor, cross: torch.Tensor, damp: float = 0.01,
+                      strength: float = 1.0) -> torch.Tensor:
+    """W + strength·(W* − W) for W (rows, cols), S = XᵀX and cross = X_fpᵀX (cols, cols), all on one device;
+    solved in float64 (a Cholesky of S + λI, λ = damp · mean(diag S)), returned in float32."""
+    S64, C64 = S.double(), cross.double()
+    lam = damp * float(S64.diagonal().mean())
+    eye = torch.eye(len(S64), dtype=torch.float64, device=S64.device)
+    L, info = torch.linalg.cholesky_ex(S64 + lam * eye)
+    if info != 0:  # S too ill-conditioned for this λ even in float64: no correction rather than a wild one
+        return W
+    W64 = W.double()
+    # W* = W (C + λI) (S + λI)⁻¹  <=>  (S + λI) W*ᵀ = (C + λI)ᵀ Wᵀ
+    correction = torch.cholesky_solve((C64 + lam * eye).T @ W64.T, L).T - W64
+    return (W64 + strength * correction).float()

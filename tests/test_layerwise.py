@@ -1,0 +1,104 @@
+"""edgequant.layerwise's sequential and asymmetric passes, and gptq.target's asymmetric target, against direct
+computations: each linear's Stats are Σ xᵀx (and Σ x_fpᵀ x) of the inputs the layer really sees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgequant import layerwise
+from edgequant.gptq.target import asymmetric_target
+from edgequant.model import SourceModel
+
+
+def token_ids(n: int = 3, length: int = 24, vocab: int = 200) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).integers(3, vocab, (n, length)))
+
+
+def collect(model_dir, shrink: float = 1.0, **options):
+    """Run the layer pass; on_layer multiplies every weight by `shrink` (a stand-in for quantization).  Returns the
+    calls (layer index, names) in order and each weight's Stats."""
+    m = SourceModel(str(model_dir))
+    calls, stats = [], {}
+
+    def on_layer(index, weights):
+        calls.append((index, sorted(n.rsplit(".", 2)[-2] for n in weights)))
+        new = {}
+        for name, (w, st) in weights.items():
+            stats[name] = st
+            new[name] = w * shrink
+        return new
+
+    layerwise.run(m, token_ids(), on_layer, torch.device("cpu"), batch=2, **options)
+    return calls, stats
+
+
+def test_sequential_solves_groups_in_forward_order(tiny_llama):
+    calls, _ = collect(tiny_llama, sequential=True)
+    assert calls[:4] == [(0, ["k_proj", "q_proj", "v_proj"]), (0, ["o_proj"]), (0, ["gate_proj", "up_proj"]),
+                         (0, ["down_proj"])]
+    assert calls[-1] == ("output", ["lm_head"])
+
+
+def test_sequential_inputs_come_through_the_changed_weights(tiny_llama):
+    _, plain = collect(tiny_llama, shrink=0.5)
+    _, seq = collect(tiny_llama, shrink=0.5, sequential=True)
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    # layer 0's q/k/v read the embeddings either way; o_proj reads attention through the halved q/k/v
+    assert torch.equal(plain[q].s, seq[q].s)
+    assert not torch.allclose(plain[o].s, seq[o].s)
+    # unchanged weights: sequential collects the same sums as the one pass
+    _, same_plain = collect(tiny_llama)
+    _, same_seq = collect(tiny_llama, sequential=True)
+    for name in same_plain:
+        torch.testing.assert_close(same_seq[name].s, same_plain[name].s, rtol=1e-5, atol=1e-4)
+
+
+def test_asymmetric_cross_sums_pair_full_precision_and_quantized_inputs(tiny_llama):
+    _, same = collect(tiny_llama, asymmetric=True)
+    for name, st in same.items():  # nothing changed: both streams are one, cross = S
+        torch.testing.assert_close(st.cross, st.s, rtol=1e-5, atol=1e-4)
+    _, moved = collect(tiny_llama, shrink=0.9, asymmetric=True)
+    first = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(moved[first].cross, moved[first].s)  # layer 0 reads the embeddings in both
+    later = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.allclose(moved[later].cross, moved[later].s, rtol=1e-3)
+    # the head's cross sum pairs the final norm of both streams
+    assert not torch.allclose(moved["lm_head.weight"].cross, moved["lm_head.weight"].s, rtol=1e-3)
+
+
+def test_asymmetric_target_is_the_least_squares_solution():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((400, 24)) * rng.lognormal(0, 0.5, 24)
+    X_fp = X + 0.1 * rng.standard_normal(X.shape)
+    W = rng.standard_normal((5, 24))
+    S, cross = torch.from_numpy(X.T @ X), torch.from_numpy(X_fp.T @ X)
+    got = asymmetric_target(torch.from_numpy(W).float(), S.float(), cross.float(), damp=1e-9).double().numpy()
+    want = np.linalg.lstsq(X, X_fp @ W.T, rcond=None)[0].T  # argmin ‖X_fp Wᵀ − X W*ᵀ‖
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    half = asymmetric_target(torch.from_numpy(W).float(), S.float(), cross.float(), damp=1e-9, strength=0.5)
+    np.testing.assert_allclose(half.double().numpy(), W + 0.5 * (want - W), rtol=1e-4, atol=1e-4)
+    # identical streams: the target is W itself, whatever the damping
+    same = asymmetric_target(torch.from_numpy(W).float(), S.float(), S.float(), damp=0.1)
+    np.testing.assert_allclose(same.numpy(), W, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["--sequential", "--asymmetric=0.5"])
+def test_gptq_build_with_sequential_or_asymmetric_is_exact(tiny_llama, tmp_path, flag, request):
+    from edgequant.cli import main
+
+    text = request.config.rootpath / "tests" / "fixtures" / "text" / "train.txt"
+    out = tmp_path / "m.gguf"
+    assert main(["build", str(tiny_llama), "--target", "Q3_K_M", "-o", str(out), "--calib", str(text),
+                 "--calib-samples", "8", "--calib-seqlen", "64", "--device", "cpu", "--verify", "--quiet", flag]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_asymmetric_strength_out_of_range_is_refused(tiny_llama, tmp_path, capsys):
+    from edgequant.cli import main
+
+    assert main(["build", str(tiny_llama), "-o", str(tmp_path / "m.gguf"), "--calib", "x.txt",
+                 "--asymmetric", "1.5"]) == 2
+    assert "--asymmetric 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
