@@ -12,7 +12,8 @@ program owns BLOCK_G groups, one lane per group, and walks ggml's loops itself:
       el n-1  [                     ]              (n, BLOCK_G) register tile.
 
 so that the elements of a group are summed one after the other (ggml's order) and the trial grids run one after
-the other, all in one kernel per search.  Each kernel mirrors its torch function in device_fit operation for
+the other, all in one kernel per search.  The element loops are unrolled (by 4; the in-order sums' by 8) so that
+loads go out ahead of the arithmetic that waits for them; the arithmetic's order is unchanged.  Each kernel mirrors its torch function in device_fit operation for
 operation; tests/test_device_fit.py checks them against the numpy codecs bit for bit.
 
 What keeps them bit-exact is the float32 instructions they compile to, launched with enable_fp_fusion=False:
@@ -52,14 +53,14 @@ def _nearest_int(v):
 # --- in-order sums -------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit(do_not_specialize=["n", "m"])
 def _sum_kernel(T, OUT, n, m, FROM_ZERO: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = c < m
     acc = tl.load(T + c, mask=inside, other=0.0)
     if FROM_ZERO:
         acc = acc + 0.0  # -0.0 becomes +0.0, as ggml's `sum = 0; sum += t[0]`
-    for i in range(1, n):
+    for i in tl.range(1, n, loop_unroll_factor=8):
         acc += tl.load(T + i * m + c, mask=inside, other=0.0)
     tl.store(OUT + c, acc, mask=inside)
 
@@ -91,7 +92,7 @@ def _levels(x, lo, iscale, nmax):
 def _squared_error(X, W, G, g, inside, scale, offset, lo, iscale, nmax, N: tl.constexpr):
     """sum_i w_i * (scale*l_i + offset - x_i)^2 in element order, l the levels of the grid (iscale, lo)."""
     err = tl.zeros_like(scale)
-    for i in range(N):
+    for i in tl.range(N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         w = tl.load(W + i * G + g, mask=inside, other=0.0)
         d = scale * _levels(x, lo, iscale, nmax).to(tl.float32)
@@ -109,7 +110,7 @@ def _qkx3_kernel(X, W, NUMERATORS, SCALE, MIN, CODES, G, nmax, nstep, N: tl.cons
     x = tl.load(X + g, mask=inside, other=0.0)
     w = tl.load(W + g, mask=inside, other=0.0)
     lo, hi, sum_w, sum_x = x, x, w, w * x  # ggml's scans start from element 0, its sums too (no + 0.0)
-    for i in range(1, N):
+    for i in tl.range(1, N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         w = tl.load(W + i * G + g, mask=inside, other=0.0)
         lo = tl.where(x < lo, x, lo)
@@ -128,7 +129,7 @@ def _qkx3_kernel(X, W, NUMERATORS, SCALE, MIN, CODES, G, nmax, nstep, N: tl.cons
         sum_l = tl.zeros_like(lo)
         sum_l2 = tl.zeros_like(lo)
         sum_xl = tl.zeros_like(lo)
-        for i in range(N):
+        for i in tl.range(N, loop_unroll_factor=4):
             x = tl.load(X + i * G + g, mask=inside, other=0.0)
             w = tl.load(W + i * G + g, mask=inside, other=0.0)
             l = _levels(x, lo, iscale, nmax).to(tl.float32)
@@ -149,7 +150,7 @@ def _qkx3_kernel(X, W, NUMERATORS, SCALE, MIN, CODES, G, nmax, nstep, N: tl.cons
         best = tl.where(better, err, best)
         scale = tl.where(better, this_scale, scale)
         lo = tl.where(better, this_min, lo)
-    for i in range(N):
+    for i in tl.range(N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         q = tl.where(flat, 0, _levels(x, code_lo, code_iscale, nmax))
         tl.store(CODES + i * G + g, q.to(tl.uint8), mask=inside)
@@ -179,7 +180,7 @@ def _qp_error(X, W, G, g, inside, iscale, nmax, WRAP: tl.constexpr, N: tl.conste
     capped at nmax."""
     inverse = tl.math.div_rn(1.0, iscale)
     err = tl.zeros_like(iscale)
-    for i in range(N):
+    for i in tl.range(N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         w = tl.load(W + i * G + g, mask=inside, other=0.0)
         if WRAP:
@@ -198,7 +199,7 @@ def _qp_kernel(X, W, STEPS, SCALE, CODES, G, nmax, eps, N: tl.constexpr, ROWS: t
     inside = g < G
     row = tl.arange(0, ROWS)[:, None]
     top = tl.zeros((BLOCK_G,), tl.float32)  # ggml's running max from 0
-    for i in range(N):
+    for i in tl.range(N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         top = tl.where(x > top, x, top)
     zero = top < eps
@@ -214,7 +215,7 @@ def _qp_kernel(X, W, STEPS, SCALE, CODES, G, nmax, eps, N: tl.constexpr, ROWS: t
     sumlx = tl.zeros_like(top)
     suml2 = tl.zeros_like(top)
     codes = tl.zeros((ROWS, BLOCK_G), tl.int32)
-    for i in range(N):
+    for i in tl.range(N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         w = tl.load(W + i * G + g, mask=inside, other=0.0)
         level = tl.minimum(_nearest_int(iscale * x), nmax)
@@ -223,7 +224,7 @@ def _qp_kernel(X, W, STEPS, SCALE, CODES, G, nmax, eps, N: tl.constexpr, ROWS: t
         suml2 += w * lf * lf
         codes = tl.where(row == i, (level & 0xFF)[None, :], codes)
     for _ in range(PASSES):
-        for i in range(N):
+        for i in tl.range(N, loop_unroll_factor=4):
             x = tl.load(X + i * G + g, mask=inside, other=0.0)
             w = tl.load(W + i * G + g, mask=inside, other=0.0)
             code = tl.sum(tl.where(row == i, codes, 0), axis=0)
@@ -273,7 +274,7 @@ def _qx_sums(X, W, G, g, inside, iscale, nmax, N: tl.constexpr):
     """sum_i w_i*x_i*l_i and sum_i w_i*l_i*l_i in element order, l the levels of iscale."""
     sumlx = tl.zeros_like(iscale)
     suml2 = tl.zeros_like(iscale)
-    for i in range(N):
+    for i in tl.range(N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         w = tl.load(W + i * G + g, mask=inside, other=0.0)
         l = _qx_levels(x, iscale, nmax).to(tl.float32)
@@ -289,7 +290,7 @@ def _qx_kernel(X, W, NUMERATORS, SCALE, CODES, G, nmax, eps, N: tl.constexpr, NT
     inside = g < G
     peak = tl.load(X + g, mask=inside, other=0.0)  # signed_peak: where |x| is largest, first
     amax = tl.abs(peak)
-    for i in range(1, N):
+    for i in tl.range(1, N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         up = tl.abs(x) > amax
         amax = tl.where(up, tl.abs(x), amax)
@@ -309,7 +310,7 @@ def _qx_kernel(X, W, NUMERATORS, SCALE, CODES, G, nmax, eps, N: tl.constexpr, NT
         best_iscale = tl.where(better, iscale, best_iscale)
     zero = amax < eps
     tl.store(SCALE + g, tl.where(zero, 0.0, scale), mask=inside)
-    for i in range(N):
+    for i in tl.range(N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         code = tl.where(zero, 0, _qx_levels(x, best_iscale, nmax) + nmax)
         tl.store(CODES + i * G + g, code.to(tl.uint8), mask=inside)
