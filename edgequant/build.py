@@ -11,12 +11,16 @@ import resource
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
+
 import gguf
 import numpy as np
 import torch
 
+from .convert.encode import worker_count
 from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_output_path
 from .convert.recipes import FTYPES, ArchFacts, tensor_type
 from .errors import UserError
@@ -119,13 +123,29 @@ def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], en
         write_metadata(writer, m, FTYPES[ftype])
         stream = StreamingGGUF(writer, plan)
         task = progress.add_task(f"writing {out.name}", total=len(plan))
-        for t in plan:
+        for t, w in zip(plan, loaded_ahead(m, plan)):
             progress.update(task, description=f"writing {t.name} → {t.qtype.name}")
-            stream.write(t.name, encoder(t.name, m.load(t.name), t.qtype))
+            stream.write(t.name, encoder(t.name, w, t.qtype))
             progress.advance(task)
         stream.close()
         if digests is not None:
             verify_digests(tmp, digests)
+
+
+def loaded_ahead(m: SourceModel, plan: list[TensorPlan]) -> Iterator[np.ndarray]:
+    """m.load of each planned tensor in turn; with more than one worker (convert.encode.worker_count) the next one
+    loads on a thread while the caller encodes this one (reading and widening run without the GIL), so at most two
+    tensors are held at a time.  With one worker, everything stays on one thread."""
+    if worker_count() <= 1:
+        yield from (m.load(t.name) for t in plan)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="edgequant-load") as reader:
+        ahead = [reader.submit(m.load, t.name) for t in plan[:1]]
+        for t in plan[1:]:
+            current = ahead.pop().result()
+            ahead.append(reader.submit(m.load, t.name))
+            yield current
+        yield from (f.result() for f in ahead)
 
 
 def peak_memory() -> dict[str, int]:

@@ -25,6 +25,11 @@ import torch
 
 from .errors import UserError
 
+try:
+    from .native import widen
+except ImportError:  # the C extension is not built: numpy widens bf16
+    widen = None
+
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 PICKLE_WEIGHTS = "pytorch_model*.bin"
@@ -84,19 +89,23 @@ class Checkpoint:
         return name in self.tensors
 
     def load(self, name: str) -> torch.Tensor:
-        """One tensor as float32 (a fresh copy; the file is not kept open); NaN/Inf -> UserError."""
+        """One tensor as float32 (a fresh copy; the file is not kept open); NaN/Inf -> UserError.
+
+        Safetensors are read into a numpy buffer and widened there (bf16 in C where the extension is built), without
+        torch ops: these run without the GIL, so another thread may load while this one's caller encodes, and no
+        torch thread pool has to wake up for each tensor."""
         e = self.tensors[name]
         if name in self.pickled:
             t = self.pickled[name].to(torch.float32, copy=True)
+            bad = count_nonfinite(t.numpy())
         else:
-            data = bytearray(e.end - e.begin)
+            data = np.empty(e.end - e.begin, dtype=np.uint8)
             with open(e.file, "rb") as f:
                 f.seek(e.begin)
-                if f.readinto(data) != len(data):  # the file shrank since its header was checked
+                if f.readinto(memoryview(data)) != data.size:  # the file shrank since its header was checked
                     raise UserError(f"{e.file}: truncated while reading {name}")
-            t = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[e.dtype]).reshape(e.shape).float()
-        # NaN and Inf reach the sum (one fast reduction); only then count them (a finite sum can also overflow)
-        bad = 0 if torch.isfinite(t.sum()) else int(t.numel() - torch.isfinite(t).sum())
+            w, bad = to_float32(data, e.dtype)
+            t = torch.from_numpy(w.reshape(e.shape))
         if bad:
             layer = LAYER.search(name)
             where = f" (layer {layer.group(1)})" if layer else ""
@@ -106,6 +115,23 @@ class Checkpoint:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensors:
             yield name, self.load(name)
+
+
+def to_float32(data: np.ndarray, dtype: str) -> tuple[np.ndarray, int]:
+    """Raw safetensors bytes of `dtype` -> (float32 values, how many are NaN or Inf)."""
+    if dtype == "BF16":
+        if widen is not None:
+            return widen.bf16_to_float32(data.view(np.uint16))
+        w = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        w = data.view(np.float16).astype(np.float32) if dtype == "F16" else data.view(np.float32)
+    return w, count_nonfinite(w)
+
+
+def count_nonfinite(w: np.ndarray) -> int:
+    """NaN and Inf reach the sum (one fast reduction); only then count them (a finite sum can also overflow)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return 0 if np.isfinite(w.sum(dtype=np.float32)) else int(w.size - np.count_nonzero(np.isfinite(w)))
 
 
 def read_config(directory: Path) -> dict:

@@ -11,14 +11,14 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path("native")
-SOURCES = [str(HERE / name) for name in ("dispatch.c", "scalar.c", "avx2.c", "neon.c", "fit.c", "fit_avx2.c")]
-HEADERS = [str(HERE / name) for name in ("blocks.h", "dequant.h", "kernels.h", "fit.h", "fit_rows.h")]
+SOURCES = [str(HERE / name) for name in ("dispatch.c", "scalar.c", "avx2.c", "neon.c", "fit.c", "fit_avx2.c", "widen.c")]
+HEADERS = [str(HERE / name) for name in ("blocks.h", "dequant.h", "kernels.h", "fit.h", "fit_rows.h", "widen.h")]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 SOURCE_FLAGS = {str(HERE / name): ["-mavx2", "-mfma", "-mf16c"] for name in ("avx2.c", "fit_avx2.c")} if X86_64 else {}
 # -ffp-contract=off: the kernels reproduce ggml's float rounding, so only the fusions they write may happen.
 COMPILE_ARGS = ["-O3", "-std=gnu99", "-ffp-contract=off", "-pthread"]
 
-# The public API of kernels.h and fit.h (cffi cannot parse the header's preprocessor lines, so it is restated here).
+# The public API of kernels.h, fit.h and widen.h (cffi cannot parse the header's preprocessor lines, so it is restated here).
 CDEF = """
 int eq_isa_available(int isa);
 int eq_isa_best(void);
@@ -35,13 +35,14 @@ int eq_matmul(int isa, int type, int n, int64_t rows, const void *weights, size_
 int eq_fit_supported(int type);
 int eq_fit_rows(int isa, int type, const float *x, void *out, int64_t rows, int64_t n_per_row,
                 const float *importance);
+int64_t eq_bf16_to_f32(const uint16_t *in, float *out, int64_t n);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "edgequant.native._kernels",
-    '#include "kernels.h"\n#include "fit.h"',
+    '#include "kernels.h"\n#include "fit.h"\n#include "widen.h"',
     sources=SOURCES,
     depends=HEADERS,
     include_dirs=[str(HERE)],

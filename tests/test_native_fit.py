@@ -97,3 +97,29 @@ def test_supported_types_and_errors():
         fit.quantize(np.zeros((2, 256), np.float32), Q.Q4_K, np.ones(128, np.float32))
     with pytest.raises(ValueError, match="out must be"):
         fit.quantize(np.zeros((2, 256), np.float32), Q.Q4_K, out=np.zeros((2, 100), np.uint8))
+
+
+def test_bf16_widening_and_nonfinite_count(monkeypatch):
+    """Checkpoint loading's bf16 -> float32: every bit pattern as torch widens it, NaN/Inf counted; the numpy
+    fallback and the F16/F32 paths give the same values and counts."""
+    import torch
+
+    from edgequant import checkpoint
+    from edgequant.native import widen
+
+    raw = np.arange(1 << 16, dtype=np.uint16)
+    expected = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+    n_bad = int(np.count_nonzero(~np.isfinite(expected)))
+    assert n_bad == 2 * 128  # exponent all ones: Inf and 127 NaN mantissas, both signs
+    w, bad = widen.bf16_to_float32(raw)
+    assert bad == n_bad and np.array_equal(w.view(np.uint32), expected.view(np.uint32))
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(checkpoint, "widen", None)
+        w, bad = checkpoint.to_float32(raw.view(np.uint8), "BF16")
+        assert bad == n_bad and np.array_equal(w.view(np.uint32), expected.view(np.uint32))
+    halves = np.array([1.5, -np.inf, np.nan, 65504, 0], np.float16)
+    assert checkpoint.to_float32(halves.view(np.uint8), "F16")[1] == 2
+    singles = np.array([3e38, 3e38, -1, np.inf], np.float32)  # a finite sum that overflows is still checked
+    assert checkpoint.to_float32(singles[:3].copy().view(np.uint8), "F32")[1] == 0
+    assert checkpoint.to_float32(singles.view(np.uint8), "F32")[1] == 1
