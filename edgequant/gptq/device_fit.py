@@ -56,7 +56,7 @@ MAX_WEIGHTS = 1 << 22  # one fit's slice at most (larger ones go in chunks of ro
 _MAGIC = 12582912.0  # 1.5 * 2**23, as search_symmetric.nearest_int
 _EPS = float(GROUP_MAX_EPS)
 # What runs the searches and the in-order sums: "auto" (edgequant.gptq.triton_fit on a CUDA device when triton
-# imports, torch otherwise), "torch" (everywhere: the reference; scripts/bench_device_fit.py --torch), "triton"
+# imports, torch otherwise), "torch" (everywhere: the reference; bench_device_fit.py --kernels torch), "triton"
 # (everywhere: the tests run it on the CPU under TRITON_INTERPRET=1).
 KERNELS = "auto"
 

@@ -13,8 +13,9 @@ program owns BLOCK_G groups, one lane per group, and walks ggml's loops itself:
 
 so that the elements of a group are summed one after the other (ggml's order) and the trial grids run one after
 the other, all in one kernel per search.  The element loops are unrolled (by 4; the in-order sums' by 8) so that
-loads go out ahead of the arithmetic that waits for them; the arithmetic's order is unchanged.  Each kernel mirrors its torch function in device_fit operation for
-operation; tests/test_device_fit.py checks them against the numpy codecs bit for bit.
+loads go out ahead of the arithmetic that waits for them; the arithmetic's order is unchanged.  Each kernel mirrors
+its torch function in device_fit operation for operation; tests/test_device_fit.py checks them against the numpy
+codecs bit for bit.
 
 What keeps them bit-exact is the float32 instructions they compile to, launched with enable_fp_fusion=False:
 
@@ -37,7 +38,8 @@ import triton
 import triton.language as tl
 
 # Groups per program and warps per program: one lane per group (BLOCK_G = 32 x NUM_WARPS), so that each lane's loop
-# is one group's and nothing is replicated across threads.  The interpreter tests raise BLOCK_G (fewer programs).
+# is one group's and nothing is replicated across threads (scripts/bench_device_fit.py --tiles tries others).  The
+# interpreter tests raise BLOCK_G (fewer programs, the same arithmetic).
 BLOCK_G = 32
 NUM_WARPS = 1
 REFINE_PASSES = 5  # make_qp_quants' refinement, as device_fit's
