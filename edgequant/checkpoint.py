@@ -91,19 +91,21 @@ class Checkpoint:
     def load(self, name: str) -> torch.Tensor:
         """One tensor as float32 (a fresh copy; the file is not kept open); NaN/Inf -> UserError.
 
-        Safetensors are read into a numpy buffer and widened there (bf16 in C where the extension is built), without
-        torch ops: these run without the GIL, so another thread may load while this one's caller encodes, and no
-        torch thread pool has to wake up for each tensor."""
+        Safetensors are read into a numpy buffer and widened there (bf16 in C, in place, where the extension is
+        built), without torch ops: these run without the GIL, so another thread may load while this one's caller
+        encodes, and no torch thread pool has to wake up for each tensor."""
         e = self.tensors[name]
         if name in self.pickled:
             t = self.pickled[name].to(torch.float32, copy=True)
             bad = count_nonfinite(t.numpy())
+        elif e.dtype == "BF16" and widen is not None:  # read into the float32 buffer's upper half, widen in place
+            w, space = widen.bf16_buffer((e.end - e.begin) // 2)
+            read_into(e, space)
+            bad = widen.widen_in_place(w)
+            t = torch.from_numpy(w.reshape(e.shape))
         else:
             data = np.empty(e.end - e.begin, dtype=np.uint8)
-            with open(e.file, "rb") as f:
-                f.seek(e.begin)
-                if f.readinto(memoryview(data)) != data.size:  # the file shrank since its header was checked
-                    raise UserError(f"{e.file}: truncated while reading {name}")
+            read_into(e, data)
             w, bad = to_float32(data, e.dtype)
             t = torch.from_numpy(w.reshape(e.shape))
         if bad:
@@ -117,11 +119,17 @@ class Checkpoint:
             yield name, self.load(name)
 
 
+def read_into(e: TensorEntry, buffer: np.ndarray) -> None:
+    """The tensor's bytes from its file into `buffer` (uint8, exactly their size)."""
+    with open(e.file, "rb") as f:
+        f.seek(e.begin)
+        if f.readinto(memoryview(buffer)) != buffer.size:  # the file shrank since its header was checked
+            raise UserError(f"{e.file}: truncated while reading {e.name}")
+
+
 def to_float32(data: np.ndarray, dtype: str) -> tuple[np.ndarray, int]:
-    """Raw safetensors bytes of `dtype` -> (float32 values, how many are NaN or Inf)."""
+    """Raw safetensors bytes of `dtype` -> (float32 values, how many are NaN or Inf), in numpy."""
     if dtype == "BF16":
-        if widen is not None:
-            return widen.bf16_to_float32(data.view(np.uint16))
         w = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
         w = data.view(np.float16).astype(np.float32) if dtype == "F16" else data.view(np.float32)
