@@ -3,10 +3,15 @@
 #   device run: bash scripts/gpu_bench_a_kld.sh   (carry: .gpu)   -> $OUT/results.tgz
 # Builds llama.cpp tools with CUDA; GPTQ builds of bench-a (edgequant) and llama-quantize --imatrix builds (imatrix by
 # llama-imatrix, as ../shared/anchors/METHOD.md), then KLD vs the F16 on wiki.test.raw and heldout.txt, all on the GPU.
+# Knobs (environment): KLD_FTYPES (default the five of issue 5), KLD_TEXTS (wiki.test.raw heldout.txt),
+# KLD_VARIANTS: GPTQ builds as "TAG=build options" separated by ';' (default "g=": the defaults), each built per ftype
+# as TAG-FTYPE.gguf and evaluated next to the imatrix build i-FTYPE.gguf.
 set -u
+FTYPES=${KLD_FTYPES:-Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K}; TEXTS=${KLD_TEXTS:-wiki.test.raw heldout.txt}
+IFS=';' read -ra VARIANTS <<< "${KLD_VARIANTS:-g=}"; TAGS=$(for v in "${VARIANTS[@]}"; do printf '%s ' "${v%%=*}"; done)
 R=$(pwd); G=$R/.gpu; W=/tmp/w; S=$W/res; mkdir -p $S /tmp/pkg /tmp/a
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/pkg
-trap 'cd $W && tar czf $OUT/results.tgz res; [ -f $W/i-Q4_K_M.gguf ] && split -b 15M $W/i-Q4_K_M.gguf $OUT/i-Q4_K_M.gguf.part' EXIT
+trap 'cd $W && tar czf $OUT/results.tgz res; for f in i-Q4_K_M.gguf ${TAGS%% *}-Q4_K_M.gguf; do [ -f $W/$f ] && split -b 15M $W/$f $OUT/$f.part; done' EXIT
 log() { echo "[$(date +%T)] $*" | tee -a $S/run.log; }
 cp -r edgequant /tmp/pkg/; cp -r convert /tmp/pkg/edgequant/convert; cp -r runners /tmp/pkg/edgequant/runners
 (cd /tmp/pkg && for w in $G/wheels/*.whl; do python3 -m zipfile -e $w .; done)
@@ -14,20 +19,22 @@ cp $G/bench-a/* /tmp/a/; python3 -c "import lzma,shutil; shutil.copyfileobj(lzma
 (cd $W && tar xJf $G/lt.tar.xz && cmake -S llama.cpp -B b -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release > cmake.log 2>&1 && cmake --build b -j 14 --target llama-perplexity llama-quantize llama-imatrix > make.log 2>&1; echo $? > built) &
 cd /tmp
 python3 -m edgequant.cli build /tmp/a --target F16 -o $W/a-F16.gguf -q
-for t in Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K; do
-  python3 -m edgequant.cli build /tmp/a --target $t --calib $G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512 --json -o $W/g-$t.gguf > $S/build-$t.json 2>>$S/run.log
-  log "gptq built $t"
+for v in "${VARIANTS[@]}"; do
+  for t in $FTYPES; do
+    python3 -m edgequant.cli build /tmp/a --target $t --calib $G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512 ${v#*=} --json -o $W/${v%%=*}-$t.gguf > $S/build-${v%%=*}-$t.json 2>>$S/run.log
+    log "gptq built ${v%%=*} $t (${v#*=})"
+  done
 done
 while [ ! -f $W/built ]; do sleep 5; done; log "tools built: $(cat $W/built)"; tail -3 $W/make.log >> $S/run.log
 B=$W/b/bin
 $B/llama-imatrix -m $W/a-F16.gguf -f $G/wiki.train.first1MB.txt -c 512 --chunks 256 -ngl 999 -o $W/imatrix.gguf > $S/imatrix.log 2>&1
-for t in Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K; do $B/llama-quantize --imatrix $W/imatrix.gguf $W/a-F16.gguf $W/i-$t.gguf $t 8 > /dev/null 2>&1; done
+for t in $FTYPES; do $B/llama-quantize --imatrix $W/imatrix.gguf $W/a-F16.gguf $W/i-$t.gguf $t 8 > /dev/null 2>&1; done
 log "imatrix builds done"; ls -la $W/*.gguf >> $S/run.log
-for text in wiki.test.raw heldout.txt; do
+for text in $TEXTS; do
   $B/llama-perplexity -m $W/a-F16.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld > $S/f16-$text.log 2>&1
   log "base $text: $(grep 'Final estimate' $S/f16-$text.log)"
-  for t in Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K; do
-    for k in g i; do
+  for t in $FTYPES; do
+    for k in $TAGS i; do
       $B/llama-perplexity -m $W/$k-$t.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld --kl-divergence > $S/kld-$k-$t-$text.log 2>&1
       log "$k $t $text: $(grep -E 'Mean PPL\(Q\)|Mean    KLD|Same top p' $S/kld-$k-$t-$text.log | tr -s ' ' | tr '\n' ' ')"
     done
