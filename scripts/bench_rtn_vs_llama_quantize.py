@@ -6,7 +6,9 @@
 
 Each command is a whole process (edgequant's Python/torch start-up included, the inputs in the page cache after an
 untimed first read).  For every model and thread count T the two tools run in turn, REPS times each, the first of
-each pair alternating; the table gives the median and the spread, and the load average before the runs.
+each pair alternating; the table gives the median and the spread of the wall time, the ratio of the fastest runs,
+the least CPU time (user + system) of each tool, and the load average before the runs.  On a machine shared with
+other work the fastest run and the CPU time are the numbers least moved by it.
 
 Models: the given checkpoint directories, and with --synthetic-layers L1 L2: Llama-3.1-8B's shapes with L1 and L2
 decoder layers and random values (scripts/make_synthetic_model.py, made once under --work).  From those two, one
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,10 +35,14 @@ QUANTIZE = ROOT / ".cache" / "llama-tools" / "bin" / "llama-quantize"
 LAYERS_8B = 32
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> float:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def edgequant(*args: str) -> list[str]:
@@ -72,13 +79,17 @@ def bench_model(model: Path, work: Path, threads: list[int], reps: int, target: 
         cmds = {"edgequant": (edgequant(str(model), "--method", "rtn", "--target", target, "-o", str(ours)), env),
                 "llama-quantize": ([str(QUANTIZE), str(f16), str(theirs), target, str(t)], None)}
         times: dict[str, list[float]] = {k: [] for k in cmds}
+        cpu: dict[str, list[float]] = {k: [] for k in cmds}
         loads = []
         for rep in range(reps):
             for name in (list(cmds) if rep % 2 == 0 else list(cmds)[::-1]):
                 loads.append(os.getloadavg()[0])
-                times[name].append(run(*cmds[name]))
-                log(f"{model.name} T={t} {name}: {times[name][-1]:.2f} s (load {loads[-1]:.2f})")
-        result["runs"][t] = {"seconds": times, "median": {k: statistics.median(v) for k, v in times.items()},
+                wall, cpu_s = run(*cmds[name])
+                times[name].append(wall)
+                cpu[name].append(cpu_s)
+                log(f"{model.name} T={t} {name}: {wall:.2f} s, CPU {cpu_s:.2f} s (load {loads[-1]:.2f})")
+        result["runs"][t] = {"seconds": times, "cpu_seconds": cpu,
+                             "median": {k: statistics.median(v) for k, v in times.items()},
                              "load_1min": loads, "bytes": {"edgequant": ours.stat().st_size,
                                                            "llama-quantize": theirs.stat().st_size}}
     ours.unlink(missing_ok=True)
@@ -101,15 +112,18 @@ def extrapolate(small: dict, large: dict, l1: int, l2: int) -> dict:
 
 
 def table(results: list[dict], extrapolated: dict | None, layers: tuple[int, int] | None) -> str:
-    lines = ["| model | threads | edgequant s (median, range) | llama-quantize s (median, range) | ratio | load 1 min |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | threads | edgequant s (median, range) | llama-quantize s (median, range) | ratio | fastest ratio "
+             "| CPU s edgequant / llama-quantize (least) | load 1 min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for t, run_ in r["runs"].items():
             e, q = run_["seconds"]["edgequant"], run_["seconds"]["llama-quantize"]
             me, mq = run_["median"]["edgequant"], run_["median"]["llama-quantize"]
+            cpu = run_.get("cpu_seconds")
+            cpu_cell = f"{min(cpu['edgequant']):.1f} / {min(cpu['llama-quantize']):.1f}" if cpu else "–"
             lines.append(f"| {Path(r['model']).name} | {t} | {me:.1f} ({min(e):.1f}–{max(e):.1f}) | {mq:.1f} "
-                         f"({min(q):.1f}–{max(q):.1f}) | {me / mq:.2f} | {min(run_['load_1min']):.1f}–"
-                         f"{max(run_['load_1min']):.1f} |")
+                         f"({min(q):.1f}–{max(q):.1f}) | {me / mq:.2f} | {min(e) / min(q):.2f} | {cpu_cell} | "
+                         f"{min(run_['load_1min']):.1f}–{max(run_['load_1min']):.1f} |")
     if extrapolated:
         lines += ["", f"| 8B shapes, from {layers[0]} and {layers[1]} layers | threads | edgequant per layer s | "
                   f"llama-quantize per layer s | edgequant {LAYERS_8B} layers s | llama-quantize {LAYERS_8B} layers s "
