@@ -6,12 +6,14 @@ GPTQ's finished layers are kept in a work directory until then, so that a killed
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import resource
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -117,35 +119,64 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
 def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], encoder: Encoder, progress,
                digests: dict[str, str] | None = None) -> None:
     """Metadata, then each planned tensor as `encoder` makes it, into `out` atomically; then, given the solver's
-    digests, check that the file dequantizes to them."""
-    with atomic_output(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, m.arch.name)
-        write_metadata(writer, m, FTYPES[ftype])
-        stream = StreamingGGUF(writer, plan)
+    digests, check that the file dequantizes to them.
+
+    With more than one worker (convert.encode.worker_count) this is a pipeline: a reader thread loads up to
+    LOAD_AHEAD tensors ahead (the first ones while the metadata is written) and a writer thread writes the previous
+    tensor's bytes, while this thread encodes (the C fits, the reads and the widening run without the GIL).  With
+    one worker every step runs in turn on this thread."""
+    with atomic_output(out) as tmp, pipeline_threads(worker_count() > 1) as (reader, writer):
+        loads = deque(reader.submit(m.load, t.name) for t in plan[:LOAD_AHEAD])
+        gguf_writer = gguf.GGUFWriter(tmp, m.arch.name)
+        write_metadata(gguf_writer, m, FTYPES[ftype])
+        stream = StreamingGGUF(gguf_writer, plan)
         task = progress.add_task(f"writing {out.name}", total=len(plan))
-        for t, w in zip(plan, loaded_ahead(m, plan)):
+        written = None
+        for i, t in enumerate(plan):
+            w = loads.popleft().result()
+            if i + LOAD_AHEAD < len(plan):
+                loads.append(reader.submit(m.load, plan[i + LOAD_AHEAD].name))
             progress.update(task, description=f"writing {t.name} → {t.qtype.name}")
-            stream.write(t.name, encoder(t.name, w, t.qtype))
+            raw = encoder(t.name, w, t.qtype)
+            del w
+            if written is not None:
+                written.result()  # one tensor's bytes in flight: writes stay in plan order, errors surface here
+            written = writer.submit(stream.write, t.name, raw)
             progress.advance(task)
+        if written is not None:
+            written.result()
         stream.close()
         if digests is not None:
             verify_digests(tmp, digests)
 
 
-def loaded_ahead(m: SourceModel, plan: list[TensorPlan]) -> Iterator[np.ndarray]:
-    """m.load of each planned tensor in turn; with more than one worker (convert.encode.worker_count) the next one
-    loads on a thread while the caller encodes this one (reading and widening run without the GIL), so at most two
-    tensors are held at a time.  With one worker, everything stays on one thread."""
-    if worker_count() <= 1:
-        yield from (m.load(t.name) for t in plan)
+LOAD_AHEAD = 2  # tensors loaded ahead of the one encoding: a large one (the output head) after small ones is ready
+
+
+@contextlib.contextmanager
+def pipeline_threads(threaded: bool) -> Iterator[tuple[Executor, Executor]]:
+    """(reader, writer): one thread each, or both running every call at once on the caller's thread."""
+    if not threaded:
+        yield InCallerThread(), InCallerThread()
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="edgequant-load") as reader:
-        ahead = [reader.submit(m.load, t.name) for t in plan[:1]]
-        for t in plan[1:]:
-            current = ahead.pop().result()
-            ahead.append(reader.submit(m.load, t.name))
-            yield current
-        yield from (f.result() for f in ahead)
+    with ThreadPoolExecutor(1, "edgequant-load") as reader, ThreadPoolExecutor(1, "edgequant-write") as writer:
+        try:
+            yield reader, writer
+        except BaseException:
+            reader.shutdown(cancel_futures=True)  # a failed build does not wait for loads it will not use
+            raise
+
+
+class InCallerThread(Executor):
+    """An executor that runs each call at once, in the calling thread."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        f = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            f.set_exception(e)
+        return f
 
 
 def peak_memory() -> dict[str, int]:
