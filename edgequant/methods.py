@@ -52,8 +52,8 @@ class GptqSettings:
     act_order: bool = False
     refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
     tf32: bool = True  # calibration forward passes and Hessian sums in TF32 on a GPU (layerwise.run)
-    sequential: bool = False  # solve a layer's linears group by group, each on inputs through the quantized ones
-    asymmetric: float = 0.0  # strength of the full-precision target (gptq.target.asymmetric_target); 0: off
+    sequential: bool = True  # solve a layer's linears group by group, each on inputs through the quantized ones
+    asymmetric: float = 0.5  # strength of the full-precision target (gptq.target.asymmetric_target); 0: off
 
 
 @dataclass

@@ -38,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rounds of coordinate descent on the stored scales and codes after GPTQ (default 2, 0: plain GPTQ)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU, calibration forward passes and Hessian sums in TF32 (default; the solver stays float32)")
-    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
-                   help="inside a layer too: q/k/v, then o, then gate/up, then down, each on inputs through the ones before, quantized")
-    g.add_argument("--asymmetric", type=float, default=0.0, metavar="ALPHA",
-                   help="aim each layer at the full-precision model's outputs with strength ALPHA in [0, 1] (0: off; twice the activation memory)")
+    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="inside a layer too (default): q/k/v, then o, then gate/up, then down, each on inputs through the ones before, quantized")
+    g.add_argument("--asymmetric", type=float, default=0.5, metavar="ALPHA",
+                   help="aim each layer at the full-precision model's outputs with strength ALPHA in [0, 1] (default 0.5; 0: off, half the activation memory)")
     g.add_argument("--work-dir", type=Path, metavar="DIR",
                    help="finished layers are kept here so that a killed build resumes when run again (default OUTPUT.work)")
     p.add_argument("--allow-pickle", action="store_true",
