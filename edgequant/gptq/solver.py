@@ -117,12 +117,12 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     scale, offset = (torch.from_numpy(a).to(device) for a in (grid.scale, grid.offset))
     if refine:
         mean = float(H.diagonal().mean())
-        fitted, scale, offset = refine_blocks(W, H + max(refine_damp * mean, lam) * eye(H), codec, fitted, q, scale,
+        fitted, scale, offset = refine_blocks(W, damped(H, max(refine_damp * mean, lam)), codec, fitted, q, scale,
                                               offset, refine, block_size, polish, refit_loop)
     w_hat = dequantized(q, scale, offset)  # codec.dequantize(blocks) bit for bit, computed where the codes are
     if refine:
         E = w_hat - W
-        Losses = ((E @ (H + lam * eye(H))) * E).sum(0).div_(2)
+        Losses = ((E @ damped(H, lam)) * E).sum(0).div_(2)
     else:
         Losses = Losses[inverse]
     column_loss = Losses.cpu().numpy()
@@ -130,8 +130,11 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     return Solution(blocks, w_hat.cpu().numpy(), float(column_loss.sum(dtype=np.float64)), column_loss, damp)
 
 
-def eye(H: torch.Tensor) -> torch.Tensor:
-    return torch.eye(len(H), device=H.device)
+def damped(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """H + λI as a new matrix (without an identity matrix's worth of memory: 0.8 GB for an 8B's down_proj)."""
+    out = H.clone()
+    out.diagonal().add_(lam)
+    return out
 
 
 class ColumnGrids:
@@ -218,7 +221,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
     mean = float(H.diagonal().mean())
     for _ in range(CHOLESKY_TRIES):
         lam = damp * mean
-        L, info = torch.linalg.cholesky_ex(H + lam * eye(H))
+        L, info = torch.linalg.cholesky_ex(damped(H, lam))
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and bool(torch.isfinite(U).all()):

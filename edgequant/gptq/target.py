@@ -22,13 +22,19 @@ def asymmetric_target(W: torch.Tensor, S: torch.Tensor, cross: torch.Tensor, dam
                       strength: float = 1.0) -> torch.Tensor:
     """W + strength·(W* − W) for W (rows, cols), S = XᵀX and cross = X_fpᵀX (cols, cols), all on one device;
     solved in float64 (a Cholesky of S + λI, λ = damp · mean(diag S)), returned in float32."""
-    S64, C64 = S.double(), cross.double()
-    lam = damp * float(S64.diagonal().mean())
-    eye = torch.eye(len(S64), dtype=torch.float64, device=S64.device)
-    L, info = torch.linalg.cholesky_ex(S64 + lam * eye)
+    lam = damp * float(S.diagonal().double().mean())
+    # float64 matrices of 1.6 GB each for an 8B's down_proj: one at a time
+    A = S.double()
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
+    del A
     if info != 0:  # S too ill-conditioned for this λ even in float64: no correction rather than a wild one
         return W
     W64 = W.double()
     # W* = W (C + λI) (S + λI)⁻¹  <=>  (S + λI) W*ᵀ = (C + λI)ᵀ Wᵀ
-    correction = torch.cholesky_solve((C64 + lam * eye).T @ W64.T, L).T - W64
+    C = cross.double()
+    C.diagonal().add_(lam)
+    rhs = C.T @ W64.T
+    del C
+    correction = torch.cholesky_solve(rhs, L).T - W64
     return (W64 + strength * correction).float()
