@@ -20,7 +20,6 @@ from typing import Iterator
 
 import gguf
 import numpy as np
-import torch
 
 from .convert.encode import worker_count
 from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_output_path
@@ -183,7 +182,8 @@ def peak_memory() -> dict[str, int]:
     """This process's peak resident memory (getrusage) and, if CUDA was used, torch's peak allocated GPU memory."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB on Linux
     peak = {"rss_bytes": rss}
-    if torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")  # not imported by an RTN build that needs no torch
+    if torch is not None and torch.cuda.is_initialized():
         peak["cuda_bytes"] = torch.cuda.max_memory_allocated()
     return peak
 

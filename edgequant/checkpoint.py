@@ -18,20 +18,21 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 try:
     from .native import widen
 except ImportError:  # the C extension is not built: numpy widens bf16
     widen = None
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}  # the dtypes read; torch is imported only where needed
 PICKLE_WEIGHTS = "pytorch_model*.bin"
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -89,30 +90,36 @@ class Checkpoint:
         return name in self.tensors
 
     def load(self, name: str) -> torch.Tensor:
+        """One tensor as a float32 torch tensor (load_array's, shared)."""
+        import torch
+
+        return torch.from_numpy(self.load_array(name))
+
+    def load_array(self, name: str) -> np.ndarray:
         """One tensor as float32 (a fresh copy; the file is not kept open); NaN/Inf -> UserError.
 
         Safetensors are read into a numpy buffer and widened there (bf16 in C, in place, where the extension is
-        built), without torch ops: these run without the GIL, so another thread may load while this one's caller
-        encodes, and no torch thread pool has to wake up for each tensor."""
+        built), without torch (which only pickle checkpoints need): the reads and the widening run without the GIL,
+        so another thread may load while this one's caller encodes, and no torch thread pool wakes up per tensor."""
         e = self.tensors[name]
         if name in self.pickled:
-            t = self.pickled[name].to(torch.float32, copy=True)
-            bad = count_nonfinite(t.numpy())
+            import torch
+
+            w = self.pickled[name].to(torch.float32, copy=True).numpy()
+            bad = count_nonfinite(w)
         elif e.dtype == "BF16" and widen is not None:  # read into the float32 buffer's upper half, widen in place
             w, space = widen.bf16_buffer((e.end - e.begin) // 2)
             read_into(e, space)
             bad = widen.widen_in_place(w)
-            t = torch.from_numpy(w.reshape(e.shape))
         else:
             data = np.empty(e.end - e.begin, dtype=np.uint8)
             read_into(e, data)
             w, bad = to_float32(data, e.dtype)
-            t = torch.from_numpy(w.reshape(e.shape))
         if bad:
             layer = LAYER.search(name)
             where = f" (layer {layer.group(1)})" if layer else ""
-            raise UserError(f"{name}{where} in {e.file.name}: {bad} of {t.numel()} values are NaN or Inf")
-        return t
+            raise UserError(f"{name}{where} in {e.file.name}: {bad} of {w.size} values are NaN or Inf")
+        return w.reshape(e.shape)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensors:
@@ -202,9 +209,9 @@ def read_header(file: Path) -> list[TensorEntry]:
             dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{file}: corrupt safetensors entry for {name}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise UserError(f"{file}: tensor {name} has dtype {dtype}; supported: {', '.join(SAFETENSORS_DTYPES)}")
-        nbytes = int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].itemsize
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise UserError(f"{file}: tensor {name} has dtype {dtype}; supported: {', '.join(SAFETENSORS_ITEMSIZE)}")
+        nbytes = int(np.prod(shape)) * SAFETENSORS_ITEMSIZE[dtype]
         if e - b != nbytes or b < 0:
             raise UserError(f"{file}: corrupt safetensors entry for {name} ({e - b} bytes for shape {list(shape)})")
         if 8 + n + e > size:
@@ -216,6 +223,9 @@ def read_header(file: Path) -> list[TensorEntry]:
 def load_pickles(directory: Path, out: dict[str, torch.Tensor]) -> dict[str, TensorEntry]:
     """pytorch_model*.bin through torch.load(weights_only=True): tensors and plain containers only, anything else
     (the classes and functions a malicious pickle would call) refused by torch's restricted unpickler."""
+    import torch
+
+    dtype_names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
     entries = {}
     for file in sorted(directory.glob(PICKLE_WEIGHTS)):
         try:
@@ -229,8 +239,8 @@ def load_pickles(directory: Path, out: dict[str, torch.Tensor]) -> dict[str, Ten
         if not isinstance(state, dict):
             raise UserError(f"{file}: not a state dict of tensors")
         for name, t in state.items():
-            if not isinstance(t, torch.Tensor) or t.dtype not in DTYPE_NAMES:
-                raise UserError(f"{file}: {name} is not a tensor of {', '.join(SAFETENSORS_DTYPES)}")
+            if not isinstance(t, torch.Tensor) or t.dtype not in dtype_names:
+                raise UserError(f"{file}: {name} is not a tensor of {', '.join(SAFETENSORS_ITEMSIZE)}")
             out[name] = t
-            entries[name] = TensorEntry(name, file, DTYPE_NAMES[t.dtype], tuple(t.shape), 0, 0)
+            entries[name] = TensorEntry(name, file, dtype_names[t.dtype], tuple(t.shape), 0, 0)
     return entries

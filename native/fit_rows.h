@@ -40,9 +40,6 @@ static inline int32_t nearest_int(float v) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
-/* rint(v) for |v| <= 2^22, NaN and infinities kept; beyond, a value of the same sign past every clamp used here. */
-static inline float round_even(float v) { return (v + MAGIC) - MAGIC; }
-
 static inline int32_t clamp_int(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 static inline int32_t min_int(int32_t a, int32_t b) { return a < b ? a : b; }
