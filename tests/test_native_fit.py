@@ -142,3 +142,38 @@ def test_checkpoint_load_with_and_without_the_extension(tiny_llama, monkeypatch)
         for name, t in expected.items():
             assert t.dtype == torch.bfloat16
             assert torch.equal(ck.load(name), t.float()), name
+
+
+def test_neon_build_under_qemu(tmp_path, matrix):
+    """The portable build as AArch64 compiles it (NEON vectors) writes the numpy codecs' bytes too: native/tests/
+    fit_bytes.c with the package's sources and flags, run under qemu-user, every type, with and without importance."""
+    import runpy
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+    if cc is None or qemu is None:
+        pytest.skip("needs gcc-aarch64-linux-gnu and qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    root = Path(__file__).resolve().parents[1]
+    build = runpy.run_path(str(root / "native" / "build_native.py"))
+    sources = [root / "native" / "tests" / "fit_bytes.c", *(root / s for s in build["SOURCES"])]
+    objects = []
+    for src in sources:
+        objects.append(str(tmp_path / (src.stem + ".o")))
+        subprocess.run([cc, *build["COMPILE_ARGS"], "-march=armv8-a", f"-I{root / 'native'}", "-c", str(src), "-o",
+                        objects[-1]], check=True, capture_output=True, text=True)
+    exe = tmp_path / "fit_bytes"
+    subprocess.run([cc, "-static", *objects, "-o", str(exe), "-lm", "-pthread"], check=True, capture_output=True, text=True)
+    weights, imp_path = tmp_path / "w.f32", tmp_path / "imp.f32"
+    matrix.tofile(weights)
+    imp = importances(np.random.default_rng(3))["zeros"]
+    imp.tofile(imp_path)
+    for name in TYPES:
+        c = codec(name)
+        for importance, arg in ((None, "-"), (imp, str(imp_path))):
+            run = subprocess.run([qemu, str(exe), str(int(c.qtype)), str(len(matrix)), str(N), str(weights), arg],
+                                 capture_output=True, timeout=300)
+            assert run.returncode == 0, run.stderr
+            neon = np.frombuffer(run.stdout, np.uint8)
+            assert differing_rows(neon, c.quantize(matrix, importance), len(matrix), c.type_size).size == 0, name
