@@ -44,9 +44,10 @@ except ImportError:  # the C extension is not built: the numpy codecs fit everyt
 Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 DIRECT_FITS = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)  # without importance (Q8_0 ignores it): no scale search
-PARALLEL_MIN_WEIGHTS = 1 << 17  # below this (~20 ms of K-quant fitting) one call beats the pool's round trips
-# Rows per task: two tasks per worker to even out the load, but at least TASK_MIN_WEIGHTS weights (~10 ms of K-quant
-# fitting) and at most TASK_MAX_WEIGHTS (a K-quant fit needs ~3.6x its input in temporaries: ~230 MiB per worker).
+PARALLEL_MIN_WEIGHTS = 1 << 17  # below this (~20 ms of numpy K-quant fitting, ~1.5 ms in C) one call beats the pool
+# Rows per task: two tasks per worker to even out the load, but at least TASK_MIN_WEIGHTS weights (~10 ms of numpy
+# K-quant fitting, ~0.7 ms in C) and at most TASK_MAX_WEIGHTS (a numpy K-quant fit needs ~3.6x its input in
+# temporaries: ~230 MiB per worker).
 TASKS_PER_WORKER = 2
 TASK_MIN_WEIGHTS = 1 << 16
 TASK_MAX_WEIGHTS = 1 << 24
