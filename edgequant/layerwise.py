@@ -123,7 +123,8 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs; with asymmetric,
     both streams stacked, (2, windows, L, d))."""
     seconds = {"calibration forward": 0.0, "solve": 0.0}
-    batch = batch or max(1, min(8, TOKENS_PER_BATCH // ids.shape[1]))
+    # two streams (asymmetric) hold two layers' worth of captured inputs at once: half the windows per forward
+    batch = batch or max(1, min(8, TOKENS_PER_BATCH // (2 if asymmetric else 1) // ids.shape[1]))
     tf32 = tf32 and device.type == "cuda"  # CPUs: float32 as it is (and builds reproduce bit for bit)
     requantize = requantize or sequential or asymmetric
     model = skeleton(m, device)
@@ -242,6 +243,7 @@ class Passes:
                 if prefix + n + ".weight" in new:
                     linears[n].weight.copy_(new[prefix + n + ".weight"])
                     new_weights = True
+        del stats  # before the last passes: the down_proj's sums are 0.8 GB each for an 8B
         if not new_weights and not requantize:
             return check_finite(out, f"the output of layer {index}")
         t0 = time.perf_counter()
@@ -329,7 +331,10 @@ class Passes:
 
 
 def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
-    """x, or UserError if it holds NaN/Inf (weights that overflow float32 on the calibration text)."""
-    if not bool(torch.isfinite(x).all()):
-        raise UserError(f"NaN or Inf in {what}: the weights overflow float32 on the calibration text")
+    """x, or UserError if it holds NaN/Inf (weights that overflow float32 on the calibration text).  One sum first:
+    torch.isfinite of the whole tensor would allocate its size again (8 GiB for an 8B's two streams); only a sum that
+    is not finite (NaN/Inf, or a finite sum that overflowed) is followed by the exact check, in slices."""
+    if not bool(torch.isfinite(x.sum())):
+        if not all(bool(torch.isfinite(part).all()) for part in x.reshape(-1).split(1 << 24)):
+            raise UserError(f"NaN or Inf in {what}: the weights overflow float32 on the calibration text")
     return x

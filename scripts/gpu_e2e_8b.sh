@@ -173,7 +173,7 @@ def solve_after(dt, fit0, *a, **k):
     total["solve_s"] += dt
     total["solves"] += 1
     w, codec = (a[0] if a else k.get("W")), (a[2] if len(a) > 2 else k.get("codec"))
-    log(f"  solve {tuple(w.shape)} {codec.name}: {dt:.2f}s (host fits {total['host_fit_s'] - fit0:.2f}s)")
+    log(f"  solve {tuple(w.shape)} {codec.name}: {dt:.2f}s (host fits {total['host_fit_s'] - fit0:.2f}s); {mem()}")
 
 def timed_total(key, label=None, min_s=0.0):
     def after(dt, ctx, *a, **k):
@@ -183,6 +183,9 @@ def timed_total(key, label=None, min_s=0.0):
     return after
 
 wrap(layerwise.Passes, "layer", layer_before, layer_after)
+wrap(layerwise.Passes, "collect", after=lambda dt, ctx, passes, layer, ref, names, *a, **k: log(f"  collect {names}: {dt:.2f}s; {mem()}"))
+wrap(layerwise.Passes, "forward_all", after=lambda dt, ctx, *a, **k: log(f"  forward over all windows: {dt:.2f}s; {mem()}"))
+wrap(layerwise, "check_finite", after=lambda dt, ctx, x, what: log(f"  finiteness of {tuple(x.shape)}: {dt:.2f}s; {mem()}") if x.dim() > 2 else None)
 wrap(layerwise, "run", lambda *a, **k: log(f"layer pass starts: {tuple(a[1].shape)} token windows; {mem()}"),
      lambda dt, ctx, *a, **k: log(f"layer pass done in {dt:.1f}s; {mem()}"))
 for owner in (gptq_pkg, methods):  # methods imports solve from edgequant.gptq when it runs (or at import)

@@ -23,7 +23,9 @@ def asymmetric_target(W: torch.Tensor, S: torch.Tensor, cross: torch.Tensor, dam
     """W + strength·(W* − W) for W (rows, cols), S = XᵀX and cross = X_fpᵀX (cols, cols), all on one device;
     solved in float64 (a Cholesky of S + λI, λ = damp · mean(diag S)), returned in float32."""
     lam = damp * float(S.diagonal().double().mean())
-    # float64 matrices of 1.6 GB each for an 8B's down_proj: one at a time
+    # W* = W (C + λI) (S + λI)⁻¹  <=>  (S + λI) W*ᵀ = (C + λI)ᵀ Wᵀ; the right side is a float32 GEMM, the solve
+    # float64, one 1.6 GB matrix alive at a time for an 8B's down_proj (the GPU build's peak was here)
+    rhs = torch.addmm(W.T, cross.T, W.T, alpha=1.0, beta=lam).double()
     A = S.double()
     A.diagonal().add_(lam)
     L, info = torch.linalg.cholesky_ex(A)
@@ -31,10 +33,4 @@ def asymmetric_target(W: torch.Tensor, S: torch.Tensor, cross: torch.Tensor, dam
     if info != 0:  # S too ill-conditioned for this λ even in float64: no correction rather than a wild one
         return W
     W64 = W.double()
-    # W* = W (C + λI) (S + λI)⁻¹  <=>  (S + λI) W*ᵀ = (C + λI)ᵀ Wᵀ
-    C = cross.double()
-    C.diagonal().add_(lam)
-    rhs = C.T @ W64.T
-    del C
-    correction = torch.cholesky_solve(rhs, L).T - W64
-    return (W64 + strength * correction).float()
+    return (W64 + strength * (torch.cholesky_solve(rhs, L).T - W64)).float()
