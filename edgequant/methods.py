@@ -214,9 +214,13 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
             target = w_here
             if settings.asymmetric and stats.cross is not None:
                 target = asymmetric_target(w_here, stats.s, stats.cross, settings.damp, settings.asymmetric)
-            with one_cpu_thread(device):
-                sol = solve(target, h, c, block_size=settings.block_size, damp=settings.damp,
-                            act_order=settings.act_order, refine=settings.refine)
+            try:
+                with one_cpu_thread(device):
+                    sol = solve(target, h, c, block_size=settings.block_size, damp=settings.damp,
+                                act_order=settings.act_order, refine=settings.refine)
+            except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
+                raise UserError(f"{hf_name} (layer {index}) cannot be quantized to {qtype.name}: {e} "
+                                f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
             # packing and hashing on host threads (both release the GIL), while the GPU goes on
             pending["packed"][name] = host.submit(lambda c=c, b=sol.blocks: c.pack(b).reshape(-1))
             w_hat = torch.from_numpy(sol.w_hat).to(device)
