@@ -1,8 +1,8 @@
 """Only what pyproject.toml cannot say: build the C kernels in native/ through cffi (`cffi_modules`).
 
-build_ext compiles native/avx2.c alone with -mavx2 -mfma -mf16c on x86-64 (native/build_native.py's
-SOURCE_FLAGS), so the rest (the scalar fallback and the dispatch) still runs on CPUs without AVX2; it stops with a
-plain message when there is no C compiler.
+On x86-64 build_ext compiles only native/avx2.c and native/fit_avx2.c with -mavx2 -mfma -mf16c
+(native/build_native.py's SOURCE_FLAGS), so the rest (the scalar fallbacks and the dispatch) still runs on CPUs
+without AVX2; it stops with a plain message when there is no C compiler.
 """
 
 import runpy
