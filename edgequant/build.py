@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gguf
 import numpy as np
@@ -26,10 +26,12 @@ from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_ou
 from .convert.recipes import FTYPES, ArchFacts, tensor_type
 from .errors import UserError
 from .metadata import write_metadata
-from .methods import CalibOptions, Encoder, make_encoder
+from .methods import CalibOptions, Encoder, calibrates, make_encoder
 from .model import SourceModel, layer_of
 from .progress import Progress
-from .workdir import WorkDir, build_identity
+
+if TYPE_CHECKING:
+    from .workdir import WorkDir
 
 FREE_SPACE_MARGIN = 64 * 2**20  # metadata (vocabularies reach a few MiB), filesystem overhead
 
@@ -87,7 +89,9 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
         result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
         calib = calib or CalibOptions()
         work = None
-        if encoder is None and method == "gptq":
+        if encoder is None and method == "gptq" and calibrates(method, plan):
+            from .workdir import WorkDir, build_identity  # torch: only GPTQ builds need it
+
             work = WorkDir(work_dir or out.with_name(out.name + ".work"), build_identity(m, ftype, method, calib))
         check_free_space(out, result.nbytes, work, calib, m)
         progress.remove_task(loading)

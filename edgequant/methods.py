@@ -23,14 +23,11 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import gguf
 import numpy as np
-import torch
 
-from . import layerwise
-from .calibration import load_text, windows
 from .convert.codecs import codec
 from .convert.encode import FLOAT_TYPES, encode
 from .convert.gguf_out import TensorPlan
@@ -38,7 +35,13 @@ from .convert.imatrix_file import read_imatrix
 from .errors import UserError
 from .model import SourceModel
 from .tokens import ReferenceTokenizer
-from .workdir import WorkDir
+
+# torch, layerwise (torch, transformers) and the calibration text loaders are imported only where a method starts
+# calibrating: an RTN or float build needs none of them, and importing torch alone takes longer than a small RTN build.
+if TYPE_CHECKING:
+    import torch
+
+    from .workdir import WorkDir
 
 # Encoder for one tensor: (GGUF name, float32 weights, planned type) -> bytes.
 Encoder = Callable[[str, np.ndarray, gguf.GGMLQuantizationType], np.ndarray]
@@ -67,6 +70,8 @@ class CalibOptions:
     gptq: GptqSettings = field(default_factory=GptqSettings)
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -75,6 +80,8 @@ class CalibOptions:
             raise UserError(f"--device {self.device}: {e}") from None
 
     def token_windows(self, m: SourceModel) -> torch.Tensor:
+        from .calibration import load_text, windows
+
         if not self.text:
             raise UserError("this method needs calibration text: --calib FILE (text or JSONL) or a dataset name such as wikitext2")
         seqlen = min(self.seqlen, m.hp.n_ctx)
@@ -90,11 +97,16 @@ def rtn_encoder(importance: dict[str, np.ndarray] | None = None) -> Encoder:
     return enc
 
 
+def calibrates(method: str, plan: list[TensorPlan]) -> bool:
+    """Whether `method` needs calibration for `plan`: not for rtn, nor when every tensor stays a float type."""
+    return method != "rtn" and any(t.qtype not in FLOAT_TYPES for t in plan)
+
+
 def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, progress=None,
                  work: WorkDir | None = None) -> tuple[Encoder, dict]:
     """The encoder for `method`, after whatever calibration it needs; plus a report dict for the summary.
     gptq keeps its finished layers in `work`, and resumes from what is there."""
-    if method == "rtn" or all(t.qtype in FLOAT_TYPES for t in plan):
+    if not calibrates(method, plan):
         return rtn_encoder(), {}
     if method == "imatrix":
         if calib.imatrix is not None:
@@ -121,6 +133,8 @@ def hf_to_gguf(m: SourceModel) -> dict[str, str]:
 
 def collect_importance(m: SourceModel, ids: torch.Tensor, device: torch.device, progress=None) -> dict[str, tuple[np.ndarray, int]]:
     """GGUF tensor name -> (Σ x² per input column, number of activation rows), from full-precision activations."""
+    from . import layerwise
+
     names = hf_to_gguf(m)
     out: dict[str, tuple[np.ndarray, int]] = {}
 
@@ -158,6 +172,8 @@ def importance_weighted_fit(c, w: torch.Tensor, importance: torch.Tensor) -> tor
     """Ŵ of codec.fit(w, importance) (what llama-quantize --imatrix writes), on w's device: on CUDA through
     gptq.device_fit where it covers the codec (bit-identical, and no host round trip), one super-block of columns
     at a time: the fits are per block, and those are the shapes whose CUDA graphs the solver has captured."""
+    import torch
+
     from .gptq.device_fit import device_fit
     from .gptq.solver import GRAPH_ROWS
 
@@ -172,6 +188,8 @@ def importance_weighted_fit(c, w: torch.Tensor, importance: torch.Tensor) -> tor
 @contextlib.contextmanager
 def one_cpu_thread(device: torch.device):
     """Pin torch to one thread on the CPU: MKL's Cholesky rounds differently with 1 and 2 threads."""
+    import torch
+
     if device.type != "cpu":
         yield
         return
@@ -191,6 +209,9 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
                  settings: GptqSettings, work: WorkDir, progress=None) -> tuple[Encoder, GptqReport]:
     """Run GPTQ over the whole model now (the layers not already in `work`), each layer's packed blocks saved to
     `work` as it finishes; the encoder then hands out the packed blocks (RTN for the rest)."""
+    import torch
+
+    from . import layerwise
     from .gptq import solve
     from .gptq.target import asymmetric_target
 

@@ -57,5 +57,4 @@ class SourceModel:
         t = self.tensors[gguf_name]
         if t.hf_name is None:
             return self._extra[gguf_name]
-        tensor = self.checkpoint.load(t.hf_name).numpy()
-        return self.arch.to_gguf(t.hf_name, tensor, self.hp, self.tensor_names)[1]
+        return self.arch.to_gguf(t.hf_name, self.checkpoint.load_array(t.hf_name), self.hp, self.tensor_names)[1]

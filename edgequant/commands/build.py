@@ -84,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def calib_options(args: argparse.Namespace):
-    from ..build import CalibOptions
-    from ..methods import GptqSettings
+    from ..methods import CalibOptions, GptqSettings
 
     if not 0 <= args.asymmetric <= 1:
         raise UserError(f"--asymmetric {args.asymmetric:g}: the strength must be between 0 and 1")
