@@ -19,6 +19,7 @@ guarantee.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,8 +56,18 @@ class GptqSettings:
     act_order: bool = False
     refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
     tf32: bool = True  # calibration forward passes and Hessian sums in TF32 on a GPU (layerwise.run)
-    sequential: bool = True  # solve a layer's linears group by group, each on inputs through the quantized ones
-    asymmetric: float = 0.5  # strength of the full-precision target (gptq.target.asymmetric_target); 0: off
+    # Aiming at the full-precision model (layerwise's docstring): sequential solves a layer's linears group by group,
+    # each on inputs through the quantized ones; asymmetric is the strength of the full-precision target
+    # (gptq.target.asymmetric_target), 0: off.  None: on (0.5) on a GPU, off on the CPU, where their ~4x forward
+    # passes take a build 2.5x as long (bench-a: 7.7 min against 2.9; docs/BENCHMARKS.md).
+    sequential: bool | None = None
+    asymmetric: float | None = None
+
+    def for_device(self, device) -> GptqSettings:
+        """These settings with the device's defaults filled in."""
+        gpu = device.type == "cuda"
+        return dataclasses.replace(self, sequential=gpu if self.sequential is None else self.sequential,
+                                   asymmetric=(0.5 if gpu else 0.0) if self.asymmetric is None else self.asymmetric)
 
 
 @dataclass
@@ -214,6 +225,8 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
     from . import layerwise
     from .gptq import solve
     from .gptq.target import asymmetric_target
+
+    settings = settings.for_device(device)
 
     types = {t.name: t.qtype for t in plan}
     names = hf_to_gguf(m)

@@ -102,3 +102,14 @@ def test_asymmetric_strength_out_of_range_is_refused(tiny_llama, tmp_path, capsy
                  "--asymmetric", "1.5"]) == 2
     assert "--asymmetric 1.5" in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gptq_settings_defaults_follow_the_device():
+    from edgequant.methods import GptqSettings
+
+    cpu = GptqSettings().for_device(torch.device("cpu"))
+    assert (cpu.sequential, cpu.asymmetric) == (False, 0.0)
+    gpu = GptqSettings().for_device(torch.device("cuda"))
+    assert (gpu.sequential, gpu.asymmetric) == (True, 0.5)
+    asked = GptqSettings(sequential=True, asymmetric=0.25).for_device(torch.device("cpu"))
+    assert (asked.sequential, asked.asymmetric) == (True, 0.25)
