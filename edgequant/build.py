@@ -26,7 +26,7 @@ from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_ou
 from .convert.recipes import FTYPES, ArchFacts, tensor_type
 from .errors import UserError
 from .metadata import write_metadata
-from .methods import CalibOptions, Encoder, calibrates, make_encoder
+from .methods import CalibOptions, Encoder, Packed, calibrates, make_encoder
 from .model import SourceModel, layer_of
 from .progress import Progress
 
@@ -96,18 +96,25 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
         check_free_space(out, result.nbytes, work, calib, m)
         progress.remove_task(loading)
         result.seconds["load"] = time.perf_counter() - t0
+        packed = {}
         try:
             if encoder is None:
                 t0 = time.perf_counter()
-                encoder, result.report = make_encoder(method, m, plan, calib, progress, work)
+                encoder, result.report, packed = make_encoder(method, m, plan, calib, progress, work, digests=verify)
                 if method != "rtn":
                     solve = result.report["gptq"].seconds.get("solve", 0.0) if "gptq" in result.report else 0.0
                     result.seconds["calibration"] = time.perf_counter() - t0 - solve
                     if solve:
                         result.seconds["solve"] = solve
             t0 = time.perf_counter()
-            digests = result.report["gptq"].digest if verify and "gptq" in result.report else None
-            write_gguf(out, m, ftype, plan, encoder, progress, digests)
+            digests = None
+            if verify and "gptq" in result.report:
+                gptq = result.report["gptq"]
+                digests = gptq.digest
+                if unchecked := len(gptq.loss) - len(digests):
+                    print(f"edgequant: --verify: {unchecked} tensors solved by an earlier run without --verify are not "
+                          f"checked", file=sys.stderr)
+            write_gguf(out, m, ftype, plan, encoder, progress, digests, packed)
         except UserError:  # bad input: what is in the work directory would not help a rerun
             if work is not None:
                 work.remove()
@@ -120,16 +127,18 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
 
 
 def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], encoder: Encoder, progress,
-               digests: dict[str, str] | None = None) -> None:
-    """Metadata, then each planned tensor as `encoder` makes it, into `out` atomically; then, given the solver's
-    digests, check that the file dequantizes to them.
+               digests: dict[str, str] | None = None, packed: Packed | None = None) -> None:
+    """Metadata, then each planned tensor as `encoder` makes it (or as `packed` has it, without loading its
+    weights), into `out` atomically; then, given the solver's digests, check that the file dequantizes to them.
 
     With more than one worker (convert.encode.worker_count) this is a pipeline: a reader thread loads up to
     LOAD_AHEAD tensors ahead (the first ones while the metadata is written) and a writer thread writes the previous
     tensor's bytes, while this thread encodes (the C fits, the reads and the widening run without the GIL).  With
     one worker every step runs in turn on this thread."""
+    packed = packed or {}
+    load = lambda name: packed[name]() if name in packed else m.load(name)  # noqa: E731
     with atomic_output(out) as tmp, pipeline_threads(worker_count() > 1) as (reader, writer):
-        loads = deque(reader.submit(m.load, t.name) for t in plan[:LOAD_AHEAD])
+        loads = deque(reader.submit(load, t.name) for t in plan[:LOAD_AHEAD])
         gguf_writer = gguf.GGUFWriter(tmp, m.arch.name)
         write_metadata(gguf_writer, m, FTYPES[ftype])
         stream = StreamingGGUF(gguf_writer, plan)
@@ -138,9 +147,9 @@ def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], en
         for i, t in enumerate(plan):
             w = loads.popleft().result()
             if i + LOAD_AHEAD < len(plan):
-                loads.append(reader.submit(m.load, plan[i + LOAD_AHEAD].name))
+                loads.append(reader.submit(load, plan[i + LOAD_AHEAD].name))
             progress.update(task, description=f"writing {t.name} → {t.qtype.name}")
-            raw = encoder(t.name, w, t.qtype)
+            raw = w if t.name in packed else encoder(t.name, w, t.qtype)
             del w
             if written is not None:
                 written.result()  # one tensor's bytes in flight: writes stay in plan order, errors surface here

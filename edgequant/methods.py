@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import gguf
 import numpy as np
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 
 # Encoder for one tensor: (GGUF name, float32 weights, planned type) -> bytes.
 Encoder = Callable[[str, np.ndarray, gguf.GGMLQuantizationType], np.ndarray]
+# Tensors encoded already (GPTQ's), GGUF name -> a reader of their bytes: written without loading their weights.
+Packed = Mapping[str, Callable[[], np.ndarray]]
 METHODS = ("gptq", "imatrix", "rtn")
 
 
@@ -114,19 +117,20 @@ def calibrates(method: str, plan: list[TensorPlan]) -> bool:
 
 
 def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, progress=None,
-                 work: WorkDir | None = None) -> tuple[Encoder, dict]:
-    """The encoder for `method`, after whatever calibration it needs; plus a report dict for the summary.
-    gptq keeps its finished layers in `work`, and resumes from what is there."""
+                 work: WorkDir | None = None, digests: bool = False) -> tuple[Encoder, dict, Packed]:
+    """The encoder for `method`, after whatever calibration it needs; a report dict for the summary; and the tensors
+    already encoded (GPTQ's: kept in `work`, which a rerun resumes from).  digests: see gptq_layers."""
     if not calibrates(method, plan):
-        return rtn_encoder(), {}
+        return rtn_encoder(), {}, {}
     if method == "imatrix":
         if calib.imatrix is not None:
-            return rtn_encoder(read_imatrix(calib.imatrix)), {"imatrix": str(calib.imatrix)}
+            return rtn_encoder(read_imatrix(calib.imatrix)), {"imatrix": str(calib.imatrix)}, {}
         sums = collect_importance(m, token_windows(calib, m, progress), calib.torch_device(), progress)
-        return rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}), {}
+        return rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}), {}, {}
     if method == "gptq":
-        enc, report = gptq_encoder(m, plan, token_windows(calib, m, progress), calib.torch_device(), calib.gptq, work, progress)
-        return enc, {"gptq": report}
+        report = gptq_layers(m, plan, token_windows(calib, m, progress), calib.torch_device(), calib.gptq, work,
+                             progress, digests)
+        return rtn_encoder(), {"gptq": report}, {name: functools.partial(work.packed, name) for name in report.loss}
     raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -161,8 +165,8 @@ def collect_importance(m: SourceModel, ids: torch.Tensor, device: torch.device, 
 @dataclass
 class GptqReport:
     """Per tensor: GPTQ's loss ½·tr(E H Eᵀ) (E = W − Ŵ, on the calibration Hessian), the same loss for the
-    importance-weighted round-to-nearest fit (what llama-quantize --imatrix would write), and a digest of Ŵ so the
-    written file can be checked against what the solver produced (--verify)."""
+    importance-weighted round-to-nearest fit (what llama-quantize --imatrix would write), and with --verify a digest
+    of Ŵ, so that the written file can be checked against what the solver produced."""
 
     loss: dict[str, float] = field(default_factory=dict)
     fit_loss: dict[str, float] = field(default_factory=dict)
@@ -171,7 +175,9 @@ class GptqReport:
 
     def add(self, entries: dict[str, dict]) -> None:
         for name, e in entries.items():
-            self.loss[name], self.fit_loss[name], self.digest[name] = e["loss"], e["fit_loss"], e["digest"]
+            self.loss[name], self.fit_loss[name] = e["loss"], e["fit_loss"]
+            if "digest" in e:
+                self.digest[name] = e["digest"]
 
 
 def hessian_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -216,10 +222,10 @@ def digest(w_hat: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(w_hat, dtype=np.float32).tobytes()).hexdigest()
 
 
-def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, device: torch.device,
-                 settings: GptqSettings, work: WorkDir, progress=None) -> tuple[Encoder, GptqReport]:
+def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, device: torch.device,
+                settings: GptqSettings, work: WorkDir, progress=None, digests: bool = False) -> GptqReport:
     """Run GPTQ over the whole model now (the layers not already in `work`), each layer's packed blocks saved to
-    `work` as it finishes; the encoder then hands out the packed blocks (RTN for the rest)."""
+    `work` as it finishes.  digests: record a digest of each solved Ŵ (for --verify)."""
     import torch
 
     from . import layerwise
@@ -257,19 +263,20 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
                                 f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
             # packing and hashing on host threads (both release the GIL), while the GPU goes on
             pending["packed"][name] = host.submit(lambda c=c, b=sol.blocks: c.pack(b).reshape(-1))
-            w_hat = torch.from_numpy(sol.w_hat).to(device)
-            pending["entries"][name] = {
-                "loss": hessian_loss(target, w_hat, h),
-                "fit_loss": hessian_loss(target, importance_weighted_fit(c, w_here, h.diagonal()), h),
-                "digest": host.submit(digest, sol.w_hat)}
-            new[hf_name] = m.arch.from_gguf(name, w_hat, m.hp)
+            pending["entries"][name] = entry = {
+                "loss": hessian_loss(target, sol.w_hat, h),
+                "fit_loss": hessian_loss(target, importance_weighted_fit(c, w_here, h.diagonal()), h)}
+            if digests:  # Ŵ to the host only for --verify
+                entry["digest"] = host.submit(digest, sol.w_hat.cpu().numpy())
+            new[hf_name] = m.arch.from_gguf(name, sol.w_hat, m.hp)
         return new
 
     def on_done(index):
         packed = {k: f.result() for k, f in pending["packed"].items()}
         entries = pending["entries"]
         for e in entries.values():
-            e["digest"] = e["digest"].result()
+            if "digest" in e:
+                e["digest"] = e["digest"].result()
         work.save_layer(index, packed, entries)
         report.add(entries)
         pending["packed"], pending["entries"] = {}, {}
@@ -288,9 +295,5 @@ def gptq_encoder(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devi
                                            on_hidden=work.checkpoint_hidden, on_done=on_done, tf32=settings.tf32,
                                            requantize=True, sequential=settings.sequential,
                                            asymmetric=settings.asymmetric > 0)
-    rtn = rtn_encoder()
-
-    def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-        return work.packed(name) if name in report.loss else rtn(name, w, qtype)
-
-    return enc, report
+    work.flush()  # the last layers' files, written in the background
+    return report
