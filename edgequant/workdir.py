@@ -8,7 +8,9 @@
 
 Each file is written under a temporary name and renamed into place, so a kill at any moment leaves only complete
 files.  Per layer, layer-N.npz comes first, then hidden-N.npy, then hidden-(N-1).npy is deleted: the newest hidden
-file marks where to resume, and every layer up to it has its npz.  Redoing a layer whose hidden file was lost gives
+file marks where to resume, and every layer up to it has its npz.  The files are written by one background thread,
+in that order, so that the GPU goes on meanwhile (an 8B's hidden file is 4 GiB: seconds of disk); what needs them
+written (resume_point, report, packed, remove) waits for it first.  Redoing a layer whose hidden file was lost gives
 the same bytes (the build is deterministic), so a resumed build writes the same GGUF as an uninterrupted one.
 
 The identity covers everything the results depend on: the model's config and weight files (sizes, mtimes), the target,
@@ -26,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +73,12 @@ class WorkDir:
         self.path, self.identity = path, identity
         self.opened = False  # only then are the files in it ours to delete
         self.where: dict[str, Path] = {}  # GGUF name -> the layer npz holding it, from report() and save_layer()
-        self._save_cost: float | None = None  # seconds the last checkpoint_hidden save took
+        self._save_cost: float | None = None  # seconds the last checkpoint_hidden save took, queued to written
         self._saved_at = 0.0
+        self._writer: ThreadPoolExecutor | None = None  # the one thread that writes, in the order queued
+        self._writes: list[Future] = []
+        self._hidden_save: Future | None = None
+        self._host_buffer: torch.Tensor | None = None  # a GPU's hidden states copied here (pinned) for saving
 
     def open(self) -> None:
         """Make the directory ready for this identity: keep it if it matches, clear it if it is stale."""
@@ -104,6 +111,7 @@ class WorkDir:
 
     def resume_point(self) -> tuple[int, torch.Tensor | None] | None:
         """(index of the first layer to solve, its inputs or None for the embeddings); None when every layer is done."""
+        self.flush()
         if (self.path / "layer-output.npz").is_file():
             return None
         done = sorted(int(p.stem.split("-")[1]) for p in self.path.glob("hidden-*.npy"))
@@ -112,20 +120,35 @@ class WorkDir:
         return done[-1] + 1, torch.from_numpy(np.load(self.path / f"hidden-{done[-1]}.npy"))
 
     def save_layer(self, index, packed: dict[str, np.ndarray], report: dict[str, dict]) -> None:
+        """Queue layer `index`'s packed tensors and report for writing (after the head's, the hidden files go)."""
         arrays = {**packed, REPORT_KEY: np.array(json.dumps(report))}
-        self._write(f"layer-{index}.npz", lambda f: np.savez(f, **arrays))
+        self._queue(self._write, f"layer-{index}.npz", lambda f: np.savez(f, **arrays))
+        if index == "output":  # no resume needs layer inputs any more
+            self._queue(self._delete, "hidden-*.npy")
         self.where.update(dict.fromkeys(report, self.path / f"layer-{index}.npz"))
 
     def checkpoint_hidden(self, index: int, hidden: torch.Tensor) -> None:
-        """save_hidden, unless the last save was less than SAVE_EVERY times its own cost ago: a small model's layer
-        outputs are saved after every layer; an 8B's (4 GiB, seconds to write, layers of seconds) every few layers,
-        so that checkpoints cost at most ~1/SAVE_EVERY of the build.  A resume redoes the layers after the last one."""
+        """Queue save_hidden, unless the last save is still being written or was queued less than SAVE_EVERY times
+        its own cost ago: a small model's layer outputs are saved after every layer; an 8B's (4 GiB, seconds to
+        write) every few layers, so that the disk spends at most ~1/SAVE_EVERY of the build on them.  A resume
+        redoes the layers after the last one saved.  What waits here is a copy to host memory (pinned, reused)."""
         now = time.perf_counter()
-        if self._save_cost is None or now - self._saved_at >= SAVE_EVERY * self._save_cost:
-            self.save_hidden(index, hidden)
-            self._saved_at = time.perf_counter()
-            self._save_cost = self._saved_at - now
+        busy = self._hidden_save is not None and not self._hidden_save.done()
+        if not busy and (self._save_cost is None or now - self._saved_at >= SAVE_EVERY * self._save_cost):
+            self._saved_at = now
+            self._hidden_save = self._queue(self._timed_save_hidden, index, self._host_copy(hidden), now)
         self._test_kill(index)
+
+    def _host_copy(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.device.type == "cpu":
+            return hidden.clone()  # the next layer writes its outputs over `hidden`
+        if self._host_buffer is None or self._host_buffer.shape != hidden.shape:
+            self._host_buffer = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        return self._host_buffer.copy_(hidden)
+
+    def _timed_save_hidden(self, index: int, hidden: torch.Tensor, queued_at: float) -> None:
+        self.save_hidden(index, hidden)
+        self._save_cost = time.perf_counter() - queued_at
 
     def save_hidden(self, index: int, hidden: torch.Tensor) -> None:
         self._write(f"hidden-{index}.npy", lambda f: np.save(f, hidden.cpu().numpy()))
@@ -133,13 +156,32 @@ class WorkDir:
             if p.name != f"hidden-{index}.npy":
                 p.unlink()
 
-    @staticmethod
-    def _test_kill(index: int) -> None:
+    def _queue(self, fn, *args) -> Future:
+        """Run fn(*args) on the writer thread, after everything queued before; an earlier write's error raises here."""
+        self._raise_failed(wait=False)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, "edgequant-workdir")
+        self._writes.append(self._writer.submit(fn, *args))
+        return self._writes[-1]
+
+    def _raise_failed(self, wait: bool) -> None:
+        done = [f for f in self._writes if wait or f.done()]
+        self._writes = [f for f in self._writes if f not in done]
+        for f in done:
+            f.result()
+
+    def flush(self) -> None:
+        """Wait for the queued writes; raise the first one's error, if any."""
+        self._raise_failed(wait=True)
+
+    def _test_kill(self, index: int) -> None:
         if os.environ.get("EDGEQUANT_TEST_KILL_AFTER_LAYER") == str(index):  # tests: a kill between two layers
+            self.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
     def report(self) -> dict[str, dict]:
         """GGUF name -> {loss, fit_loss, digest} over every finished layer, in build order (layers, then the head)."""
+        self.flush()
         numbered = sorted((p for p in self.path.glob("layer-*.npz") if p.stem != "layer-output"),
                           key=lambda p: int(p.stem.split("-")[1]))
         out = {}
@@ -152,18 +194,25 @@ class WorkDir:
 
     def packed(self, name: str) -> np.ndarray:
         """The packed GGUF bytes of a tensor saved or listed by report()."""
+        self.flush()
         with np.load(self.where[name], allow_pickle=False) as z:
             return z[name]
 
     def clear(self) -> None:
         for pattern in OURS:
-            for p in self.path.glob(pattern):
-                p.unlink()
+            self._delete(pattern)
+
+    def _delete(self, pattern: str) -> None:
+        for p in self.path.glob(pattern):
+            p.unlink()
 
     def remove(self) -> None:
         if not self.opened:
             return
-        self.clear()
+        try:
+            self.flush()
+        finally:
+            self.clear()
         try:
             self.path.rmdir()
         except OSError:  # someone else's files in it: leave them

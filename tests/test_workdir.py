@@ -54,17 +54,63 @@ def test_refuses_a_directory_that_is_not_a_work_directory(tmp_path):
 
 
 def test_checkpoints_are_spaced_by_their_own_cost(tmp_path, monkeypatch):
-    """checkpoint_hidden saves the first time, then only once SAVE_EVERY times the last save's cost has passed."""
+    """checkpoint_hidden saves the first time, then only once SAVE_EVERY times the last save's cost (queued to
+    written) has passed since it was queued.  (The writes run on the work directory's thread: flush() after each
+    checkpoint keeps the fake clock's readings in order.)"""
     from edgequant import workdir
 
-    due = 2.0 + 2.0 * workdir.SAVE_EVERY  # save 0 takes 2 s (0 to 2 s); the next is due SAVE_EVERY times that later
+    due = 2.0 * workdir.SAVE_EVERY  # save 0 is queued at 0 s and written at 2 s: the next is due SAVE_EVERY times that
     clock = iter([0.0, 2.0, 5.0, due - 0.5, due, due + 3]).__next__
     monkeypatch.setattr(workdir.time, "perf_counter", clock)
     work = WorkDir(tmp_path / "w", {"model": "a"})
     work.open()
     for i in range(3):
         work.checkpoint_hidden(i, torch.full((2,), float(i)))
+        work.flush()
     assert work.resume_point()[0] == 1  # only layer 0's outputs were saved (layers 1 and 2 came too early)
     work.checkpoint_hidden(3, torch.full((2,), 3.0))  # when due
     start, hidden = work.resume_point()
     assert start == 4 and torch.equal(hidden, torch.full((2,), 3.0))
+
+
+def test_a_checkpoint_waits_for_the_one_being_written(tmp_path, monkeypatch):
+    """While a hidden file is still being written, the next checkpoint is skipped (its host buffer is in use), and
+    the queued writes keep their order: layer-N.npz before hidden-N.npy."""
+    import threading
+
+    from edgequant import workdir
+
+    monkeypatch.setattr(workdir, "SAVE_EVERY", 0)  # every checkpoint is due
+    release, order = threading.Event(), []
+    work = WorkDir(tmp_path / "w", {"model": "a"})
+    work.open()
+    real_write = work._write
+
+    def slow_write(name, write):
+        if name.startswith("hidden"):
+            release.wait(10)
+        order.append(name)
+        real_write(name, write)
+
+    monkeypatch.setattr(work, "_write", slow_write)
+    work.save_layer(0, {}, {})
+    work.checkpoint_hidden(0, torch.zeros(2))
+    work.save_layer(1, {}, {})
+    work.checkpoint_hidden(1, torch.ones(2))  # hidden-0 still being written: skipped
+    release.set()
+    start, hidden = work.resume_point()
+    assert order == ["layer-0.npz", "hidden-0.npy", "layer-1.npz"]
+    assert start == 1 and torch.equal(hidden, torch.zeros(2))
+
+
+def test_a_failed_background_write_raises_on_flush(tmp_path, monkeypatch):
+    work = WorkDir(tmp_path / "w", {"model": "a"})
+    work.open()
+
+    def full(name, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(work, "_write", full)
+    work.save_layer(0, {}, {})
+    with pytest.raises(OSError, match="No space"):
+        work.flush()
