@@ -68,6 +68,30 @@ def test_asymmetric_cross_sums_pair_full_precision_and_quantized_inputs(tiny_lla
     assert not torch.allclose(moved["lm_head.weight"].cross, moved["lm_head.weight"].s, rtol=1e-3)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_full_precision_stream_is_the_full_precision_model(tiny_llama, monkeypatch, sequential):
+    """Weights changed layer after layer, the full-precision stream still steps through the original ones: what
+    it brings to the head is the original model's input to lm_head."""
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    add = layerwise.Stats.add
+
+    def recording_add(self, x, x_fp=None):
+        if x_fp is not None:
+            seen.append(x_fp.clone())
+        add(self, x, x_fp)
+
+    monkeypatch.setattr(layerwise.Stats, "add", recording_add)
+    collect(tiny_llama, shrink=0.9, asymmetric=True, sequential=sequential)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa").eval()
+    head_input = []
+    model.lm_head.register_forward_pre_hook(lambda _m, a: head_input.append(a[0]))
+    with torch.no_grad():
+        model(token_ids(), use_cache=False)
+    torch.testing.assert_close(torch.cat(seen[-2:]), head_input[0], rtol=1e-4, atol=1e-4)  # the head's two batches
+
+
 def test_asymmetric_target_is_the_least_squares_solution():
     rng = np.random.default_rng(1)
     X = rng.standard_normal((400, 24)) * rng.lognormal(0, 0.5, 24)
@@ -113,3 +137,20 @@ def test_gptq_settings_defaults_follow_the_device():
     assert (gpu.sequential, gpu.asymmetric) == (True, 0.5)
     asked = GptqSettings(sequential=True, asymmetric=0.25).for_device(torch.device("cpu"))
     assert (asked.sequential, asked.asymmetric) == (True, 0.25)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_with_repeated_heads_is_transformers_sdpa(masked):
+    """layerwise's attention (key/value heads repeated first) against transformers' own SDPA attention, with no mask
+    (is_causal) and with a materialized one (where transformers would repeat the heads itself)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 8, 6, 16, generator=g), torch.randn(2, 2, 6, 16, generator=g), torch.randn(2, 2, 6, 16, generator=g)
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6) if masked else None
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    got, _ = layerwise.sdpa_heads_repeated(module, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
