@@ -31,11 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-# Rows per program and warps per program (read at each call).  scripts/bench_gptq.py --tune on an H200, 4096 x 4096
-# Q4_K, lazy block 128: 8 rows x 1 warp 6.33 ms, 16 x 2 6.37, 16 x 1 6.46, 32 x 2 6.51, 32 x 4 6.96, 64 x 8 9.06 (the
-# loop with its GEMMs, 2.7 ms of it): one warp per program needs no barrier in its per-column reduction.
-BLOCK_R = 8
-NUM_WARPS = 1
+# (rows per program, warps per program) by the matrix's rows: the first entry whose minimum the rows reach (read at
+# each call).  scripts/bench_gptq.py --tune on an H200, Q4_K, lazy block 128, the loop with its GEMMs: 4096 x 4096
+# 8 rows x 1 warp 6.33 ms, 16 x 2 6.37, 16 x 1 6.46, 32 x 2 6.51, 32 x 4 6.96, 64 x 8 9.06; 14336 x 4096 32 x 2 12.01,
+# 16 x 1 12.05, 16 x 2 12.26, 8 x 1 14.60, 4 x 1 15.05.  One warp per program needs no barrier in its per-column
+# reduction.
+TILES = [(8192, (16, 1)), (0, (8, 1))]
+
+
+def tile(rows: int) -> tuple[int, int]:
+    return next(t for least, t in TILES if rows >= least)
 
 
 @triton.jit(do_not_specialize=["n", "j0", "j1"])
@@ -76,9 +81,10 @@ def sweep(W1: torch.Tensor, U1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor
     n, rows = W1.shape
     assert W1.is_contiguous() and E1.is_contiguous() and Q1.is_contiguous() and U1.stride(1) == 1
     # No fused multiply-adds but the explicit one: scale·q + offset rounds twice, as in torch.
-    _sweep_kernel[(triton.cdiv(rows, BLOCK_R),)](
+    block_r, warps = tile(rows)
+    _sweep_kernel[(triton.cdiv(rows, block_r),)](
         W1, U1, U1.stride(0), Q1, E1, grids.scale, grids.offset, grids.group_of[first:], rows, n, j0, j1,
-        float(grids.qmin), float(grids.qmax), BLOCK_N=triton.next_power_of_2(n), BLOCK_R=BLOCK_R, num_warps=NUM_WARPS,
+        float(grids.qmin), float(grids.qmax), BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps,
         enable_fp_fusion=False)
 
 
@@ -109,9 +115,10 @@ def polish(Gt1: torch.Tensor, Qt1: torch.Tensor, Dt1: torch.Tensor, H1: torch.Te
     """refine.torch_polish's contract: the columns of one lazy block, in place, one program per tile of rows."""
     n, rows = Gt1.shape
     assert Gt1.is_contiguous() and Qt1.is_contiguous() and Dt1.is_contiguous() and St.is_contiguous() and H1.stride(1) == 1
-    _polish_kernel[(triton.cdiv(rows, BLOCK_R),)](
+    block_r, warps = tile(rows)
+    _polish_kernel[(triton.cdiv(rows, block_r),)](
         Gt1, Qt1, Dt1, H1, H1.stride(0), St, rows, n, first, group, float(qmin), float(qmax),
-        BLOCK_N=triton.next_power_of_2(n), BLOCK_R=BLOCK_R, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False)
 
 
 # refit: rows per program (tl.dot needs at least 16) and warps
