@@ -20,8 +20,8 @@ activations are).  Per shape and type, in one run:
   codes ≠       codes that differ between the Triton and torch loops on the same grids, and their losses' relative
                 difference
 
---tune first times the loop on the first shape (4096 × 4096) in Q4_K for several tile shapes (rows per program, warps) and lazy block
-sizes, and uses the fastest tile at the block size of the solves.
+--tune [ROWSxCOLS] first times the loop on that shape (default: the first, 4096 × 4096) in Q4_K for several tile shapes
+(rows per program, warps) and lazy block sizes, and uses the fastest tile at the block size of the solves.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from edgequant.gptq.solver import ColumnGrids, concat_blocks, inverse_cholesky, 
 
 # (rows, cols) of Llama-3-8B's linears: q/o, k/v, gate/up, down.
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
-TILES = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8)]
+TILES = [(4, 1), (8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8)]
 
 
 class RecordedCodec:
@@ -127,7 +127,7 @@ def tune(rows, cols, block_sizes, repeat) -> dict:
     print(f"tuning on {rows} x {cols} Q4_K: loop ms per (block size, rows per program, warps)")
     for b in block_sizes:
         for tile in TILES:
-            triton_solver.BLOCK_R, triton_solver.NUM_WARPS = tile
+            triton_solver.TILES = [(0, tile)]
             loop(Wt, U, grids, triton_solver.sweep, b, 1)  # compile
             out[(b, *tile)] = loop(Wt, U, grids, triton_solver.sweep, b, repeat)[0]
             print(f"  block {b:3}  tile {tile[0]:2} rows x {tile[1]} warps: {1e3 * out[(b, *tile)]:8.2f} ms", flush=True)
@@ -139,7 +139,8 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q4_K", "Q6_K"])
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune", nargs="?", const="first", metavar="ROWSxCOLS",
+                    help="tune the tile first, on this shape (default: the first of --shapes)")
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--shapes", nargs="+", default=[f"{r}x{c}" for r, c in SHAPES], help="ROWSxCOLS ...")
     ap.add_argument("--device", default="cuda")
@@ -155,11 +156,12 @@ def main() -> None:
           f"CPU {platform.processor() or platform.machine()}, numpy {np.__version__}")
     report = {"device": name, "rows": []}
     if args.tune:
-        tuned = tune(*shapes[0], sorted({64, args.block_size, 256}), args.repeat)
+        tuned = tune(*(shapes[0] if args.tune == "first" else map(int, args.tune.split("x"))),
+                     sorted({64, args.block_size, 256}), args.repeat)
         best = min((t for t in tuned if t[0] == args.block_size), key=tuned.get)
-        triton_solver.BLOCK_R, triton_solver.NUM_WARPS = best[1:]
+        triton_solver.TILES = [(0, best[1:])]
         report["tune_ms"] = {f"{b}/{r}/{w}": 1e3 * t for (b, r, w), t in tuned.items()}
-    print(f"tile: {triton_solver.BLOCK_R} rows x {triton_solver.NUM_WARPS} warps, lazy block {args.block_size}")
+    print(f"tiles (from rows: rows per program x warps): {triton_solver.TILES}, lazy block {args.block_size}")
 
     W, H = weights(64, 512), hessian(512)  # compile outside the timings
     solve(W, H, codec("Q4_K"), backend="triton", block_size=args.block_size)

@@ -3,8 +3,8 @@
 # drawn on the GPU, written to local disk) -> `edgequant build --target Q4_K_M` (GPTQ, 128 windows of 2048 tokens of
 # wiki.train.first1MB.txt), with wall time per phase, peak GPU memory, peak RSS, the GGUF's size, and the file read back.
 # Run from the repo root with .gpu/ prepared by scripts/prepare_gpu_carry.sh and carried (only its wheels/ and
-# wiki.train.first1MB.txt are used):
-#   device run: bash scripts/gpu_e2e_8b.sh   (carry: .gpu, timeout_s 600)   -> $OUT
+# wiki.train.first1MB.txt are used), and the native extension built here (abi3, so any CPython 3 there):
+#   device run: bash scripts/gpu_e2e_8b.sh   (carry: .gpu/wheels .gpu/wiki.train.first1MB.txt native/_kernels.abi3.so)
 # Everything lands in $OUT as it happens, so a run cut short still tells how far it got:
 #   e2e.log        the steps with timestamps, the build's phases and the summary at the end
 #   env.txt        GPU, CPU, disk, versions; which SDPA kernels take fp32 GQA; host codec fit speed on a slice
@@ -19,7 +19,8 @@
 # Knobs (environment): E2E_LAYERS (default: the config's 32), E2E_BUDGET (seconds for the whole script, default 570: the
 # build's timeout is what is left after the model is made, minus 30 s for the rest), E2E_METHOD (gptq), E2E_TARGET
 # (Q4_K_M), E2E_SAMPLES (128), E2E_SEQLEN (2048), E2E_TF32=0 (build with --no-tf32: calibration forward
-# passes and Hessians in full fp32; default: the build's own default, TF32 there), E2E_ARGS (more build options), E2E_RESUME=1 (keep a killed build's work dir: the build
+# passes and Hessians in full fp32; default: the build's own default, TF32 there), E2E_ARGS (more build options), E2E_PROFILE=1 (the build under cProfile, main thread: $OUT/build.prof and the top
+# functions in profile.txt), E2E_RESUME=1 (keep a killed build's work dir: the build
 # resumes, and its timings cover the rest only), E2E_CONFIG/E2E_DEVICE (tiny/cpu: try the script without a GPU),
 # E2E_WORK (/tmp/e2e: model, GGUF, work dir), E2E_PKG (/tmp/pkg: edgequant and the wheels, replaced).
 set -u
@@ -38,13 +39,18 @@ trap cleanup EXIT
 
 log "setup: edgequant + wheels into $P"
 rm -rf "$P" && mkdir -p "$P"
-cp -r edgequant "$P"/ && cp -r convert "$P"/edgequant/convert && cp -r runners "$P"/edgequant/runners
+cp -r edgequant "$P"/ && cp -r convert "$P"/edgequant/convert && cp -r runners "$P"/edgequant/runners && cp -r native "$P"/edgequant/native
 (cd "$P" && for w in "$G"/wheels/*.whl; do python3 -m zipfile -e "$w" .; done)
 
 { command -v nvidia-smi >/dev/null && nvidia-smi; lscpu | grep -E 'Model name|^CPU\(s\)'; free -g; df -h /tmp
   cd /tmp && python3 - <<'EOF'
 import time, numpy as np, torch, transformers, triton, gguf
 from edgequant.convert.codecs import codec
+try:
+    from edgequant.native import fit as native_fit
+    print("native C fits: yes (edgequant.native)")
+except ImportError as e:
+    print(f"native C fits: no ({e}): RTN encodes fall back to numpy in worker processes")
 print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__, "numpy", np.__version__)
 if torch.cuda.is_available():
     import torch.nn.functional as F
@@ -71,7 +77,7 @@ for name, i in (("Q4_K", imp), ("Q4_K", None), ("Q6_K", imp)):
 EOF
 } > "$OUT/env.txt" 2>&1
 cd "$R"
-log "env: $(grep -E 'accepts|refuses|passes enable_gqa|host codec fit' "$OUT/env.txt" | tr '\n' ';')"
+log "env: $(grep -E 'accepts|refuses|passes enable_gqa|host codec fit|native C fits' "$OUT/env.txt" | tr '\n' ';')"
 
 if [ -f "$M/.complete" ]; then
   log "model: $M already made (warm machine)"
@@ -223,13 +229,20 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 1000 > "$OUT/nvsmi.csv" 2>/dev/null &
   NVPID=$!
 fi
+# pip byte-compiles what it installs, but this image's site-packages hold no .pyc: each build compiled ~1900 modules of
+# transformers and torch (~6 s of its wall).  As on an installed machine, the build reads a byte-code cache, warmed
+# here by one import of what it imports.
+export PYTHONPYCACHEPREFIX=$W/pycache
+(cd /tmp && python3 -c "import edgequant.cli, edgequant.layerwise, edgequant.methods, edgequant.gptq.triton_solver, transformers
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM") > /dev/null 2>&1
 T=$(( BUDGET - ($(date +%s) - START) - 30 ))
 [ $T -ge 60 ] || { log "build: only ${T}s left of E2E_BUDGET=${BUDGET}s, not started"; exit 1; }
 log "build: $METHOD $TARGET, $SAMPLES x $SEQLEN, TF32 ${E2E_TF32}, timeout ${T}s"
 t0=$(date +%s)
 TV=(); [ -x /usr/bin/time ] && TV=(/usr/bin/time -v -o "$OUT/build.time")
 cd /tmp  # edgequant from $P, not the repo's tree
-timeout -s INT -k 20 $T ${TV[@]+"${TV[@]}"} python3 $W/timed_build.py "$M" --target "$TARGET" --method "$METHOD" --calib "$G/wiki.train.first1MB.txt" \
+PROF=(); [ "${E2E_PROFILE:-0}" = 1 ] && PROF=(-m cProfile -o "$OUT/build.prof")
+timeout -s INT -k 20 $T ${TV[@]+"${TV[@]}"} python3 ${PROF[@]+"${PROF[@]}"} $W/timed_build.py "$M" --target "$TARGET" --method "$METHOD" --calib "$G/wiki.train.first1MB.txt" \
   --calib-samples "$SAMPLES" --calib-seqlen "$SEQLEN" --device "$DEVICE" $([ "$E2E_TF32" = 0 ] && echo --no-tf32) ${E2E_ARGS:-} --json -o "$GGUF" > "$OUT/build.json" 2> "$OUT/build.log"
 rc=$?; cd "$R"
 [ -n "$NVPID" ] && kill "$NVPID" 2>/dev/null; NVPID=
@@ -255,5 +268,9 @@ EOF
   (cd /tmp && python3 -m edgequant.cli inspect "$GGUF" > "$OUT/inspect.txt" 2>&1); log "inspect: rc $? ($(grep -ciE 'q4_k|q6_k' "$OUT/inspect.txt") quantized tensor lines)"
 else
   log "no GGUF written; the timeline in build.log / timeline.json shows how far the build got"
+fi
+if [ -f "$OUT/build.prof" ]; then
+  python3 -c 'import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats("cumulative").print_stats(70); s.sort_stats("tottime").print_stats(40)' "$OUT/build.prof" > "$OUT/profile.txt" 2>&1
+  log "profile: $OUT/profile.txt"
 fi
 log "done"
