@@ -154,8 +154,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs; with asymmetric,
     both streams stacked, (2, windows, L, d))."""
     seconds = {"calibration forward": 0.0, "solve": 0.0}
-    # two streams (asymmetric) hold two layers' worth of captured inputs at once: half the windows per forward
-    batch = batch or max(1, min(8, TOKENS_PER_BATCH // (2 if asymmetric else 1) // ids.shape[1]))
+    batch = batch or max(1, min(8, TOKENS_PER_BATCH // ids.shape[1]))
     tf32 = tf32 and device.type == "cuda"  # CPUs: float32 as it is (and builds reproduce bit for bit)
     requantize = requantize or sequential or asymmetric
     model = skeleton(m, device)
@@ -218,6 +217,8 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
                 stats.add(inner.norm(hidden[b : b + batch]))
     check_finite(stats.s, f"the calibration activations entering {head_name}")
     del hidden  # the head's solve needs the memory more (an 8B's activations: 4 GiB per stream)
+    if device.type == "cuda":  # and the layers' cached blocks would stay reserved beside its own (24 GiB for 17)
+        torch.cuda.empty_cache()
     seconds["calibration forward"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     on_layer("output", {head_name: (head.result().to(device), stats)})

@@ -61,8 +61,8 @@ class GptqSettings:
     tf32: bool = True  # calibration forward passes and Hessian sums in TF32 on a GPU (layerwise.run)
     # Aiming at the full-precision model (layerwise's docstring): sequential solves a layer's linears group by group,
     # each on inputs through the quantized ones; asymmetric is the strength of the full-precision target
-    # (gptq.target.asymmetric_target), 0: off.  None: on (0.5) on a GPU, off on the CPU, where their ~4x forward
-    # passes take a build ~2.5x as long (bench-a: 7.7 min against 2.8, docs/BENCHMARKS.md).
+    # (gptq.target.asymmetric_target), 0: off.  None: on (0.5) on a GPU, off on the CPU, where their extra forward
+    # passes take a build ~2.2x as long (bench-a: 6.1 min against 2.8, docs/BENCHMARKS.md).
     sequential: bool | None = None
     asymmetric: float | None = None
 
