@@ -19,6 +19,9 @@ activations are).  Per shape and type, in one run:
   refine2       the same with --refine 2 (gptq.refine after the solve)
   codes ≠       codes that differ between the Triton and torch loops on the same grids, and their losses' relative
                 difference
+  canon         the column loop as the paper's reference code writes it (canonical_loop: the issue's "canonical
+                lazy-batch reference", several more kernels per column than torch_sweep) on the same grids, and
+                its time over the Triton loop's
 
 --tune [ROWSxCOLS] first times the loop on that shape (default: the first, 4096 × 4096) in Q4_K for several tile shapes
 (rows per program, warps) and lazy block sizes, and uses the fastest tile at the block size of the solves.
@@ -110,6 +113,31 @@ def loop(Wt, U, grids, sweep, block_size, repeat):
     return statistics.median(times), out
 
 
+def canonical_loop(W: torch.Tensor, U: torch.Tensor, grids: ColumnGrids, block_size: int) -> torch.Tensor:
+    """GPTQ's column loop as the paper's reference code writes it (IST-DASLab/gptq's fasterquant, the "canonical
+    lazy-batch reference" the issue timed): W (rows, cols) row-major, each column quantized onto its fixed grid, its
+    loss and error recorded, the rank-1 update of the block's later columns as a matmul, one GEMM per block.
+    Returns the loss per column; the timing is the point."""
+    rows, cols = W.shape
+    W, Losses = W.clone(), torch.zeros(rows, cols, device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            g = grids.groups[i1 + i]
+            q = grids.scale[g] * torch.clamp(torch.round((w - grids.offset[g]) / grids.scale[g]), grids.qmin, grids.qmax) + grids.offset[g]
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d**2
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Losses[:, i1:i2] = Losses1 / 2
+        W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+    return Losses.sum(0)
+
+
 def fixed_grids(rec: RecordedCodec, rows: int, cols: int) -> ColumnGrids:
     grids = ColumnGrids(rows, cols, DEVICE)
     grids.put(0, rec.codec.grid(concat_blocks(rec.blocks)))
@@ -167,7 +195,7 @@ def main() -> None:
     solve(W, H, codec("Q4_K"), backend="triton", block_size=args.block_size)
     head = (f"{'type':5} {'rows x cols':>12} {'chol ms':>8} {'triton ms':>10} {'torch ms':>9} {'ratio':>6} "
             f"{'GEMMs ms':>9} {'solve-fit s':>12} {'fit s':>7} {'fits':>5} {'solve s':>8} {'GPU fit s':>9} {'refine2 s':>9} "
-            f"{'codes ≠':>8} {'loss Δ':>8}")
+            f"{'codes ≠':>8} {'loss Δ':>8} {'canon ms':>9} {'ratio c':>7}")
     lines = []
     for cols in sorted({c for _, c in shapes}):
         H = hessian(cols)
@@ -187,10 +215,13 @@ def main() -> None:
                 t_tri, (q_tri, l_tri) = loop(Wt, U, grids, triton_solver.sweep, args.block_size, args.repeat)
                 t_ref, (q_ref, l_ref) = loop(Wt, U, grids, torch_sweep, args.block_size, 1)
                 t_gemm, _ = loop(Wt, U, grids, lambda *a: None, args.block_size, args.repeat)
+                t_canon, l_canon = timed(lambda: canonical_loop(W, U, grids, args.block_size))
                 differ = float((q_tri != q_ref).float().mean())
                 loss_tri, loss_ref = float(l_tri.double().sum()), float(l_ref.double().sum())
                 row = {"type": name, "rows": rows, "cols": cols, "chol_ms": 1e3 * chol, "triton_ms": 1e3 * t_tri,
                        "torch_ms": 1e3 * t_ref, "ratio": t_ref / t_tri, "gemms_ms": 1e3 * t_gemm,
+                       "canonical_ms": 1e3 * t_canon, "canonical_ratio": t_canon / t_tri,
+                       "canonical_loss_rel_diff": float(l_canon.double().sum()) / loss_ref - 1,
                        "solve_no_fit_s": no_fit, "fit_s": rec.fit_seconds, "fits": len(rec.blocks),
                        "solve_s": total, "solve_device_fit_s": gpu_fit, "solve_refine2_s": refined,
                        "codes_differ": differ, "loss_rel_diff": loss_tri / loss_ref - 1}
@@ -198,7 +229,8 @@ def main() -> None:
                 lines.append(f"{name:5} {f'{rows} x {cols}':>12} {row['chol_ms']:8.1f} {row['triton_ms']:10.2f} "
                              f"{row['torch_ms']:9.0f} {row['ratio']:6.0f} {row['gemms_ms']:9.2f} {no_fit:12.3f} "
                              f"{rec.fit_seconds:7.2f} {len(rec.blocks):5} {total:8.2f} {gpu_fit:9.3f} {refined:9.3f} "
-                             f"{differ:8.1e} {row['loss_rel_diff']:8.1e}")
+                             f"{differ:8.1e} {row['loss_rel_diff']:8.1e} {row['canonical_ms']:9.0f} "
+                             f"{row['canonical_ratio']:7.0f}")
                 print(lines[-1], flush=True)
             del W, Wt
         del H, U
