@@ -34,13 +34,27 @@ def test_gptq_build_is_exact_and_beats_the_fit(model, target, expected_types, re
     solved = {t.name for t in quantized}
     if "output.weight" in {t.name for t in reader.tensors}:
         solved.discard("token_embd.weight")
-    assert set(report.loss) == solved
+    assert set(report.loss) == solved == set(report.digest)  # --verify: a digest of every solved Ŵ
     for t in quantized:
-        if t.name in report.digest:  # what gguf-py dequantizes is exactly what the solver produced
+        if t.name in solved:  # what gguf-py dequantizes is exactly what the solver produced
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
             assert digest(w) == report.digest[t.name], t.name
     for name in report.loss:
         assert report.loss[name] < report.fit_loss[name], name
+
+
+def test_solved_tensors_are_written_without_loading_their_weights(tiny_llama, tmp_path, calib, monkeypatch):
+    """The writer takes GPTQ's packed bytes as they are: it loads (and widens) only the tensors it still encodes."""
+    from edgequant.model import SourceModel
+
+    loaded = []
+    load = SourceModel.load
+    monkeypatch.setattr(SourceModel, "load", lambda self, name: (loaded.append(name), load(self, name))[1])
+    result = build(str(tiny_llama), "Q4_K_M", tmp_path / "m.gguf", method="gptq", calib=calib, quiet=True)
+    solved = set(result.report["gptq"].loss)
+    assert solved and not solved & set(loaded)
+    assert set(loaded) == {t.name for t in result.plan} - solved
+    assert not result.report["gptq"].digest  # no --verify: no digests, Ŵ never copied to the host for them
 
 
 def test_gptq_needs_calibration_text(tiny_llama, tmp_path):
@@ -107,8 +121,8 @@ def test_gptq_build_is_reproducible_across_thread_counts(tiny_llama, tmp_path, c
 
 
 def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib, reference_build):
-    """SIGKILL right after layer 0 is saved: no .gguf, the work dir holds layer 0; the same command again resumes
-    after layer 0 (the kill hook would fire again if it redid it), writes the uninterrupted build's bytes and cleans
+    """SIGKILL right after layer 0 is saved: no .gguf, the work dir holds layer 0; the same command again (with
+    --verify) resumes after layer 0 (the kill hook would fire again if it redid it), writes the uninterrupted build's bytes and cleans
     up, also the temporary file of a build killed while writing."""
     import os
     import signal
@@ -126,9 +140,11 @@ def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib
     assert [p.name for p in tmp_path.iterdir()] == [work.name]
     assert sorted(p.name for p in work.iterdir()) == ["hidden-0.npy", "layer-0.npz", "manifest.json"]
     (tmp_path / ".m.gguf.x1y2.partial").write_bytes(b"GGUF")  # as a kill while writing would leave it
-    resumed = subprocess.run(argv, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(argv + ["--verify"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "(layers done: 1)" in resumed.stderr
+    # layer 0's 7 linears were solved without --verify: no digests to check them by, and the build says so
+    assert "--verify: 7 tensors solved by an earlier run without --verify are not checked" in resumed.stderr
     assert sha256(out) == reference_build[1]
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
