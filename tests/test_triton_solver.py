@@ -123,6 +123,27 @@ def test_triton_polish_matches_torch(results, case):
     assert r["loss_triton"] < r["loss_gptq"]
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", CASES + [("Q4_K", 4096, 1024, 128, False), ("Q6_K", 1024, 4096, 128, False)],
+                         ids=lambda k: "-".join(map(str, k)))
+def test_triton_sweep_equals_torch_on_cuda(case):
+    """On a GPU the kernel rounds the rank-1 update as torch's CUDA addr_ does: the same codes, bit for bit, and
+    after refine's polish too."""
+    import torch
+
+    from edgequant.convert.codecs import codec
+    from edgequant.gptq import solve
+
+    name, rows, cols, block_size, act_order = case
+    c = codec(name)
+    W, H = (torch.from_numpy(a).cuda() for a in problem(rows, cols))
+    for refine in (0, 2):
+        ref, tri = (solve(W, H, c, block_size=block_size, act_order=act_order, refine=refine, backend=b)
+                    for b in ("torch", "triton"))
+        assert np.array_equal(c.codes(ref.blocks), c.codes(tri.blocks)), refine
+        assert torch.equal(ref.w_hat, tri.w_hat)
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
@@ -131,8 +152,8 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)  # small ops: threads only spin against each other
     # The interpreter runs programs one after another, so fewer, taller tiles than the GPU's 8 or 16 rows: the same kernel
-    # (the tile is a compile-time constant), and 40 rows leave the last tile part empty.
-    triton_solver.TILES = [(0, (32, 1))]
+    # (the tile is a compile-time constant), 40 rows leave the last tile part empty, and 64 rows take the other tile.
+    triton_solver.TILES = [(64, (16, 1)), (0, (32, 1))]
     out = {"-".join(map(str, case)): compare(*case) for case in CASES}
     out.update({"refine-" + "-".join(map(str, case)): compare_refined(*case) for case in REFINE_CASES})
     print(json.dumps(out))

@@ -18,11 +18,12 @@ columns in registers, and walks the columns itself:
 It writes the codes and the error block E; the trailing update of later blocks stays a cuBLAS GEMM in
 `quantize_columns`, and the grids are fitted on the GPU too (device_fit) when the solver enters a codec block.
 
-The arithmetic is torch's on the CPU, operation for operation: IEEE division (Triton's `/` is approximate),
-round-half-to-even built from floor, the rank-1 update as one fused multiply-add (as torch's CPU addr_ rounds it)
-and no other fusion.  Under TRITON_INTERPRET=1 it reproduces the torch sweep bit for bit (the tests).  torch's CUDA
-addr_ rounds the product separately, so against torch on a GPU a weight near a rounding boundary can round the
-other way and the rest of its row follows: on an H200, 1e-5 to 6e-4 of the codes, losses within 6e-4 either way.
+The arithmetic is torch's, operation for operation: IEEE division (Triton's `/` is approximate), round-half-to-even
+built from floor, no fusion, and the rank-1 update rounded as torch's addr_ rounds it on the same device: once (a
+fused multiply-add, as BLAS ger on the CPU) under TRITON_INTERPRET=1, product and sum separately on CUDA (torch's
+elementwise addr kernel).  So the kernel reproduces the torch sweep bit for bit on the CPU (the tests) and on a GPU
+(scripts/bench_gptq.py's codes column); otherwise a weight near a rounding boundary could round the other way and the
+rest of its row follow (1e-5 to 6e-4 of the codes on an H200 before the update was rounded as on CUDA).
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ def tile(rows: int) -> tuple[int, int]:
     return next(t for least, t in TILES if rows >= least)
 
 
+def fused_addr(device: torch.device) -> bool:
+    """Whether torch's addr_ rounds a + b·c once on this device (BLAS ger on the CPU) or twice (CUDA)."""
+    return device.type != "cuda"
+
+
 @triton.jit(do_not_specialize=["n", "j0", "j1"])
 def _sweep_kernel(W, U, ld_u, Q, E, SCALE, OFFSET, GROUP, rows, n, j0, j1, qmin, qmax,
-                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FMA: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = tl.arange(0, BLOCK_N)
     in_rows = r < rows
@@ -70,7 +76,10 @@ def _sweep_kernel(W, U, ld_u, Q, E, SCALE, OFFSET, GROUP, rows, n, j0, j1, qmin,
         err = tl.math.div_rn(wj - (s * q + o), u_jj)
         tl.store(Q + j * rows + r, q.to(tl.int32), mask=in_rows)
         tl.store(E + j * rows + r, err, mask=in_rows)
-        w = tl.fma(-u[:, None], err[None, :], w)  # one rounding, as torch's addr_ (BLAS ger)
+        if FMA:  # rounded as torch's addr_ on this device (fused_addr); inline, as the interpreter pays per call
+            w = tl.fma(-u[:, None], err[None, :], w)
+        else:
+            w = w - u[:, None] * err[None, :]
     # Columns past the sweep go back updated: the next codec block's fit reads them.
     tl.store(W + tile, w, mask=in_tile & (k[:, None] >= j1))
 
@@ -85,12 +94,12 @@ def sweep(W1: torch.Tensor, U1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor
     _sweep_kernel[(triton.cdiv(rows, block_r),)](
         W1, U1, U1.stride(0), Q1, E1, grids.scale, grids.offset, grids.group_of[first:], rows, n, j0, j1,
         float(grids.qmin), float(grids.qmax), BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps,
-        enable_fp_fusion=False)
+        FMA=fused_addr(W1.device), enable_fp_fusion=False)
 
 
 @triton.jit(do_not_specialize=["n", "first"])
 def _polish_kernel(G, Q, D, H, ld_h, STEP, rows, n, first, group, qmin, qmax, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+                   BLOCK_R: tl.constexpr, FMA: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = tl.arange(0, BLOCK_N)
     in_rows = r < rows
@@ -107,7 +116,10 @@ def _polish_kernel(G, Q, D, H, ld_h, STEP, rows, n, first, group, qmin, qmax, BL
         tl.store(Q + j * rows + r, q + dq, mask=in_rows)
         dw = dq * a
         tl.store(D + j * rows + r, dw, mask=in_rows)
-        g = tl.fma(h[:, None], dw[None, :], g)  # one rounding, as torch's addr_
+        if FMA:  # as in the sweep
+            g = tl.fma(h[:, None], dw[None, :], g)
+        else:
+            g = g + h[:, None] * dw[None, :]
 
 
 def polish(Gt1: torch.Tensor, Qt1: torch.Tensor, Dt1: torch.Tensor, H1: torch.Tensor, St: torch.Tensor, group: int,
@@ -118,7 +130,8 @@ def polish(Gt1: torch.Tensor, Qt1: torch.Tensor, Dt1: torch.Tensor, H1: torch.Te
     block_r, warps = tile(rows)
     _polish_kernel[(triton.cdiv(rows, block_r),)](
         Gt1, Qt1, Dt1, H1, H1.stride(0), St, rows, n, first, group, float(qmin), float(qmax),
-        BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False)
+        BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps, FMA=fused_addr(Gt1.device),
+        enable_fp_fusion=False)
 
 
 # refit: rows per program (tl.dot needs at least 16) and warps
