@@ -36,23 +36,42 @@ from .errors import UserError
 from .model import SourceModel
 
 
-@dataclass
+# Rows of S per GEMM in Stats.add.  S = Σxᵀx is symmetric, so only its blocks on and right of the diagonal are summed:
+# (T+1)/2T of the full product for T row blocks (62 % for a 4096-wide input, 54 % for an 8B's 14336-wide down_proj).
+GRAM_ROWS = 1024
+
+
 class Stats:
     """Σ xᵀx over `n` activation rows of one linear input (fp32). H = 2S/n; llama-imatrix's importance = diag(S)/n.
-    With a full-precision stream (asymmetric), cross = Σ x_fpᵀ x over the same rows."""
+    With a full-precision stream (asymmetric), cross = Σ x_fpᵀ x over the same rows.  dtype: what the GEMMs read,
+    float32 or (CUDA) bfloat16; their sums are float32 either way."""
 
-    s: torch.Tensor
-    n: int = 0
-    cross: torch.Tensor | None = None
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        self._s = torch.zeros(dim, dim, device=device)
+        self._mirrored = True  # the blocks below the diagonal are current
+        self.n = 0
+        self.cross: torch.Tensor | None = None
+        self.dtype = dtype
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.s.addmm_(x.T, x)
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        for i in range(0, x.shape[1], GRAM_ROWS):
+            _addmm(self._s[i : i + GRAM_ROWS, i:], x[:, i : i + GRAM_ROWS].T, x[:, i:])
+        self._mirrored = False
         if x_fp is not None:
             if self.cross is None:
-                self.cross = torch.zeros_like(self.s)
-            self.cross.addmm_(x_fp.reshape(-1, x.shape[-1]).float().T, x)
+                self.cross = torch.zeros_like(self._s)
+            _addmm(self.cross, x_fp.reshape(-1, x.shape[-1]).to(self.dtype).T, x)
         self.n += x.shape[0]
+
+    @property
+    def s(self) -> torch.Tensor:
+        """Σ xᵀx, whole (the upper blocks mirrored when sums were added since the last read)."""
+        if not self._mirrored:
+            for i in range(GRAM_ROWS, len(self._s), GRAM_ROWS):
+                self._s[i : i + GRAM_ROWS, :i] = self._s[:i, i : i + GRAM_ROWS].T
+            self._mirrored = True
+        return self._s
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -60,7 +79,15 @@ class Stats:
 
     @property
     def importance(self) -> torch.Tensor:
-        return self.s.diagonal() / max(self.n, 1)
+        return self._s.diagonal() / max(self.n, 1)
+
+
+def _addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in acc's float32, whatever a and b are."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
 
 
 # on_layer(layer index or "output", {HF weight name: (weight as float32 tensor, Stats)}) -> {HF weight name: new weight}
@@ -89,7 +116,7 @@ class _HeadsRepeated:
 
 def sdpa_heads_repeated(module, query, key, value, *args, **kwargs):
     """transformers' SDPA attention, with grouped-query key/value heads repeated first.  In float32 SDPA has only its
-    math kernel for grouped heads (every score materialized, its matmuls in TF32 under matmul_precision): 3.6 ms for 2
+    math kernel for grouped heads (every score materialized, its matmuls in TF32 under precision "tf32"): 3.6 ms for 2
     windows of 2048 tokens of an 8B on an H200, max error 2e-3 against float64; with the heads repeated its
     memory-efficient kernel runs them: 1.8 ms, max error 2e-6."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -102,20 +129,43 @@ def sdpa_heads_repeated(module, query, key, value, *args, **kwargs):
 def skeleton(m: SourceModel, device: torch.device) -> nn.Module:
     """The HF model with every parameter on the meta device, except the rotary embedding (computed at init); its
     attention is sdpa_heads_repeated."""
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    trust = m.checkpoint.trust_remote_code  # False: transformers' own classes only (auto_map refused by Checkpoint)
+    return skeleton_of(AutoConfig.from_pretrained(m.dir, trust_remote_code=trust), device, trust)
+
+
+def skeleton_of(config, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
+    """skeleton() of a transformers config."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(ATTENTION, sdpa_heads_repeated)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # masks exactly as for "sdpa"
-    trust = m.checkpoint.trust_remote_code  # False: transformers' own classes only (auto_map refused by Checkpoint)
-    config = AutoConfig.from_pretrained(m.dir, trust_remote_code=trust)
     config._attn_implementation = ATTENTION
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     rotary = model.model.rotary_emb
     with device:
         model.model.rotary_emb = type(rotary)(config=model.config)
     return model.eval()
+
+
+def layer_kwargs(model: nn.Module, ids: torch.Tensor) -> dict:
+    """What the model's forward passes its decoder layers besides the hidden states (attention mask, rotary
+    embeddings, ...) for windows like ids, captured by a pre-hook on layer 0 (its embeddings must be materialized)."""
+
+    def capture(_module, _args, kwargs):
+        raise _Captured(kwargs)
+
+    hook = model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        model(ids[:1], use_cache=False)
+    except _Captured as c:
+        return {k: v for k, v in c.kwargs.items() if k != "hidden_states"}
+    finally:
+        hook.remove()
+    raise RuntimeError("the model's forward never reached its first decoder layer")
 
 
 def load_weights(module: nn.Module, prefix: str, m: SourceModel) -> dict[str, torch.Tensor]:
@@ -139,11 +189,11 @@ TOKENS_PER_BATCH = 8192
 @torch.no_grad()
 def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torch.device, batch: int | None = None,
         progress=None, quiet: bool = True, start: int = 0, hidden: torch.Tensor | None = None,
-        on_hidden: Callable[[int, torch.Tensor], None] | None = None, tf32: bool = False,
+        on_hidden: Callable[[int, torch.Tensor], None] | None = None, precision: str = "fp32",
         requantize: bool = False, sequential: bool = False, asymmetric: bool = False,
         on_done: Callable[[object], None] | None = None) -> dict[str, float]:
-    """Drive the layer-by-layer pass. Returns seconds per phase.  tf32: the forward passes and the sums xᵀx run
-    their float32 matmuls in TF32 on a GPU that has it (on_layer, i.e. the solver, stays in float32).
+    """Drive the layer-by-layer pass. Returns seconds per phase.  precision: how the forward passes and the sums
+    xᵀx run their matmuls on a GPU (see `precision`; on_layer, i.e. the solver, stays in float32).
     requantize: on_layer always returns new weights, so the collecting pass's outputs are dropped and the last pass
     writes its outputs over its inputs: one copy of the activations in memory instead of two (4 GiB for an 8B's
     128 x 2048 windows).  sequential, asymmetric: see the module's docstring (both imply requantize); with
@@ -155,23 +205,16 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     both streams stacked, (2, windows, L, d))."""
     seconds = {"calibration forward": 0.0, "solve": 0.0}
     batch = batch or max(1, min(8, TOKENS_PER_BATCH // ids.shape[1]))
-    tf32 = tf32 and device.type == "cuda"  # CPUs: float32 as it is (and builds reproduce bit for bit)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    precision = precision if device.type == "cuda" else "fp32"  # CPUs: float32 (and builds reproduce bit for bit)
     requantize = requantize or sequential or asymmetric
     model = skeleton(m, device)
     inner = model.model
     embed_name = "model.embed_tokens.weight"
     inner.embed_tokens.to_empty(device=device)
     inner.embed_tokens.weight.copy_(m.checkpoint.load(embed_name))
-
-    def capture(_module, _args, kwargs):
-        raise _Captured(kwargs)
-
-    hook = inner.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        model(ids[:1].to(device), use_cache=False)
-    except _Captured as c:
-        layer_kwargs = {k: v for k, v in c.kwargs.items() if k != "hidden_states"}
-    hook.remove()
+    kwargs = layer_kwargs(model, ids.to(device))
     if start == 0:
         hidden = inner.embed_tokens(ids.to(device))  # (n, L, d)
         hidden = torch.stack([hidden, hidden]) if asymmetric else hidden
@@ -180,7 +223,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     if not m.hp.tied_embeddings:
         inner.embed_tokens.to("meta")
     task = progress.add_task("calibrating", total=len(inner.layers) + 1, completed=start) if progress is not None else None
-    passes = Passes(layer_kwargs, batch, seconds, tf32)
+    passes = Passes(kwargs, batch, seconds, precision)
     layers = inner.layers
     head_name = embed_name if m.hp.tied_embeddings else "lm_head.weight"
     reader = ThreadPoolExecutor(max_workers=1)  # reads layer i + 1 (after the last layer, the head) while i is solved
@@ -208,8 +251,8 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     inner.norm.to_empty(device=device)
     inner.norm.weight.copy_(m.checkpoint.load("model.norm.weight"))
     t0 = time.perf_counter()
-    stats = Stats(torch.zeros(m.hp.n_embd, m.hp.n_embd, device=device))
-    with matmul_precision(tf32):
+    stats = Stats(m.hp.n_embd, device, passes.gemm_dtype)
+    with passes.precise():
         for b in range(0, hidden.shape[-3], batch):
             if asymmetric:
                 stats.add(inner.norm(hidden[0, b : b + batch]), inner.norm(hidden[1, b : b + batch]))
@@ -230,13 +273,20 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     return seconds
 
 
+# Calibration matmuls on a GPU: "fp32" as they are; "tf32": float32 matmuls in TF32 (torch's "high" precision), inputs
+# rounded to 10 mantissa bits; "bf16": the forward passes under bfloat16 autocast and the sums xᵀx of bfloat16 inputs
+# (7 mantissa bits, as a bf16 model's own activations), both with float32 sums, on tensor cores at twice TF32's rate.
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 @contextlib.contextmanager
-def matmul_precision(tf32: bool):
-    """float32 matmuls in TF32 (torch's "high" precision) inside the block, if tf32; as they were afterwards."""
+def precision(mode: str):
+    """The block's matmuls in `mode` (PRECISIONS); torch's settings as they were afterwards."""
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if tf32 else before)
+    torch.set_float32_matmul_precision("high" if mode in ("tf32", "bf16") else before)
     try:
-        yield
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            yield
     finally:
         torch.set_float32_matmul_precision(before)
 
@@ -252,7 +302,14 @@ class Passes:
     kwargs: dict
     batch: int
     seconds: dict[str, float]
-    tf32: bool
+    mode: str  # PRECISIONS
+
+    def precise(self):
+        return precision(self.mode)
+
+    @property
+    def gemm_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.mode == "bf16" else torch.float32
 
     def layer(self, layer, prefix, hidden, on_layer, index, requantize: bool, sequential: bool, asymmetric: bool):
         """Collect, solve (on_layer) and step one layer: its outputs, the next layer's inputs (written over `hidden`
@@ -289,7 +346,7 @@ class Passes:
         seen: list[tuple[str, torch.Tensor]] = []  # (name, its input), inputs kept alive so that `is` holds
         handles = [mod.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0]))) for n, mod in linears.items()]
         try:
-            with matmul_precision(self.tf32):
+            with self.precise():
                 layer(x, **self.kwargs)
         finally:
             for h in handles:
@@ -324,8 +381,8 @@ class Passes:
                 if id(x) in counted:
                     stats.setdefault(name, counted[id(x)])
                     continue
-                st = stats.setdefault(name, Stats(torch.zeros(x.shape[-1], x.shape[-1], device=x.device)))
-                with matmul_precision(self.tf32):
+                st = stats.setdefault(name, Stats(x.shape[-1], x.device, self.gemm_dtype))
+                with self.precise():
                     st.add(x, fp.get(name))
                 counted[id(x)] = st
         return stats, out
@@ -348,7 +405,7 @@ class Passes:
 
         handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
         try:
-            with matmul_precision(self.tf32):
+            with self.precise():
                 r = layer(x, **self.kwargs)
             r = r[0] if isinstance(r, tuple) else r
         except _Stop:
@@ -360,7 +417,7 @@ class Passes:
 
     def forward_all(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The layer over all windows of x into `out` (which may be x itself: a batch's outputs replace its inputs)."""
-        with matmul_precision(self.tf32):
+        with self.precise():
             for b in range(0, len(x), self.batch):
                 r = layer(x[b : b + self.batch], **self.kwargs)
                 out[b : b + self.batch] = r[0] if isinstance(r, tuple) else r

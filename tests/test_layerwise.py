@@ -154,3 +154,29 @@ def test_attention_with_repeated_heads_is_transformers_sdpa(masked):
     want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
     got, _ = layerwise.sdpa_heads_repeated(module, q, k, v, mask, scaling=0.25)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12, 64])
+def test_stats_sum_the_upper_blocks_and_read_whole(monkeypatch, rows):
+    """Σxᵀx from the blocks on and right of the diagonal, mirrored on read, read between adds too: the full product
+    (and Σ x_fpᵀ x as it is), whatever the block against the width."""
+    monkeypatch.setattr(layerwise, "GRAM_ROWS", rows)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(7, 12, generator=g, dtype=torch.float64).float() for _ in range(3)]
+    fps = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
+    st = layerwise.Stats(12, torch.device("cpu"))
+    st.add(xs[0], fps[0])
+    torch.testing.assert_close(st.s, xs[0].T @ xs[0], rtol=1e-6, atol=1e-6)
+    st.add(xs[1], fps[1])
+    st.add(xs[2], fps[2])
+    x, fp = torch.cat(xs), torch.cat(fps)
+    torch.testing.assert_close(st.s, x.T @ x, rtol=1e-6, atol=1e-6)
+    assert torch.equal(st.s, st.s.T)
+    torch.testing.assert_close(st.cross, fp.T @ x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.importance, (x * x).sum(0) / 21, rtol=1e-6, atol=1e-6)
+    assert st.n == 21
+
+
+def test_calibration_precision_must_be_known(tiny_llama):
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        layerwise.run(SourceModel(str(tiny_llama)), token_ids(), lambda i, w: {}, torch.device("cpu"), precision="fp8")
