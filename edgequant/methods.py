@@ -52,13 +52,20 @@ Packed = Mapping[str, Callable[[], np.ndarray]]
 METHODS = ("gptq", "imatrix", "rtn")
 
 
+# Rows of one matrix solved at a time: rows are independent given H, and a solve holds several float32 copies of its
+# rows (an 8B's 128256-row head made the build's peak GPU memory: 19.25 GiB in one piece, XXX in parts).
+ROWS_PER_SOLVE = 32768
+
+
 @dataclass
 class GptqSettings:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
     refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
-    tf32: bool = True  # calibration forward passes and Hessian sums in TF32 on a GPU (layerwise.run)
+    # Calibration forward passes and Hessian sums on a GPU (layerwise.PRECISIONS).  bf16: 2.1x faster than tf32 per 8B
+    # layer with the GPU's defaults, bench-a's KLD the same within noise (docs/BENCHMARKS.md).
+    calib_precision: str = "bf16"
     # Aiming at the full-precision model (layerwise's docstring): sequential solves a layer's linears group by group,
     # each on inputs through the quantized ones; asymmetric is the strength of the full-precision target
     # (gptq.target.asymmetric_target), 0: off.  None: on (0.5) on a GPU, off on the CPU, where their extra forward
@@ -230,6 +237,7 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
 
     from . import layerwise
     from .gptq import solve
+    from .gptq.solver import concat_blocks
     from .gptq.target import asymmetric_target
 
     settings = settings.for_device(device)
@@ -251,24 +259,31 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
             c = codec(qtype)
             w_here = m.arch.to_gguf(hf_name, w.detach().float(), m.hp, m.tensor_names)[1].contiguous()  # on the device
             h = stats.hessian
-            target = w_here
-            if settings.asymmetric and stats.cross is not None:
-                target = asymmetric_target(w_here, stats.s, stats.cross, settings.damp, settings.asymmetric)
-            try:
-                with one_cpu_thread(device):
-                    sol = solve(target, h, c, block_size=settings.block_size, damp=settings.damp,
-                                act_order=settings.act_order, refine=settings.refine)
-            except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
-                raise UserError(f"{hf_name} (layer {index}) cannot be quantized to {qtype.name}: {e} "
-                                f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
+            w_hat, parts, loss, fit_loss = torch.empty_like(w_here), [], 0.0, 0.0
+            for r in range(0, len(w_here), ROWS_PER_SOLVE):
+                rows = w_here[r : r + ROWS_PER_SOLVE]
+                target = rows
+                if settings.asymmetric and stats.cross is not None:
+                    target = asymmetric_target(rows, stats.s, stats.cross, settings.damp, settings.asymmetric)
+                try:
+                    with one_cpu_thread(device):
+                        sol = solve(target, h, c, block_size=settings.block_size, damp=settings.damp,
+                                    act_order=settings.act_order, refine=settings.refine)
+                except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
+                    raise UserError(f"{hf_name} (layer {index}) cannot be quantized to {qtype.name}: {e} "
+                                    f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
+                parts.append(sol.blocks)
+                w_hat[r : r + len(rows)] = sol.w_hat
+                loss += hessian_loss(target, sol.w_hat, h)
+                fit_loss += hessian_loss(target, importance_weighted_fit(c, rows, h.diagonal()), h)
+                del sol, target
+            blocks = concat_blocks(parts, axis=0)
             # packing and hashing on host threads (both release the GIL), while the GPU goes on
-            pending["packed"][name] = host.submit(lambda c=c, b=sol.blocks: c.pack(b).reshape(-1))
-            pending["entries"][name] = entry = {
-                "loss": hessian_loss(target, sol.w_hat, h),
-                "fit_loss": hessian_loss(target, importance_weighted_fit(c, w_here, h.diagonal()), h)}
+            pending["packed"][name] = host.submit(lambda c=c, b=blocks: c.pack(b).reshape(-1))
+            pending["entries"][name] = entry = {"loss": loss, "fit_loss": fit_loss}
             if digests:  # Ŵ to the host only for --verify
-                entry["digest"] = host.submit(digest, sol.w_hat.cpu().numpy())
-            new[hf_name] = m.arch.from_gguf(name, sol.w_hat, m.hp)
+                entry["digest"] = host.submit(digest, w_hat.cpu().numpy())
+            new[hf_name] = m.arch.from_gguf(name, w_hat, m.hp)
         return new
 
     def on_done(index):
@@ -292,7 +307,7 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
         task = progress.add_task("GPTQ", total=m.hp.n_layers + 1, completed=start) if progress is not None else None
         with host:
             report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden,
-                                           on_hidden=work.checkpoint_hidden, on_done=on_done, tf32=settings.tf32,
+                                           on_hidden=work.checkpoint_hidden, on_done=on_done, precision=settings.calib_precision,
                                            requantize=True, sequential=settings.sequential,
                                            asymmetric=settings.asymmetric > 0)
     work.flush()  # the last layers' files, written in the background

@@ -18,8 +18,8 @@
 #   inspect.txt    `edgequant inspect` of the written GGUF
 # Knobs (environment): E2E_LAYERS (default: the config's 32), E2E_BUDGET (seconds for the whole script, default 570: the
 # build's timeout is what is left after the model is made, minus 30 s for the rest), E2E_METHOD (gptq), E2E_TARGET
-# (Q4_K_M), E2E_SAMPLES (128), E2E_SEQLEN (2048), E2E_TF32=0 (build with --no-tf32: calibration forward
-# passes and Hessians in full fp32; default: the build's own default, TF32 there), E2E_ARGS (more build options), E2E_PROFILE=1 (the build under cProfile, main thread: $OUT/build.prof and the top
+# (Q4_K_M), E2E_SAMPLES (128), E2E_SEQLEN (2048), E2E_PRECISION (--calib-precision: fp32, tf32
+# or bf16 for the calibration forward passes and Hessians; default: the build's own default), E2E_ARGS (more build options), E2E_PROFILE=1 (the build under cProfile, main thread: $OUT/build.prof and the top
 # functions in profile.txt), E2E_RESUME=1 (keep a killed build's work dir: the build
 # resumes, and its timings cover the rest only), E2E_CONFIG/E2E_DEVICE (tiny/cpu: try the script without a GPU),
 # E2E_WORK (/tmp/e2e: model, GGUF, work dir), E2E_PKG (/tmp/pkg: edgequant and the wheels, replaced).
@@ -30,7 +30,7 @@ LAYERS=${E2E_LAYERS:-}; BUDGET=${E2E_BUDGET:-570}; METHOD=${E2E_METHOD:-gptq}; T
 SAMPLES=${E2E_SAMPLES:-128}; SEQLEN=${E2E_SEQLEN:-2048}; CONFIG=${E2E_CONFIG:-llama-3.1-8b}; DEVICE=${E2E_DEVICE:-cuda}
 M=$W/model-$CONFIG-${LAYERS:-all}; GGUF=$W/out-$TARGET.gguf
 mkdir -p "$OUT" $W
-export PYTHONUNBUFFERED=1 PYTHONPATH=$P E2E_TF32=${E2E_TF32:-1} E2E_TIMELINE=$OUT/timeline.json
+export PYTHONUNBUFFERED=1 PYTHONPATH=$P E2E_TIMELINE=$OUT/timeline.json
 log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/e2e.log"; }
 TIMEV() { if [ -x /usr/bin/time ]; then /usr/bin/time -v -o "$1" "${@:2}"; else "${@:2}"; fi; }
 NVPID=
@@ -237,13 +237,13 @@ export PYTHONPYCACHEPREFIX=$W/pycache
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM") > /dev/null 2>&1
 T=$(( BUDGET - ($(date +%s) - START) - 30 ))
 [ $T -ge 60 ] || { log "build: only ${T}s left of E2E_BUDGET=${BUDGET}s, not started"; exit 1; }
-log "build: $METHOD $TARGET, $SAMPLES x $SEQLEN, TF32 ${E2E_TF32}, timeout ${T}s"
+log "build: $METHOD $TARGET, $SAMPLES x $SEQLEN, precision ${E2E_PRECISION:-default}, timeout ${T}s"
 t0=$(date +%s)
 TV=(); [ -x /usr/bin/time ] && TV=(/usr/bin/time -v -o "$OUT/build.time")
 cd /tmp  # edgequant from $P, not the repo's tree
 PROF=(); [ "${E2E_PROFILE:-0}" = 1 ] && PROF=(-m cProfile -o "$OUT/build.prof")
 timeout -s INT -k 20 $T ${TV[@]+"${TV[@]}"} python3 ${PROF[@]+"${PROF[@]}"} $W/timed_build.py "$M" --target "$TARGET" --method "$METHOD" --calib "$G/wiki.train.first1MB.txt" \
-  --calib-samples "$SAMPLES" --calib-seqlen "$SEQLEN" --device "$DEVICE" $([ "$E2E_TF32" = 0 ] && echo --no-tf32) ${E2E_ARGS:-} --json -o "$GGUF" > "$OUT/build.json" 2> "$OUT/build.log"
+  --calib-samples "$SAMPLES" --calib-seqlen "$SEQLEN" --device "$DEVICE" ${E2E_PRECISION:+--calib-precision $E2E_PRECISION} ${E2E_ARGS:-} --json -o "$GGUF" > "$OUT/build.json" 2> "$OUT/build.log"
 rc=$?; cd "$R"
 [ -n "$NVPID" ] && kill "$NVPID" 2>/dev/null; NVPID=
 log "build: rc $rc in $(( $(date +%s) - t0 ))s wall$([ $rc = 124 ] || [ $rc = 130 ] && echo ' (timed out)')"

@@ -120,6 +120,17 @@ def test_gptq_build_is_reproducible_across_thread_counts(tiny_llama, tmp_path, c
     assert sha256(tmp_path / "m.gguf") == reference_build[1]
 
 
+def test_rows_solved_in_parts_give_the_same_bytes(tiny_llama, tmp_path, calib, reference_build, monkeypatch):
+    """Large matrices are solved a part of their rows at a time (rows are independent given H): the same file."""
+    from edgequant import methods
+
+    monkeypatch.setattr(methods, "ROWS_PER_SOLVE", 48)  # tiny-llama's matrices have 64 to 512 rows
+    result = build(str(tiny_llama), "Q4_K_M", tmp_path / "m.gguf", method="gptq", calib=calib, quiet=True)
+    assert sha256(tmp_path / "m.gguf") == reference_build[1]
+    loss = reference_build[0].report["gptq"].loss
+    assert result.report["gptq"].loss == pytest.approx(loss, rel=1e-5)
+
+
 def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib, reference_build):
     """SIGKILL right after layer 0 is saved: no .gguf, the work dir holds layer 0; the same command again (with
     --verify) resumes after layer 0 (the kill hook would fire again if it redid it), writes the uninterrupted build's bytes and cleans

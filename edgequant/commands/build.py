@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False, help="columns by descending Hessian diagonal")
     g.add_argument("--refine", type=int, default=2, metavar="N",
                    help="rounds of coordinate descent on the stored scales and codes after GPTQ (default 2, 0: plain GPTQ)")
-    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="on a GPU, calibration forward passes and Hessian sums in TF32 (default; the solver stays float32)")
+    g.add_argument("--calib-precision", choices=("fp32", "tf32", "bf16"), default="bf16",
+                   help="on a GPU, the calibration forward passes and Hessian sums: bf16 (default; autocast, float32 sums), "
+                        "tf32 or fp32; the solver stays float32, the CPU fp32")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="inside a layer too: q/k/v, then o, then gate/up, then down, each on inputs through the ones before, "
                         "quantized (default: on with a GPU, off on the CPU)")
@@ -93,7 +94,7 @@ def calib_options(args: argparse.Namespace):
     return CalibOptions(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
                         imatrix=args.imatrix, device=args.device,
                         gptq=GptqSettings(block_size=args.block_size, damp=args.damp, act_order=args.act_order,
-                                          refine=args.refine, tf32=args.tf32, sequential=args.sequential,
+                                          refine=args.refine, calib_precision=args.calib_precision, sequential=args.sequential,
                                           asymmetric=args.asymmetric))
 
 

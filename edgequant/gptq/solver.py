@@ -240,7 +240,10 @@ def nearest_level(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qm
     return torch.where(scale == 0, 0.0, q).clamp_(qmin, qmax)
 
 
-def concat_blocks(parts: list):
-    """Per-codec-block Blocks (same dataclass) -> one, concatenating every array field along axis 1."""
-    return dataclasses.replace(parts[0], **{f.name: np.concatenate([getattr(p, f.name) for p in parts], axis=1)
+def concat_blocks(parts: list, axis: int = 1):
+    """Blocks (same dataclass) -> one, concatenating every array field along `axis`: 1 joins codec blocks of columns,
+    0 parts of rows."""
+    if len(parts) == 1:
+        return parts[0]
+    return dataclasses.replace(parts[0], **{f.name: np.concatenate([getattr(p, f.name) for p in parts], axis=axis)
                                              for f in dataclasses.fields(parts[0])})
