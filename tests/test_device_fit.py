@@ -16,8 +16,6 @@ import functools
 import json
 import os
 import re
-import subprocess
-import sys
 import traceback
 
 import numpy as np
@@ -28,6 +26,7 @@ from edgequant.convert.codecs import codec
 from edgequant.convert.codecs.search_affine import in_order_sum, make_qkx3_quants, make_qp_quants
 from edgequant.convert.codecs.search_symmetric import make_qx_quants
 from edgequant.gptq import device_fit as df
+from interpreted import run_interpreted
 from test_codecs_affine import adversarial_rows  # zero, -0.0, constant, subnormal, fp16-limit, tie rows (512 wide)
 
 TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"]
@@ -225,11 +224,7 @@ def interpreted_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", INTERPRETED)

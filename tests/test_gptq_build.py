@@ -4,7 +4,6 @@ written blocks, and GPTQ beating the importance-weighted fit on the calibration 
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import pytest
 
 from edgequant.build import build

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -94,10 +93,7 @@ def compare_refined(name: str, rows: int, cols: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    proc = subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda k: "-".join(map(str, k)))

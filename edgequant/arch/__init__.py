@@ -6,7 +6,6 @@ permutation, and reads the hyperparameters llama.cpp needs.  Tensor names come f
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import gguf
