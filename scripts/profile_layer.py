@@ -90,7 +90,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         times, seconds = [], {}
 
-        def one():
+        def one(hidden):
             seconds.clear()
             seconds.update({"calibration forward": 0.0, "solve": 0.0})
             passes = layerwise.Passes(kwargs, batch, seconds, mode)
@@ -101,12 +101,12 @@ def main() -> None:
             sync()
             return time.perf_counter() - t0
 
-        one()
-        times = [one() for _ in range(args.repeat)]
+        one(hidden)
+        times = [one(hidden) for _ in range(args.repeat)]
         by_kind = defaultdict(float)
         if cuda:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                one()
+                one(hidden)
             kernels = sorted(((e.self_device_time_total / 1e6, e.key) for e in prof.key_averages()), reverse=True)
             tops.append((variant, kernels[: args.top]))
             for t, name in kernels:

@@ -16,7 +16,7 @@ def token_ids(n: int = 3, length: int = 24, vocab: int = 200) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(0).integers(3, vocab, (n, length)))
 
 
-def collect(model_dir, shrink: float = 1.0, **options):
+def collect(model_dir, shrink: float = 1.0, device: str = "cpu", **options):
     """Run the layer pass; on_layer multiplies every weight by `shrink` (a stand-in for quantization).  Returns the
     calls (layer index, names) in order and each weight's Stats."""
     m = SourceModel(str(model_dir))
@@ -30,7 +30,7 @@ def collect(model_dir, shrink: float = 1.0, **options):
             new[name] = w * shrink
         return new
 
-    layerwise.run(m, token_ids(), on_layer, torch.device("cpu"), batch=2, **options)
+    layerwise.run(m, token_ids(), on_layer, torch.device(device), batch=2, **options)
     return calls, stats
 
 
@@ -180,3 +180,18 @@ def test_stats_sum_the_upper_blocks_and_read_whole(monkeypatch, rows):
 def test_calibration_precision_must_be_known(tiny_llama):
     with pytest.raises(ValueError, match="precision 'fp8'"):
         layerwise.run(SourceModel(str(tiny_llama)), token_ids(), lambda i, w: {}, torch.device("cpu"), precision="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_reduced_precision_calibration_stays_close_to_fp32(tiny_llama, precision):
+    """On a GPU the calibration's matmuls may run in TF32 or bf16 (sums in float32): every S within their rounding
+    of the float32 one, the sequential asymmetric passes included."""
+    _, exact = collect(tiny_llama, shrink=0.9, device="cuda", precision="fp32", sequential=True, asymmetric=True)
+    _, fast = collect(tiny_llama, shrink=0.9, device="cuda", precision=precision, sequential=True, asymmetric=True)
+    tol = 2e-2 if precision == "bf16" else 2e-3
+    for name, st in exact.items():
+        scale = float(st.s.abs().max())
+        assert float((fast[name].s - st.s).abs().max()) <= tol * scale, name
+        assert float((fast[name].cross - st.cross).abs().max()) <= tol * scale, name
+        assert torch.equal(fast[name].s, fast[name].s.T)
