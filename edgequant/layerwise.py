@@ -116,7 +116,7 @@ class _HeadsRepeated:
 
 def sdpa_heads_repeated(module, query, key, value, *args, **kwargs):
     """transformers' SDPA attention, with grouped-query key/value heads repeated first.  In float32 SDPA has only its
-    math kernel for grouped heads (every score materialized, its matmuls in TF32 under precision "tf32"): 3.6 ms for 2
+    math kernel for grouped heads (every score materialized, its matmuls in TF32 under matmuls_in("tf32")): 3.6 ms for 2
     windows of 2048 tokens of an 8B on an H200, max error 2e-3 against float64; with the heads repeated its
     memory-efficient kernel runs them: 1.8 ms, max error 2e-6."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -193,7 +193,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
         requantize: bool = False, sequential: bool = False, asymmetric: bool = False,
         on_done: Callable[[object], None] | None = None) -> dict[str, float]:
     """Drive the layer-by-layer pass. Returns seconds per phase.  precision: how the forward passes and the sums
-    xᵀx run their matmuls on a GPU (see `precision`; on_layer, i.e. the solver, stays in float32).
+    xᵀx run their matmuls on a GPU (PRECISIONS; on_layer, i.e. the solver, stays in float32).
     requantize: on_layer always returns new weights, so the collecting pass's outputs are dropped and the last pass
     writes its outputs over its inputs: one copy of the activations in memory instead of two (4 GiB for an 8B's
     128 x 2048 windows).  sequential, asymmetric: see the module's docstring (both imply requantize); with
@@ -280,7 +280,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @contextlib.contextmanager
-def precision(mode: str):
+def matmuls_in(mode: str):
     """The block's matmuls in `mode` (PRECISIONS); torch's settings as they were afterwards."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if mode in ("tf32", "bf16") else before)
@@ -305,7 +305,7 @@ class Passes:
     mode: str  # PRECISIONS
 
     def precise(self):
-        return precision(self.mode)
+        return matmuls_in(self.mode)
 
     @property
     def gemm_dtype(self) -> torch.dtype:
