@@ -26,7 +26,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from edgequant import layerwise
 
-KINDS = {"GEMM": ("gemm", "cutlass", "xmma", "sm90_", "cublas", "splitk"), "attention": ("fmha", "attention", "flash")}
+# kernel kinds by name, the first match wins (attention kernels' names hold "cutlass" and "sm90_" too)
+KINDS = {"attention": ("fmha", "attention", "flash", "sdpa"),
+         "GEMM": ("gemm", "cutlass", "xmma", "sm90_", "cublas", "splitk", "nvjet")}
 
 
 def synthetic_config():
