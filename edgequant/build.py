@@ -103,9 +103,11 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
                 encoder, result.report, packed = make_encoder(method, m, plan, calib, progress, work, digests=verify)
                 if method != "rtn":
                     solve = result.report["gptq"].seconds.get("solve", 0.0) if "gptq" in result.report else 0.0
-                    result.seconds["calibration"] = time.perf_counter() - t0 - solve
-                    if solve:
-                        result.seconds["solve"] = solve
+                    sampling = sum(p.get("seconds", 0.0) for p in result.report.get("calibration", []))
+                    result.seconds["calibration"] = time.perf_counter() - t0 - solve - sampling
+                    for phase, seconds in (("sampling", sampling), ("solve", solve)):
+                        if seconds:
+                            result.seconds[phase] = seconds
             t0 = time.perf_counter()
             digests = None
             if verify and "gptq" in result.report:

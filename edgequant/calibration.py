@@ -1,14 +1,25 @@
-"""Calibration text -> fixed-length token windows, deterministic.
+"""Calibration sources -> fixed-length token windows, deterministic.
 
-Sources: a local text file, a JSONL file (a "text" field per line), or a dataset through `datasets` for users with
-internet: `wikitext2`, `c4`, or `DATASET[:CONFIG]:SPLIT:COLUMN`.  The text is tokenized once with BOS, as
-llama-imatrix does, and cut into consecutive windows of `seqlen` tokens whose first token is BOS; with more windows
-available than asked for, `seed` picks which (seed 0: the first ones, exactly the chunks llama-imatrix sees).
+A source (`--calib`, repeatable; the windows are split evenly across sources, in order) is one of:
+  self      windows sampled from the model itself (edgequant.self_calibration)
+  builtin   the mixed-domain text shipped with edgequant (edgequant/data/calibration.txt: prose, fiction, chat,
+            code, math, other languages; written for the project, MIT)
+  a file    text, or JSONL: one record per line with a "text" field, or a "messages" conversation
+            ([{"role", "content"}, ...]) rendered through the model's chat template
+  a dataset through `datasets`, for users with internet: `wikitext2`, `c4`, or `DATASET[:CONFIG]:SPLIT:COLUMN`.
+Text is tokenized once with BOS, as llama-imatrix does, and cut into consecutive windows of `seqlen` tokens whose
+first token is BOS; with more windows available than asked for, `seed` picks which (seed 0: the first ones, exactly
+the chunks llama-imatrix sees).
+
+With no source given, a build calibrates on DEFAULT (docs/BENCHMARKS.md, "Calibration" shows why): offline, and for
+any model; where the model cannot be sampled from on the device, `builtin` alone stands in for `self`.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +32,58 @@ DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
     "c4": ("allenai/c4", "en", "validation", "text"),
 }
+SELF, BUILTIN = "self", "builtin"
+BUILTIN_TEXT = Path(__file__).with_name("data") / "calibration.txt"
+DEFAULT = (SELF,)
 
 
-def load_text(spec: str) -> str:
+@dataclass
+class Text:
+    text: str
+    special: bool = False  # holds rendered chat templates: their special-token strings are tokens
+
+
+def load_text(spec: str, tok: ReferenceTokenizer | None = None) -> Text:
+    if spec == BUILTIN:
+        return Text(BUILTIN_TEXT.read_text(encoding="utf-8"))
     path = Path(spec).expanduser()
     if path.is_file():
         try:
             raw = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"{spec}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if path.suffix == ".jsonl":
-            try:
-                return "\n\n".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{spec}: each JSONL line needs a \"text\" field") from None
-        return raw
+        return jsonl_text(spec, raw, tok) if path.suffix == ".jsonl" else Text(raw)
     if path.exists():
         raise UserError(f"{spec}: not a file")
-    return load_dataset_text(spec)
+    return Text(load_dataset_text(spec))
+
+
+def jsonl_text(spec: str, raw: str, tok: ReferenceTokenizer | None) -> Text:
+    """Records joined by blank lines: "text" as it is, "messages" through the chat template."""
+    docs, chat = [], False
+    for k, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if "messages" in record:
+                messages = record["messages"]
+                if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                           and isinstance(m.get("role"), str) for m in messages)):
+                    raise TypeError
+                rendered = tok.render_chat(messages) if tok is not None else None
+                if rendered is None:
+                    raise UserError(f"{spec}:{k}: a \"messages\" record needs a model with a chat template")
+                docs.append(rendered)
+                chat = True
+            else:
+                docs.append(record["text"])
+                if not isinstance(docs[-1], str):
+                    raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{spec}:{k}: each JSONL line needs a \"text\" string or a \"messages\" list of "
+                            f"{{\"role\", \"content\"}}") from None
+    return Text("\n\n".join(docs), chat)
 
 
 def load_dataset_text(spec: str) -> str:
@@ -46,7 +91,8 @@ def load_dataset_text(spec: str) -> str:
     if len(parts) == 3:
         parts = (parts[0], None, parts[1], parts[2])
     if len(parts) != 4:
-        raise UserError(f"--calib {spec!r}: no such file, and not a dataset spec (wikitext2, c4, or DATASET[:CONFIG]:SPLIT:COLUMN)")
+        raise UserError(f"--calib {spec!r}: no such file, and not self, builtin or a dataset spec (wikitext2, c4, "
+                        f"or DATASET[:CONFIG]:SPLIT:COLUMN)")
     name, config, split, column = parts
     try:
         import datasets
@@ -64,18 +110,67 @@ def load_dataset_text(spec: str) -> str:
         raise UserError(f"--calib {spec}: could not load dataset ({type(e).__name__}: {e})") from None
 
 
-def windows(tok: ReferenceTokenizer, text: str, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """(n_samples, seqlen) int64 token ids."""
-    if not text.strip():
+def windows(tok: ReferenceTokenizer, text: str | Text, n_samples: int, seqlen: int, seed: int = 0,
+            at_most: bool = False) -> torch.Tensor:
+    """(n_samples, seqlen) int64 token ids (at_most: fewer where the text holds fewer)."""
+    text = text if isinstance(text, Text) else Text(text)
+    if not text.text.strip():
         raise UserError("calibration text is empty")
     if n_samples < 1 or seqlen < 2:
         raise UserError(f"need at least 1 calibration window of at least 2 tokens (got {n_samples} x {seqlen})")
-    ids = np.asarray(tok.encode(text, add_bos=True), dtype=np.int64)
+    ids = np.asarray(tok.encode(text.text, add_bos=True, special=text.special), dtype=np.int64)
     available = len(ids) // seqlen
-    if available < n_samples:
+    if at_most:
+        n_samples = min(n_samples, available)
+    if available < max(n_samples, 1):
         raise UserError(f"calibration text too short: {len(ids)} tokens make {available} windows of {seqlen}, need {n_samples}")
     chosen = np.arange(n_samples) if seed == 0 else np.sort(np.random.default_rng(seed).choice(available, n_samples, replace=False))
     out = ids[: available * seqlen].reshape(available, seqlen)[chosen].copy()
     if tok.bos_id is not None and tok.add_bos:
         out[:, 0] = tok.bos_id
     return torch.from_numpy(out)
+
+
+def split(n: int, k: int) -> list[int]:
+    """n windows over k sources, the first ones taking the remainder."""
+    return [n // k + (i < n % k) for i in range(k)]
+
+
+@dataclass
+class Calibration:
+    """The windows, and what they are, for the build's summary."""
+
+    ids: torch.Tensor
+    parts: list[dict] = field(default_factory=list)  # per source: {"source", "windows", ...}
+
+    def describe(self) -> str:
+        return " + ".join(f"{p['source']} ({p['windows']})" for p in self.parts) + f" windows of {self.ids.shape[1]} tokens"
+
+
+def calibrate(m, sources: list[str], n: int, seqlen: int, seed: int, device: torch.device, progress=None) -> Calibration:
+    """The calibration windows from `sources` (none: DEFAULT), n split across them."""
+    from . import self_calibration
+
+    seqlen = min(seqlen, m.hp.n_ctx)
+    if n < 1 or seqlen < 2:
+        raise UserError(f"need at least 1 calibration window of at least 2 tokens (got {n} x {seqlen})")
+    default = not sources
+    if default:
+        sources = list(DEFAULT)
+        ok, why = self_calibration.fits(m, n, seqlen, device) if SELF in sources else (True, "")
+        if not ok:
+            sources = [BUILTIN if s == SELF else s for s in sources]
+            print(f"edgequant: calibrating on the built-in text ({why})", file=sys.stderr)
+    if len(sources) > n:
+        raise UserError(f"{len(sources)} calibration sources for {n} windows: give at least one window per source")
+    tok = ReferenceTokenizer(m.dir)
+    parts, out = [], []
+    for spec, k in zip(sources, split(n, len(sources))):
+        if spec == SELF:
+            ids, record = self_calibration.self_windows(m, k, seqlen, seed, device, progress)
+        else:
+            ids = windows(tok, load_text(spec, tok), k, seqlen, seed, at_most=default and spec == BUILTIN)
+            record = {"source": spec, "windows": len(ids)}
+        out.append(ids)
+        parts.append(record)
+    return Calibration(torch.cat(out), parts)

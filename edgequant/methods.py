@@ -36,7 +36,6 @@ from .convert.gguf_out import TensorPlan
 from .convert.imatrix_file import read_imatrix
 from .errors import UserError
 from .model import SourceModel
-from .tokens import ReferenceTokenizer
 
 # torch, layerwise (torch, transformers) and the calibration text loaders are imported only where a method starts
 # calibrating: an RTN or float build needs none of them, and importing torch alone takes longer than a small RTN build.
@@ -83,7 +82,7 @@ class GptqSettings:
 
 @dataclass
 class CalibOptions:
-    text: str | None = None
+    sources: list[str] = field(default_factory=list)  # calibration.calibrate's; empty: its DEFAULT
     samples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -100,14 +99,6 @@ class CalibOptions:
             return torch.device(self.device)
         except RuntimeError as e:
             raise UserError(f"--device {self.device}: {e}") from None
-
-    def token_windows(self, m: SourceModel) -> torch.Tensor:
-        from .calibration import load_text, windows
-
-        if not self.text:
-            raise UserError("this method needs calibration text: --calib FILE (text or JSONL) or a dataset name such as wikitext2")
-        seqlen = min(self.seqlen, m.hp.n_ctx)
-        return windows(ReferenceTokenizer(m.dir), load_text(self.text), self.samples, seqlen, self.seed)
 
 
 def rtn_encoder(importance: dict[str, np.ndarray] | None = None) -> Encoder:
@@ -133,21 +124,27 @@ def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: Cal
     if method == "imatrix":
         if calib.imatrix is not None:
             return rtn_encoder(read_imatrix(calib.imatrix)), {"imatrix": str(calib.imatrix)}, {}
-        sums = collect_importance(m, token_windows(calib, m, progress), calib.torch_device(), progress)
-        return rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}), {}, {}
+        windows = token_windows(calib, m, progress)
+        sums = collect_importance(m, windows.ids, calib.torch_device(), progress)
+        return (rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}),
+                {"calibration": windows.parts}, {})
     if method == "gptq":
-        report = gptq_layers(m, plan, token_windows(calib, m, progress), calib.torch_device(), calib.gptq, work,
-                             progress, digests)
-        return rtn_encoder(), {"gptq": report}, {name: functools.partial(work.packed, name) for name in report.loss}
+        windows = work.calibration(lambda: token_windows(calib, m, progress))
+        report = gptq_layers(m, plan, windows.ids, calib.torch_device(), calib.gptq, work, progress, digests)
+        return (rtn_encoder(), {"gptq": report, "calibration": windows.parts},
+                {name: functools.partial(work.packed, name) for name in report.loss})
     raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def token_windows(calib: CalibOptions, m: SourceModel, progress=None) -> torch.Tensor:
-    task = progress.add_task(f"calibration text: {calib.samples} windows", total=None) if progress is not None else None
-    ids = calib.token_windows(m)
+def token_windows(calib: CalibOptions, m: SourceModel, progress=None):
+    """calibration.calibrate for these options (a Calibration)."""
+    from .calibration import calibrate
+
+    task = progress.add_task(f"calibration: {calib.samples} windows", total=None) if progress is not None else None
+    windows = calibrate(m, calib.sources, calib.samples, calib.seqlen, calib.seed, calib.torch_device(), progress)
     if task is not None:
         progress.remove_task(task)
-    return ids
+    return windows
 
 
 def hf_to_gguf(m: SourceModel) -> dict[str, str]:

@@ -52,12 +52,26 @@ def render(s: dict, title: str) -> str:
     return "\n".join(parts + ["</body></html>\n"])
 
 
+def describe_calibration(parts: list[dict]) -> str:
+    """The calibration sources of a build's summary, for people."""
+    out = []
+    for p in parts:
+        text = f"{p['windows']} windows of {p['source']}"
+        if p["source"] == "self":
+            chat = f", {p['chat_windows']} of them chats" if p.get("chat_windows") else ""
+            text += f" (sampled from the model: {p['sampling']}{chat}, {p['seconds']:.1f} s)"
+        out.append(text)
+    return " + ".join(out)
+
+
 def header(s: dict) -> str:
     phases = ", ".join(f"{escape(k)} {v:.1f} s" for k, v in s["seconds"].items())
     memory = ", ".join(f"{v / 2**30:.2f} GiB {escape(k.removesuffix('_bytes').upper())}" for k, v in s["peak_memory"].items())
     return (f"<p>{escape(s['output'])}: {s['file_bytes'] / 2**20:.2f} MiB, {s['tensors']} tensors, "
             f"{s['params']:,} parameters, <b>{s['bits_per_weight']:.3f} bits/weight</b><br>"
-            f"time: {phases} (total {sum(s['seconds'].values()):.1f} s); peak memory: {memory}</p>")
+            f"time: {phases} (total {sum(s['seconds'].values()):.1f} s); peak memory: {memory}"
+            + (f"<br>calibration: {escape(describe_calibration(s['calibration']))}" if s.get("calibration") else "")
+            + "</p>")
 
 
 def type_colors(types: dict) -> dict[str, str]:

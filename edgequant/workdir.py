@@ -2,6 +2,7 @@
 
     <output>.work/
       manifest.json    what the results are for (the build's identity, below); written first
+      calibration.npz  the calibration windows (sampled ones would cost their sampling again, and differ on a GPU)
       layer-0.npz      per decoder layer, then layer-output.npz for the head: the packed GGUF bytes of the layer's
       layer-1.npz      GPTQ tensors, and their losses and digests for the report
       hidden-1.npy     the next layer's inputs: the output of layer 1 through its quantized weights
@@ -37,7 +38,8 @@ import torch
 from .errors import UserError
 
 MANIFEST = "manifest.json"
-OURS = ("manifest.json", "layer-*.npz", "hidden-*.npy", "*.tmp")
+CALIBRATION = "calibration.npz"
+OURS = ("manifest.json", CALIBRATION, "layer-*.npz", "hidden-*.npy", "*.tmp")
 SAVE_EVERY = 20  # checkpoint_hidden: at least this many times a save's own cost between two saves
 REPORT_KEY = "__report__"  # the layer npz entry holding {tensor: {loss, fit_loss, digest}} as JSON
 
@@ -56,14 +58,15 @@ def build_identity(m, target: str, method: str, calib) -> dict:
     from . import __version__
 
     files = sorted({e.file for e in m.checkpoint.tensors.values()} | set(m.dir.glob("tokenizer*")))
-    text = Path(calib.text).expanduser() if calib.text else None
-    text_file = text is not None and text.is_file()
+    sources = []
+    for spec in calib.sources:
+        path = Path(spec).expanduser()
+        sources.append([str(path.resolve()), *file_identity(path)] if path.is_file() else spec)
     return {
         "edgequant": __version__, "torch": torch.__version__, "model": str(m.dir.resolve()),
         "config_sha256": sha256((m.dir / "config.json").read_bytes()), "files": [file_identity(f) for f in files],
         "target": target, "method": method, "device": calib.torch_device().type,
-        "calibration": {"text": str(text.resolve()) if text_file else calib.text, "text_file": file_identity(text) if text_file else None,
-                        "samples": calib.samples, "seqlen": calib.seqlen, "seed": calib.seed},
+        "calibration": {"sources": sources, "samples": calib.samples, "seqlen": calib.seqlen, "seed": calib.seed},
         "gptq": dataclasses.asdict(calib.gptq),
     }
 
@@ -82,6 +85,8 @@ class WorkDir:
 
     def open(self) -> None:
         """Make the directory ready for this identity: keep it if it matches, clear it if it is stale."""
+        if self.opened:
+            return
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"work directory {self.path} exists and is not a directory")
         manifest = self.path / MANIFEST
@@ -108,6 +113,20 @@ class WorkDir:
             raise UserError(f"cannot create work directory {self.path}: {e.strerror}") from None
         self.opened = True
         self._write(MANIFEST, lambda f: f.write(json.dumps(self.identity, indent=1).encode()))
+
+    def calibration(self, make):
+        """The build's calibration windows (a calibration.Calibration): an earlier run's, else make()'s, kept."""
+        from .calibration import Calibration
+
+        self.open()
+        self.flush()
+        if (self.path / CALIBRATION).is_file():
+            with np.load(self.path / CALIBRATION, allow_pickle=False) as z:
+                return Calibration(torch.from_numpy(z["ids"]), json.loads(str(z["parts"])))
+        windows = make()
+        arrays = {"ids": windows.ids.numpy(), "parts": np.array(json.dumps(windows.parts))}
+        self._queue(self._write, CALIBRATION, lambda f: np.savez(f, **arrays))
+        return windows
 
     def resume_point(self) -> tuple[int, torch.Tensor | None] | None:
         """(index of the first layer to solve, its inputs or None for the embeddings); None when every layer is done."""

@@ -5,9 +5,12 @@
 # llama-imatrix, as ../shared/anchors/METHOD.md), then KLD vs the F16 on wiki.test.raw and heldout.txt, all on the GPU.
 # Knobs (environment): KLD_FTYPES (default the five of issue 5), KLD_TEXTS (wiki.test.raw heldout.txt),
 # KLD_VARIANTS: GPTQ builds as "TAG=build options" separated by ';' (default "g=": the defaults), each built per ftype
-# as TAG-FTYPE.gguf and evaluated next to the imatrix build i-FTYPE.gguf.
+# as TAG-FTYPE.gguf and evaluated next to the imatrix build i-FTYPE.gguf; KLD_CALIB: calibration options put before
+# every variant's (default: wiki.train.first1MB.txt, 256 windows of 512; set it empty to compare calibrations, e.g.
+# KLD_CALIB= KLD_VARIANTS='w=--calib \$G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512;s=--calib self').
 set -u
 FTYPES=${KLD_FTYPES:-Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K}; TEXTS=${KLD_TEXTS:-wiki.test.raw heldout.txt}
+CALIB=${KLD_CALIB-'--calib $G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512'}
 IFS=';' read -ra VARIANTS <<< "${KLD_VARIANTS:-g=}"; TAGS=$(for v in "${VARIANTS[@]}"; do printf '%s ' "${v%%=*}"; done)
 R=$(pwd); G=$R/.gpu; W=/tmp/w; S=$W/res; mkdir -p $S /tmp/pkg /tmp/a
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/pkg
@@ -21,7 +24,8 @@ cd /tmp
 python3 -m edgequant.cli build /tmp/a --target F16 -o $W/a-F16.gguf -q
 for v in "${VARIANTS[@]}"; do
   for t in $FTYPES; do
-    python3 -m edgequant.cli build /tmp/a --target $t --calib $G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512 ${v#*=} --json -o $W/${v%%=*}-$t.gguf > $S/build-${v%%=*}-$t.json 2>>$S/run.log
+    eval "opts=($CALIB ${v#*=})"  # options may name the carried texts as \$G/...
+    python3 -m edgequant.cli build /tmp/a --target $t "${opts[@]}" --json -o $W/${v%%=*}-$t.gguf > $S/build-${v%%=*}-$t.json 2>>$S/run.log
     log "gptq built ${v%%=*} $t (${v#*=})"
   done
 done

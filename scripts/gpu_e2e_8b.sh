@@ -18,7 +18,8 @@
 #   inspect.txt    `edgequant inspect` of the written GGUF
 # Knobs (environment): E2E_LAYERS (default: the config's 32), E2E_BUDGET (seconds for the whole script, default 570: the
 # build's timeout is what is left after the model is made, minus 30 s for the rest), E2E_METHOD (gptq), E2E_TARGET
-# (Q4_K_M), E2E_SAMPLES (128), E2E_SEQLEN (2048), E2E_PRECISION (--calib-precision: fp32, tf32
+# (Q4_K_M), E2E_SAMPLES (128), E2E_SEQLEN (2048), E2E_CALIB (wiki: wiki.train.first1MB.txt; default: no --calib; else
+# the --calib source, e.g. self), E2E_PRECISION (--calib-precision: fp32, tf32
 # or bf16 for the calibration forward passes and Hessians; default: the build's own default), E2E_ARGS (more build options), E2E_PROFILE=1 (the build under cProfile, main thread: $OUT/build.prof and the top
 # functions in profile.txt), E2E_RESUME=1 (keep a killed build's work dir: the build
 # resumes, and its timings cover the rest only), E2E_CONFIG/E2E_DEVICE (tiny/cpu: try the script without a GPU),
@@ -29,6 +30,7 @@ R=$(pwd); G=$R/.gpu; W=${E2E_WORK:-/tmp/e2e}; P=${E2E_PKG:-/tmp/pkg}; START=$(da
 LAYERS=${E2E_LAYERS:-}; BUDGET=${E2E_BUDGET:-570}; METHOD=${E2E_METHOD:-gptq}; TARGET=${E2E_TARGET:-Q4_K_M}
 SAMPLES=${E2E_SAMPLES:-128}; SEQLEN=${E2E_SEQLEN:-2048}; CONFIG=${E2E_CONFIG:-llama-3.1-8b}; DEVICE=${E2E_DEVICE:-cuda}
 M=$W/model-$CONFIG-${LAYERS:-all}; GGUF=$W/out-$TARGET.gguf
+case "${E2E_CALIB:-wiki}" in wiki) CALIB=(--calib "$G/wiki.train.first1MB.txt");; default) CALIB=();; *) CALIB=(--calib "$E2E_CALIB");; esac
 mkdir -p "$OUT" $W
 export PYTHONUNBUFFERED=1 PYTHONPATH=$P E2E_TIMELINE=$OUT/timeline.json
 log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/e2e.log"; }
@@ -242,7 +244,7 @@ t0=$(date +%s)
 TV=(); [ -x /usr/bin/time ] && TV=(/usr/bin/time -v -o "$OUT/build.time")
 cd /tmp  # edgequant from $P, not the repo's tree
 PROF=(); [ "${E2E_PROFILE:-0}" = 1 ] && PROF=(-m cProfile -o "$OUT/build.prof")
-timeout -s INT -k 20 $T ${TV[@]+"${TV[@]}"} python3 ${PROF[@]+"${PROF[@]}"} $W/timed_build.py "$M" --target "$TARGET" --method "$METHOD" --calib "$G/wiki.train.first1MB.txt" \
+timeout -s INT -k 20 $T ${TV[@]+"${TV[@]}"} python3 ${PROF[@]+"${PROF[@]}"} $W/timed_build.py "$M" --target "$TARGET" --method "$METHOD" ${CALIB[@]+"${CALIB[@]}"} \
   --calib-samples "$SAMPLES" --calib-seqlen "$SEQLEN" --device "$DEVICE" ${E2E_PRECISION:+--calib-precision $E2E_PRECISION} ${E2E_ARGS:-} --json -o "$GGUF" > "$OUT/build.json" 2> "$OUT/build.log"
 rc=$?; cd "$R"
 [ -n "$NVPID" ] && kill "$NVPID" 2>/dev/null; NVPID=

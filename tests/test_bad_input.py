@@ -180,6 +180,22 @@ def test_weights_too_large_for_the_block_scales(capsys, tmp_path, tiny_llama, tr
                  "cannot be quantized", "1e+30")
 
 
+def test_overflowing_model_cannot_be_sampled(capsys, tmp_path, tiny_llama):
+    d = copy_model(tiny_llama, tmp_path)
+    write_weights(d, lambda t: t["model.layers.0.post_attention_layernorm.weight"].fill_(1e30))
+    expect_error(capsys, gptq_argv(d, tmp_path, "self"), "NaN or Inf in the model's output while sampling")
+
+
+@pytest.mark.parametrize("record,error", [
+    ({"messages": [{"role": "user"}]}, "c.jsonl:1: each JSONL line needs a \"text\" string or a \"messages\" list"),
+    ({"text": 3}, "c.jsonl:1: each JSONL line needs"),
+])
+def test_bad_calibration_records(capsys, tmp_path, tiny_llama, record, error):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    expect_error(capsys, gptq_argv(tiny_llama, tmp_path, path), error)
+
+
 def test_calibration_too_short(capsys, tmp_path, tiny_llama):
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")

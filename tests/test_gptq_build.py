@@ -3,6 +3,8 @@ written blocks, and GPTQ beating the importance-weighted fit on the calibration 
 
 from __future__ import annotations
 
+import shutil
+
 import gguf
 import pytest
 
@@ -15,7 +17,7 @@ Q = gguf.GGMLQuantizationType
 @pytest.fixture(scope="module")
 def calib(request):
     text = request.config.rootpath / "tests" / "fixtures" / "text" / "train.txt"
-    return CalibOptions(text=str(text), samples=16, seqlen=128, device="cpu")
+    return CalibOptions(sources=[str(text)], samples=16, seqlen=128, device="cpu")
 
 
 @pytest.mark.parametrize("model,target,expected_types", [
@@ -56,14 +58,6 @@ def test_solved_tensors_are_written_without_loading_their_weights(tiny_llama, tm
     assert not result.report["gptq"].digest  # no --verify: no digests, Ŵ never copied to the host for them
 
 
-def test_gptq_needs_calibration_text(tiny_llama, tmp_path):
-    from edgequant.errors import UserError
-
-    with pytest.raises(UserError, match="calibration text"):
-        build(str(tiny_llama), "Q4_K_M", tmp_path / "m.gguf", method="gptq", calib=CalibOptions(), quiet=True)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_calibration_text_too_short(tiny_llama, tmp_path):
     from edgequant.errors import UserError
 
@@ -71,7 +65,7 @@ def test_calibration_text_too_short(tiny_llama, tmp_path):
     short.write_text("only a few words here")
     with pytest.raises(UserError, match="too short"):
         build(str(tiny_llama), "Q4_K_M", tmp_path / "m.gguf", method="gptq",
-              calib=CalibOptions(text=str(short), samples=4, seqlen=128), quiet=True)
+              calib=CalibOptions(sources=[str(short)], samples=4, seqlen=128), quiet=True)
 
 
 def sha256(path) -> str:
@@ -130,10 +124,12 @@ def test_rows_solved_in_parts_give_the_same_bytes(tiny_llama, tmp_path, calib, r
     assert result.report["gptq"].loss == pytest.approx(loss, rel=1e-5)
 
 
-def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib, reference_build):
+@pytest.mark.parametrize("source", ["text", "self"])
+def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib, reference_build, source):
     """SIGKILL right after layer 0 is saved: no .gguf, the work dir holds layer 0; the same command again (with
     --verify) resumes after layer 0 (the kill hook would fire again if it redid it), writes the uninterrupted build's bytes and cleans
-    up, also the temporary file of a build killed while writing."""
+    up, also the temporary file of a build killed while writing.  With self-calibration, the uninterrupted build is
+    a second process: sampling is deterministic per seed."""
     import os
     import signal
     import subprocess
@@ -141,22 +137,46 @@ def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib
 
     out = tmp_path / "m.gguf"
     argv = [sys.executable, "-m", "edgequant.cli", "build", str(tiny_llama), "-t", "Q4_K_M", "--method", "gptq",
-            "--calib", calib.text, "--calib-samples", str(calib.samples), "--calib-seqlen", str(calib.seqlen),
-            "--device", "cpu", "-o", str(out), "--quiet"]
+            "--calib", calib.sources[0] if source == "text" else "self", "--calib-samples", str(calib.samples),
+            "--calib-seqlen", str(calib.seqlen), "--device", "cpu", "--quiet"]
+    expected = reference_build[1]
+    if source == "self":
+        (tmp_path / "ref").mkdir()
+        assert subprocess.run(argv + ["-o", str(tmp_path / "ref" / "m.gguf")]).returncode == 0
+        expected = sha256(tmp_path / "ref" / "m.gguf")
+        shutil.rmtree(tmp_path / "ref")
+    argv += ["-o", str(out)]
     env = {**os.environ, "EDGEQUANT_TEST_KILL_AFTER_LAYER": "0"}
     killed = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     work = tmp_path / "m.gguf.work"
     assert [p.name for p in tmp_path.iterdir()] == [work.name]
-    assert sorted(p.name for p in work.iterdir()) == ["hidden-0.npy", "layer-0.npz", "manifest.json"]
+    assert sorted(p.name for p in work.iterdir()) == ["calibration.npz", "hidden-0.npy", "layer-0.npz", "manifest.json"]
     (tmp_path / ".m.gguf.x1y2.partial").write_bytes(b"GGUF")  # as a kill while writing would leave it
     resumed = subprocess.run(argv + ["--verify"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "(layers done: 1)" in resumed.stderr
     # layer 0's 7 linears were solved without --verify: no digests to check them by, and the build says so
     assert "--verify: 7 tensors solved by an earlier run without --verify are not checked" in resumed.stderr
-    assert sha256(out) == reference_build[1]
+    assert sha256(out) == expected
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_default_calibration_builds_offline_and_says_what_it_was(tiny_llama, tmp_path, capsys):
+    """`edgequant build MODEL --target Q4_K_M -o OUT` with no --calib: calibrates on windows sampled from the model,
+    for GPTQ and for the imatrix method alike, and the summary says so."""
+    import json
+
+    from edgequant.cli import main
+
+    for method in ("gptq", "imatrix"):
+        out = tmp_path / f"{method}.gguf"
+        argv = ["build", str(tiny_llama), "--target", "Q4_K_M", "-o", str(out), "--method", method,
+                "--calib-samples", "4", "--calib-seqlen", "64", "--json"]
+        assert main(argv) == 0
+        s = json.loads(capsys.readouterr().out)
+        assert [(p["source"], p["windows"]) for p in s["calibration"]] == [("self", 4)]
+        assert out.is_file() and ("sampling" in s["seconds"]) and (s["gptq"] != {}) == (method == "gptq")
 
 
 def test_cli_json_and_quiet(tiny_llama, tmp_path, capsys):

@@ -94,7 +94,7 @@ def test_forward_is_finite_and_not_degenerate(tiny):
 def test_build_loads_in_llama_cpp_with_padded_vocab(tiny, tmp_path, method):
     llama_cpp = pytest.importorskip("llama_cpp")
     out = tmp_path / "m.gguf"
-    calib = CalibOptions(text=str(REPO / "tests" / "fixtures" / "text" / "train.txt"), samples=4, seqlen=128, device="cpu")
+    calib = CalibOptions(sources=[str(REPO / "tests" / "fixtures" / "text" / "train.txt")], samples=4, seqlen=128, device="cpu")
     result = build(str(tiny), "Q4_K_M", out, method=method, calib=calib, quiet=True)
     reader = gguf.GGUFReader(out)
     types = {t.name: t.tensor_type for t in reader.tensors}

@@ -24,7 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["gptq", "imatrix", "rtn"], default="gptq",
                    help="gptq (default): GPTQ on llama.cpp's grids; imatrix: importance-weighted fit as llama-quantize --imatrix; rtn: as llama-quantize")
     cal = p.add_argument_group("calibration (gptq, imatrix)")
-    cal.add_argument("--calib", metavar="TEXT", help="text or JSONL file, or a dataset: wikitext2, c4, DATASET[:CONFIG]:SPLIT:COLUMN")
+    cal.add_argument("--calib", metavar="SOURCE", action="append",
+                     help="self (text sampled from the model), builtin (edgequant's mixed-domain text), a text or JSONL file "
+                          "(\"text\" or chat \"messages\" records), or a dataset: wikitext2, c4, DATASET[:CONFIG]:SPLIT:COLUMN; "
+                          "repeat to mix, the windows split evenly (default: self, or builtin where the model cannot be "
+                          "sampled on the device)")
     cal.add_argument("--calib-samples", type=int, default=128, metavar="N", help="windows of calibration text (default 128)")
     cal.add_argument("--calib-seqlen", type=int, default=2048, metavar="L", help="tokens per window (default 2048, clipped to the model's context)")
     cal.add_argument("--seed", type=int, default=0, help="which windows (0: the first N, as llama-imatrix)")
@@ -91,7 +95,7 @@ def calib_options(args: argparse.Namespace):
 
     if args.asymmetric is not None and not 0 <= args.asymmetric <= 1:
         raise UserError(f"--asymmetric {args.asymmetric:g}: the strength must be between 0 and 1")
-    return CalibOptions(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
+    return CalibOptions(sources=args.calib or [], samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
                         imatrix=args.imatrix, device=args.device,
                         gptq=GptqSettings(block_size=args.block_size, damp=args.damp, act_order=args.act_order,
                                           refine=args.refine, calib_precision=args.calib_precision, sequential=args.sequential,
@@ -110,7 +114,7 @@ def summary(r) -> dict:
     return {"output": str(r.path), "tensors": len(r.plan), "gptq": tensors, "gptq_layers": by_layer(tensors),
             "params": r.n_params, "tensor_bytes": r.nbytes, "file_bytes": r.path.stat().st_size,
             "bits_per_weight": round(r.bits_per_weight, 4), "types": dict(by_type),
-            "recipe": {t.name: t.qtype.name for t in r.plan},
+            "recipe": {t.name: t.qtype.name for t in r.plan}, "calibration": r.report.get("calibration", []),
             "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "peak_memory": r.peak_memory}
 
 
@@ -150,6 +154,10 @@ def show(r) -> None:
         console.print(layers)
         ratios = [v["gptq_loss"] / v["fit_loss"] for v in s["gptq"].values() if v["fit_loss"] > 0]
         console.print(f"per tensor, GPTQ / fit: median {np.median(ratios):.3f}, worst {max(ratios):.3f} over {len(ratios)} tensors")
+    if s["calibration"]:
+        from ..report import describe_calibration
+
+        console.print("calibration: " + describe_calibration(s["calibration"]))
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items())
                   + f" (total {sum(s['seconds'].values()):.1f}s)")
     console.print("peak memory: " + ", ".join(f"{v / 2**30:.2f} GiB {k.removesuffix('_bytes').upper()}"

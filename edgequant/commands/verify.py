@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a quantized GGUF with llama.cpp's CPU arithmetic against its model")
     p.add_argument("model", help="the Hugging Face model directory (or hub id) the GGUF was built from")
     p.add_argument("gguf", type=Path, help="the quantized GGUF to check")
-    p.add_argument("--calib", metavar="TEXT", help="calibration text (file or dataset, as for build): real activation rows")
+    p.add_argument("--calib", metavar="TEXT", help="calibration source (self, builtin, a file or dataset, as for build): real activation rows")
     p.add_argument("--rows", type=int, default=256, metavar="N", help="activation rows per tensor (default 256)")
     p.add_argument("--seqlen", type=int, default=128, metavar="L", help="tokens per calibration window (default 128)")
     p.add_argument("--kernel-tol", type=float, default=KERNEL_TOL, help=f"worst-row kernel error allowed (default {KERNEL_TOL})")
@@ -116,10 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
 def calibration_inputs(m, args) -> dict[str, np.ndarray]:
     """GGUF name -> the first `rows` input rows of that linear in a full-precision layer-by-layer pass."""
-    from ..methods import CalibOptions
+    from ..methods import CalibOptions, token_windows
 
-    calib = CalibOptions(text=args.calib, samples=-(-args.rows // args.seqlen), seqlen=args.seqlen, device=args.device)
-    return capture_linear_inputs(m, calib.token_windows(m), args.rows, calib.torch_device())
+    calib = CalibOptions(sources=[args.calib], samples=-(-args.rows // args.seqlen), seqlen=args.seqlen, device=args.device)
+    return capture_linear_inputs(m, token_windows(calib, m).ids, args.rows, calib.torch_device())
 
 
 def capture_linear_inputs(m, ids, rows: int, device) -> dict[str, np.ndarray]:
