@@ -83,8 +83,8 @@ class GptqSettings:
 @dataclass
 class CalibOptions:
     sources: list[str] = field(default_factory=list)  # calibration.calibrate's; empty: its DEFAULT
-    samples: int = 128
-    seqlen: int = 2048
+    samples: int = 256
+    seqlen: int = 512
     seed: int = 0
     imatrix: Path | None = None
     device: str = "auto"

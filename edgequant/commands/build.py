@@ -29,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "(\"text\" or chat \"messages\" records), or a dataset: wikitext2, c4, DATASET[:CONFIG]:SPLIT:COLUMN; "
                           "repeat to mix, the windows split evenly (default: self, or builtin where the model cannot be "
                           "sampled on the device)")
-    cal.add_argument("--calib-samples", type=int, default=128, metavar="N", help="windows of calibration text (default 128)")
-    cal.add_argument("--calib-seqlen", type=int, default=2048, metavar="L", help="tokens per window (default 2048, clipped to the model's context)")
+    cal.add_argument("--calib-samples", type=int, default=256, metavar="N", help="calibration windows (default 256)")
+    cal.add_argument("--calib-seqlen", type=int, default=512, metavar="L",
+                     help="tokens per window (default 512, as llama-imatrix's chunks; clipped to the model's context)")
     cal.add_argument("--seed", type=int, default=0, help="which windows (0: the first N, as llama-imatrix)")
     cal.add_argument("--imatrix", type=Path, metavar="FILE", help="importance matrix from llama-imatrix (GGUF or legacy .dat) for --method imatrix")
     cal.add_argument("--device", default="auto", help="torch device for calibration and GPTQ (auto: cuda if available)")

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Build variants of one model side by side and score each with the anchors' method: KLD vs the F16 GGUF (ctx 512,
+300 chunks) on wiki.test.raw and on the held-out corpus text, through `edgequant eval` (llama.cpp; reproduces
+llama-perplexity, docs/BENCHMARKS.md).  Made for issue 15's calibration comparison; any build options will do.
+
+    python scripts/calibration_kld.py --out /tmp/calib --ftypes Q4_K_M Q3_K_M \\
+        --variant "wiki=--calib ../shared/data/wikitext-2/wiki.train.first1MB.txt" --variant "default=" \\
+        --variant "imatrix-wiki=--method imatrix --calib ../shared/data/wikitext-2/wiki.train.first1MB.txt"
+
+Every variant is built with `--json` (its summary, sampling seconds included, lands next to the GGUF) and evaluated on
+every text; GGUFs already in --out are reused.  Prints one JSON line per (variant, ftype, text) and, at the end, a
+Markdown table with the llama.cpp + imatrix anchor (../shared/anchors/, wiki.test.raw only) where there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+EDGEQUANT = [sys.executable, "-m", "edgequant.cli"]
+TEXTS = {"wiki.test": SHARED / "data/wikitext-2/wiki.test.raw", "heldout": SHARED / "data/corpus/heldout.txt"}
+
+
+def run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE).stdout
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(SHARED / "models/bench-a"))
+    p.add_argument("--anchors", default=str(SHARED / "anchors/bench-a.tsv"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--ftypes", nargs="+", default=["Q4_K_M", "Q3_K_M"])
+    p.add_argument("--variant", action="append", required=True, metavar="NAME=OPTIONS")
+    p.add_argument("--chunks", type=int, default=300)
+    p.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    f16 = args.out / "F16.gguf"
+    if not f16.exists():
+        run(EDGEQUANT + ["build", args.model, "--target", "F16", "-o", str(f16), "--quiet"])
+    bases = {}
+    for name in args.texts:
+        bases[name] = args.out / f"base-{name}.bin"
+        if not bases[name].exists():
+            run(EDGEQUANT + ["eval", str(f16), "--text", str(TEXTS[name]), "--ctx", "512", "--chunks", str(args.chunks),
+                             "--save-base", str(bases[name]), "--json"])
+    rows = []
+    for ftype in args.ftypes:
+        for spec in args.variant:
+            tag, _, options = spec.partition("=")
+            gguf = args.out / f"{tag}-{ftype}.gguf"
+            summary = args.out / f"{tag}-{ftype}.json"
+            if not gguf.exists():
+                t0 = time.perf_counter()
+                summary.write_text(run(EDGEQUANT + ["build", args.model, "--target", ftype, *shlex.split(options),
+                                                    "--json", "-o", str(gguf)]))
+                print(f"# built {gguf.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            s = json.loads(summary.read_text()) if summary.exists() else {}
+            for name in args.texts:
+                r = json.loads(run(EDGEQUANT + ["eval", str(gguf), "--text", str(TEXTS[name]), "--base", str(bases[name]), "--json"]))
+                row = {"variant": tag, "options": options, "ftype": ftype, "text": name, "bytes": gguf.stat().st_size,
+                       "ppl": r["ppl"], "kld": r["kld"]["mean"], "same_top": r["same_top_pct"],
+                       "seconds": s.get("seconds"), "calibration": s.get("calibration")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    anchors = {(r["type"], r["imatrix"]): r for r in csv.DictReader(open(args.anchors), delimiter="\t")} if Path(args.anchors).exists() else {}
+    print("\n| ftype | variant | bytes | " + " | ".join(f"KLD {t}" for t in args.texts) + " | llama.cpp + imatrix KLD wiki.test (anchor) |")
+    print("| --- " * (4 + len(args.texts)) + "|")
+    for ftype in args.ftypes:
+        for spec in args.variant:
+            tag = spec.partition("=")[0]
+            got = {r["text"]: r for r in rows if r["variant"] == tag and r["ftype"] == ftype}
+            a = anchors.get((ftype, "yes"))
+            print(f"| {ftype} | {tag} | {next(iter(got.values()))['bytes']:,} | "
+                  + " | ".join(f"{got[t]['kld']:.6f}" for t in args.texts)
+                  + (f" | {float(a['kld']):.6f} |" if a else " | — |"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
