@@ -18,12 +18,15 @@ model computes:
   asymmetric  a second stream of activations runs through the full-precision layers alongside, and each linear's
               Stats also sum Σ x_fpᵀ x (x_fp: the full-precision model's input for the same token), so the solver
               can aim at the full-precision outputs (gptq.target.asymmetric_target).  Twice the activations.
+With sequential, each stream keeps what its later passes would recompute (attention's output, down_proj's input:
+_Replay), so each piece of a layer is computed once per stream, as far as REPLAY_BYTES allows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -317,12 +320,16 @@ class Passes:
         linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
         ours, full = (hidden[0], hidden[1]) if asymmetric else (hidden, None)
         reference = copy.deepcopy(layer) if asymmetric else None  # keeps the full-precision weights
-        groups = self.input_groups(layer, linears, ours[:1]) if sequential else [list(linears)]
+        groups, tails = self.input_groups(layer, linears, ours[:1]) if sequential else ([list(linears)], {})
+        budget = _Budget(ours.device) if tails else None
+        # ours runs once more after the last group (forward_all); the reference takes its step in the last collect
+        mine = _Replay(layer, tails, len(groups), budget)
+        theirs = _Replay(reference, tails, len(groups) - 1, budget) if asymmetric else None
         new_weights = False
         for k, group in enumerate(groups):
             t0 = time.perf_counter()
-            stats, out = self.collect(layer, reference, group, ours, full, stop=sequential, keep=not requantize,
-                                      step_full=k == len(groups) - 1)
+            stats, out = self.collect(k, layer, reference, group, ours, full, (mine, theirs), shared=sequential,
+                                      keep=not requantize, step_full=k == len(groups) - 1)
             self.seconds["calibration forward"] += time.perf_counter() - t0
             for n, st in stats.items():
                 check_finite(st.s, f"the calibration activations entering {prefix}{n} (layer {index})")
@@ -333,18 +340,28 @@ class Passes:
                 if prefix + n + ".weight" in new:
                     linears[n].weight.copy_(new[prefix + n + ".weight"])
                     new_weights = True
-        del stats  # before the last passes: the down_proj's sums are 0.8 GB each for an 8B
+        del stats, reference, theirs  # before the last pass: the down_proj's sums are 0.8 GB each for an 8B
         if not new_weights and not requantize:
             return check_finite(out, f"the output of layer {index}")
         t0 = time.perf_counter()
-        self.forward_all(layer, ours, ours)  # (the full-precision stream took its step in the last collect)
+        self.forward_all(layer, ours, ours, mine, len(groups))  # (the full-precision stream stepped already)
         self.seconds["calibration forward"] += time.perf_counter() - t0
         return check_finite(hidden, f"the output of layer {index} with its quantized weights")
 
-    def input_groups(self, layer, linears: dict[str, nn.Module], x: torch.Tensor) -> list[list[str]]:
-        """The linears in forward order, those fed the same tensor in one group: [[q, k, v], [o], [gate, up], [down]]."""
+    def input_groups(self, layer, linears: dict[str, nn.Module], x: torch.Tensor):
+        """The linears in forward order, those fed the same tensor in one group: [[q, k, v], [o], [gate, up], [down]];
+        and the tails {group index: (module, linear, arity)} for _Replay: the groups whose input feeds a linear that
+        is the last op of its parent module, the module returning that linear's output as it is (arity 0) or first
+        in a tuple of `arity` items, the others None (self_attn and o_proj, mlp and down_proj), and its input
+        contiguous (as the saved copy will be: the same GEMM).  No tails when a linear or such a module runs more
+        than once."""
         seen: list[tuple[str, torch.Tensor]] = []  # (name, its input), inputs kept alive so that `is` holds
+        outputs: dict[str, list] = {}
+        modules = dict(layer.named_modules())
+        parents = {n.rpartition(".")[0] for n in linears} - {""}
         handles = [mod.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0]))) for n, mod in linears.items()]
+        handles += [modules[n].register_forward_hook(lambda _m, _a, o, n=n: outputs.setdefault(n, []).append(o))
+                    for n in (*linears, *parents)]
         try:
             with self.precise():
                 layer(x, **self.kwargs)
@@ -357,25 +374,43 @@ class Passes:
                 groups[-1].append(name)
             else:
                 groups.append([name])
-        return groups
+        tails: dict[int, tuple[str, str, int]] = {}
+        if any(len(o) > 1 for o in outputs.values()):
+            return groups, tails
+        contiguous = {name for name, x_in in seen if x_in.is_contiguous()}
+        for k, group in enumerate(groups):
+            for name in (n for n in group if n in contiguous):
+                parent = name.rpartition(".")[0]
+                got, y = outputs.get(parent, [None])[0], outputs[name][0]
+                if got is y:
+                    tails[k] = (parent, name, 0)
+                elif isinstance(got, tuple) and got and got[0] is y and all(v is None for v in got[1:]):
+                    tails[k] = (parent, name, len(got))
+        return groups, tails
 
-    def collect(self, layer, reference, names: list[str], ours, full, stop: bool, keep: bool, step_full: bool):
-        """Stats of the inputs of the linears `names` over all windows: {name: Stats} (linears fed the same tensor
-        share one), and the layer's outputs if keep (else None).  reference/full: the full-precision layer and its
-        stream, for Stats.cross; step_full: the reference runs to its end and its outputs replace `full` (the
-        stream's step to the next layer: the reference never changes, so this needs no pass of its own).  stop: the
-        pass ends at the group's first linear (names share one input)."""
+    def collect(self, k: int, layer, reference, names: list[str], ours, full, replays, shared: bool, keep: bool,
+                step_full: bool):
+        """Stats of the inputs of the linears `names` (group k) over all windows: {name: Stats} (linears fed the same
+        tensor share one), and the layer's outputs if keep (else None; the pass ends once it has the inputs).
+        reference/full: the full-precision layer and its stream, for Stats.cross; step_full: the reference runs to
+        its end and its outputs replace `full` (the stream's step to the next layer: the reference never changes, so
+        this needs no pass of its own).  shared: `names` all read one tensor.  replays: each stream's _Replay."""
         stats: dict[str, Stats] = {}
         out = torch.empty_like(ours) if keep else None
+        mine, theirs = replays
         for b in range(0, len(ours), self.batch):
-            inputs, r = self.inputs(layer, ours[b : b + self.batch], names, stop)
+            window = slice(b, b + self.batch)
+            inputs, r = self.inputs(layer, ours[window], names, shared, not keep, mine.answering(k, window, len(ours)))
+            mine.keep(k, window, len(ours), inputs)
             fp = {}
             if reference is not None:
-                fp, r_full = self.inputs(reference, full[b : b + self.batch], names, stop and not step_full)
+                fp, r_full = self.inputs(reference, full[window], names, shared, not step_full,
+                                         theirs.answering(k, window, len(full)))
+                theirs.keep(k, window, len(full), fp)
                 if step_full:
-                    full[b : b + self.batch] = r_full
+                    full[window] = r_full
             if out is not None:
-                out[b : b + self.batch] = r
+                out[window] = r
             counted: dict[int, Stats] = {}  # id(input) -> its Stats, for this batch
             for name, x in inputs.items():
                 if id(x) in counted:
@@ -385,27 +420,30 @@ class Passes:
                 with self.precise():
                     st.add(x, fp.get(name))
                 counted[id(x)] = st
+        for replay in replays:
+            if replay is not None:
+                replay.pass_done()
         return stats, out
 
-    def inputs(self, layer, x: torch.Tensor, names: list[str], stop: bool):
-        """Run layer(x) keeping the input of each linear in `names`: ({name: input}, the layer's output or None if
-        stopped at the first of them)."""
+    def inputs(self, layer, x: torch.Tensor, names: list[str], shared: bool, stop: bool,
+               replay=contextlib.nullcontext()):
+        """Run layer(x) (inside the context `replay`) keeping the input of each linear in `names` (shared: they all
+        read one tensor): ({name: input}, the layer's output, or None if stopped once it had the inputs)."""
         got: dict[str, torch.Tensor] = {}
         modules = dict(layer.named_modules())
 
         def hook(name):
             def fn(_mod, args):
-                got[name] = args[0]
-                if stop:
-                    for sibling in names:  # they all read this same tensor
-                        got[sibling] = args[0]
+                for n in names if shared else [name]:
+                    got[n] = args[0]
+                if stop and len(got) == len(names):
                     raise _Stop
 
             return fn
 
         handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
         try:
-            with self.precise():
+            with self.precise(), replay:
                 r = layer(x, **self.kwargs)
             r = r[0] if isinstance(r, tuple) else r
         except _Stop:
@@ -415,13 +453,122 @@ class Passes:
                 h.remove()
         return got, r
 
-    def forward_all(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The layer over all windows of x into `out` (which may be x itself: a batch's outputs replace its inputs)."""
+    def forward_all(self, layer, x: torch.Tensor, out: torch.Tensor, replay: _Replay | None = None,
+                    k: int = 0) -> torch.Tensor:
+        """The layer over all windows of x into `out` (which may be x itself: a batch's outputs replace its inputs),
+        as pass k of `replay`."""
         with self.precise():
             for b in range(0, len(x), self.batch):
-                r = layer(x[b : b + self.batch], **self.kwargs)
-                out[b : b + self.batch] = r[0] if isinstance(r, tuple) else r
+                window = slice(b, b + self.batch)
+                with replay.answering(k, window, len(x)) if replay is not None else contextlib.nullcontext():
+                    r = layer(x[window], **self.kwargs)
+                out[window] = r[0] if isinstance(r, tuple) else r
         return out
+
+
+# What a layer's sequential passes keep for reuse (_Replay), in bytes: None for a share (REPLAY_SHARE) of the memory
+# free as the layer starts (host RAM, or the GPU's); what does not fit is recomputed.  0: every pass from the layer's
+# input.  Kept at most: attention's output per stream and down_proj's input for ours, FFN-wide (15 GB for an 8B's
+# 128 x 2048 windows in float32, half that in bf16).
+REPLAY_BYTES: int | None = None
+REPLAY_SHARE = 0.5
+
+
+class _Budget:
+    """Bytes left for a layer's _Replay tensors."""
+
+    def __init__(self, device: torch.device):
+        self.left = REPLAY_BYTES if REPLAY_BYTES is not None else int(REPLAY_SHARE * free_memory(device))
+
+    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        size = like.element_size() * torch.Size(shape).numel()
+        if size > self.left:
+            return None
+        self.left -= size
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    def release(self, t: torch.Tensor) -> None:
+        self.left += t.element_size() * t.numel()
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device: the GPU's (the driver's, and blocks torch holds unused), or the host's available
+    RAM (0 where it cannot be read: nothing is kept)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+class _Replay:
+    """One stream's tensors inside a layer, over all windows, that its later sequential passes start from rather than
+    recompute them from the layer's input.  A tail (Passes.input_groups) is a module whose output is the output of
+    its last op, a linear of group j (self_attn: o_proj, mlp: down_proj).  Pass j saves that group's input; the
+    passes after j (the linear solved) replace the module by linear(saved input), and the first of them, if more
+    follow, saves the module's output instead, which the later ones return as it is.  So each piece is computed
+    once per stream, with the same operands as a pass from the layer's input, hence the same bits.  What was saved
+    stays valid: only later groups change weights, and they run after it.  last: the stream's last pass."""
+
+    def __init__(self, layer: nn.Module, tails: dict[int, tuple[str, str, int]], last: int, budget: _Budget):
+        self.modules = dict(layer.named_modules())
+        self.tails, self.last, self.budget = tails, last, budget
+        self.saved: dict[str, tuple[bool, torch.Tensor]] = {}  # module -> (is its output, tensor over all windows)
+        self.filling: dict[str, torch.Tensor | None] = {}  # module -> its outputs being saved in this pass
+
+    @contextlib.contextmanager
+    def answering(self, k: int, window: slice, n: int):
+        """Pass k over `window` of the n windows: the modules with something saved answer from it."""
+        patched = []
+        for j, (name, linear, arity) in self.tails.items():
+            if j < k and name in self.saved:
+                module = self.modules[name]
+                module.forward = functools.partial(self._answer, name, linear, arity, k, window, n)
+                patched.append(module)
+        try:
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def _answer(self, name, linear, arity, k, window, n, *_args, **_kwargs):
+        is_output, t = self.saved[name]
+        if is_output:
+            y = t[window]
+        else:
+            y = self.modules[linear](t[window])
+            if k < self.last:  # later passes read the output itself
+                if window.start == 0:  # into the input's tensor, where it fits
+                    same = t.shape[-1] == y.shape[-1] and t.dtype == y.dtype
+                    self.filling[name] = t if same else self.budget.empty((n, *y.shape[1:]), y)
+                if self.filling[name] is not None:
+                    self.filling[name][window] = y
+        return y if arity == 0 else (y, *[None] * (arity - 1))
+
+    def keep(self, k: int, window: slice, n: int, inputs: dict[str, torch.Tensor]) -> None:
+        """Pass k's inputs for `window`: saved if group k is a tail's and a later pass of this stream will use it."""
+        if k not in self.tails or k >= self.last:
+            return
+        name, linear, _ = self.tails[k]
+        x = inputs[linear]
+        if window.start == 0:
+            t = self.budget.empty((n, *x.shape[1:]), x)
+            if t is not None:
+                self.saved[name] = (False, t)
+        if name in self.saved:
+            self.saved[name][1][window] = x
+
+    def pass_done(self) -> None:
+        for name, out in self.filling.items():
+            if out is not None:
+                _, t = self.saved[name]
+                self.saved[name] = (True, out)
+                if out is not t:
+                    self.budget.release(t)
+        self.filling.clear()
 
 
 def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:

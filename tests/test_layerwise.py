@@ -195,3 +195,168 @@ def test_reduced_precision_calibration_stays_close_to_fp32(tiny_llama, precision
         assert float((fast[name].s - st.s).abs().max()) <= tol * scale, name
         assert float((fast[name].cross - st.cross).abs().max()) <= tol * scale, name
         assert torch.equal(fast[name].s, fast[name].s.T)
+
+
+MATERIALIZE = layerwise.materialize
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SEQUENTIAL_GROUPS = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def trace(model_dir, monkeypatch, budget, shrink=0.9, **options):
+    """layerwise.run with REPLAY_BYTES = budget, on_layer multiplying every weight by `shrink`: {weight: (S, cross,
+    rows)}, each layer's outputs (on_hidden), and how many windows each kind of linear ran on (both streams, the
+    group probe included)."""
+    from collections import Counter
+
+    monkeypatch.setattr(layerwise, "REPLAY_BYTES", budget)
+    sums, hidden, windows = {}, [], Counter()
+
+    def on_layer(index, weights):
+        for name, (w, st) in weights.items():
+            sums[name] = (st.s.clone(), None if st.cross is None else st.cross.clone(), st.n)
+        return {name: w * shrink for name, (w, _st) in weights.items()}
+
+    def counting(module, weights, device):  # the hooks travel into the full-precision copy too
+        MATERIALIZE(module, weights, device)
+        for name, mod in module.named_modules():
+            if name.endswith(LINEARS):
+                mod.register_forward_hook(lambda _m, a, _o, n=name.rpartition(".")[2]: windows.update({n: len(a[0])}))
+
+    monkeypatch.setattr(layerwise, "materialize", counting)
+    layerwise.run(SourceModel(str(model_dir)), token_ids(), on_layer, torch.device("cpu"), batch=2,
+                  on_hidden=lambda i, h: hidden.append(h.clone()), **options)
+    return sums, hidden, windows
+
+
+def spec(model_dir, sequential, asymmetric, shrink=0.9):
+    """What trace() must find, from transformers' whole-model forward: each linear's inputs with the layers before
+    it and its earlier groups (sequential) multiplied by `shrink`, paired with the untouched model's (asymmetric);
+    each layer's outputs through its changed weights (and the untouched model's)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    untouched = copy.deepcopy(model)
+    ids = token_ids()
+
+    def inputs(net, modules):
+        got = {}
+        hooks = [net.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: got.setdefault(n, a[0]))
+                 for n in modules]
+        with torch.no_grad():
+            net(ids, use_cache=False)
+        for h in hooks:
+            h.remove()
+        return {n: x.reshape(-1, x.shape[-1]) for n, x in got.items()}
+
+    sums = {}
+    groups = SEQUENTIAL_GROUPS if sequential else [list(LINEARS)]
+    names = {n.rpartition(".")[2]: n for n, mod in model.model.layers[0].named_modules()
+             if isinstance(mod, torch.nn.Linear)}
+    for i in range(len(model.model.layers)):
+        for group in groups:
+            modules = [f"model.layers.{i}.{names[g]}" for g in group]
+            x, x_fp = inputs(model, modules), inputs(untouched, modules)
+            for n in modules:
+                sums[n + ".weight"] = (x[n].T @ x[n], x_fp[n].T @ x[n] if asymmetric else None, len(x[n]))
+            with torch.no_grad():
+                for n in modules:
+                    model.get_submodule(n).weight.mul_(shrink)
+    x, x_fp = inputs(model, ["lm_head"])["lm_head"], inputs(untouched, ["lm_head"])["lm_head"]
+    head = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+    sums[head] = (x.T @ x, x_fp.T @ x if asymmetric else None, len(x))
+
+    def outputs(net):
+        got = []
+        hooks = [layer.register_forward_hook(lambda _m, _a, o: got.append(o[0] if isinstance(o, tuple) else o))
+                 for layer in net.model.layers]
+        with torch.no_grad():
+            net(ids, use_cache=False)
+        for h in hooks:
+            h.remove()
+        return got
+
+    hidden = [torch.stack(pair) if asymmetric else pair[0] for pair in zip(outputs(model), outputs(untouched))]
+    return sums, hidden
+
+
+def assert_close_sums(got, want):
+    assert got.keys() == want.keys()
+    for name, (s, cross, n) in want.items():
+        scale = float(s.abs().max())
+        torch.testing.assert_close(got[name][0], s, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        assert (got[name][1] is None) == (cross is None), name
+        if cross is not None:
+            torch.testing.assert_close(got[name][1], cross, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        assert got[name][2] == n, name
+
+
+BIG = 1 << 40
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("sequential, asymmetric", [(False, False), (False, True), (True, False), (True, True)])
+def test_passes_collect_what_transformers_computes(model, sequential, asymmetric, monkeypatch, request):
+    """Every Stats and every layer output against transformers' own forward of the model as it is changed, with
+    and without the reused tensors."""
+    model_dir = request.getfixturevalue(model)
+    want_sums, want_hidden = spec(model_dir, sequential, asymmetric)
+    for budget in (0, BIG):
+        sums, hidden, _ = trace(model_dir, monkeypatch, budget, sequential=sequential, asymmetric=asymmetric)
+        assert_close_sums(sums, want_sums)
+        for got, want in zip(hidden, want_hidden, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def attention_bytes(model_dir) -> int:
+    """Bytes of one stream's attention outputs (o_proj's inputs) for token_ids()."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return token_ids().numel() * c.num_attention_heads * head_dim * 4
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_reused_tensors_give_the_recomputed_bits_once(model, asymmetric, monkeypatch, request):
+    """Sequential passes that start from what earlier passes kept give the same bits as passes that recompute
+    everything from the layer's input (budget 0), in every Stats and every layer output, and compute each piece
+    once per stream: q/k/v, o, gate/up and down each run on every window once per stream (and the 1-window group
+    probe).  With room for attention's outputs but not down_proj's FFN-wide inputs, gate/up run twice for ours
+    (and o_proj in every later pass where its outputs do not fit beside its inputs: tiny-llama's)."""
+    model_dir = request.getfixturevalue(model)
+    streams = 2 if asymmetric else 1
+    per_stream = len(token_ids())
+    want_sums, want_hidden, windows = trace(model_dir, monkeypatch, 0, sequential=True, asymmetric=asymmetric)
+    assert windows["q_proj"] == 2 * (1 + per_stream * (3 * streams + 1))  # 2 layers: ours 4 passes, theirs 3
+    for budget in (streams * attention_bytes(model_dir), BIG):
+        sums, hidden, windows = trace(model_dir, monkeypatch, budget, sequential=True, asymmetric=asymmetric)
+        assert sums.keys() == want_sums.keys()
+        for name, (s, cross, n) in want_sums.items():
+            assert torch.equal(sums[name][0], s), name
+            assert (cross is None and sums[name][1] is None) or torch.equal(sums[name][1], cross), name
+            assert sums[name][2] == n
+        for got, want in zip(hidden, want_hidden, strict=True):
+            assert torch.equal(got, want)
+        once = 2 * (1 + per_stream * streams)
+        assert windows["q_proj"] == windows["v_proj"] == windows["down_proj"] == once, windows
+        assert windows["gate_proj"] == (once if budget == BIG else once + 2 * per_stream), windows
+        if budget == BIG:
+            assert windows["o_proj"] == once, windows
+
+
+def test_a_module_that_does_more_after_its_last_linear_is_recomputed(tiny_llama, monkeypatch):
+    """An MLP whose output is not down_proj's: its pass is not replaced by down_proj(kept input), and the results
+    are those of transformers' forward, as with nothing kept."""
+    from transformers.models.llama import modeling_llama
+
+    forward = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: 2 * forward(self, x))
+    want_sums, want_hidden = spec(tiny_llama, True, True)
+    sums, hidden, windows = trace(tiny_llama, monkeypatch, BIG, sequential=True, asymmetric=True)
+    assert_close_sums(sums, want_sums)
+    for got, want in zip(hidden, want_hidden, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert windows["gate_proj"] == 2 * (1 + 3 * 3) and windows["o_proj"] == 2 * (1 + 3 * 2), windows
