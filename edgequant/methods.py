@@ -68,16 +68,10 @@ class GptqSettings:
     calib_precision: str = "bf16"
     # Aiming at the full-precision model (layerwise's docstring): sequential solves a layer's linears group by group,
     # each on inputs through the quantized ones; asymmetric is the strength of the full-precision target
-    # (gptq.target.asymmetric_target), 0: off.  None: on (0.5) on a GPU, off on the CPU, where their extra forward
-    # passes take a build ~2.2x as long (bench-a: 6.1 min against 2.8, docs/BENCHMARKS.md).
-    sequential: bool | None = None
-    asymmetric: float | None = None
-
-    def for_device(self, device) -> GptqSettings:
-        """These settings with the device's defaults filled in."""
-        gpu = device.type == "cuda"
-        return dataclasses.replace(self, sequential=gpu if self.sequential is None else self.sequential,
-                                   asymmetric=(0.5 if gpu else 0.0) if self.asymmetric is None else self.asymmetric)
+    # (gptq.target.asymmetric_target), 0: off.  Both on by default on every device: on a real pretrained model they
+    # take Q4_K_M's KLD to half of plain GPTQ's (docs/BENCHMARKS.md).
+    sequential: bool = True
+    asymmetric: float = 0.5
 
 
 @dataclass
@@ -237,8 +231,6 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
     from .gptq import solve
     from .gptq.solver import concat_blocks
     from .gptq.target import asymmetric_target
-
-    settings = settings.for_device(device)
 
     types = {t.name: t.qtype for t in plan}
     names = hf_to_gguf(m)

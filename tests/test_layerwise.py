@@ -128,15 +128,15 @@ def test_asymmetric_strength_out_of_range_is_refused(tiny_llama, tmp_path, capsy
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_gptq_settings_defaults_follow_the_device():
-    from edgequant.methods import GptqSettings
+def test_build_defaults_to_the_output_aimed_target_on_every_device():
+    """No option: --sequential --asymmetric 0.5, whatever the device; --no-sequential --asymmetric 0 is plain GPTQ."""
+    from edgequant.cli import parser
+    from edgequant.commands.build import calib_options
 
-    cpu = GptqSettings().for_device(torch.device("cpu"))
-    assert (cpu.sequential, cpu.asymmetric) == (False, 0.0)
-    gpu = GptqSettings().for_device(torch.device("cuda"))
-    assert (gpu.sequential, gpu.asymmetric) == (True, 0.5)
-    asked = GptqSettings(sequential=True, asymmetric=0.25).for_device(torch.device("cpu"))
-    assert (asked.sequential, asked.asymmetric) == (True, 0.25)
+    for argv, want in (([], (True, 0.5)), (["--device", "cpu"], (True, 0.5)), (["--device", "cuda"], (True, 0.5)),
+                       (["--no-sequential", "--asymmetric", "0"], (False, 0.0))):
+        g = calib_options(parser().parse_args(["build", "x", "-o", "y.gguf", *argv])).gptq
+        assert (g.sequential, g.asymmetric) == want, argv
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -44,12 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--calib-precision", choices=("fp32", "tf32", "bf16"), default="bf16",
                    help="on a GPU, the calibration forward passes and Hessian sums: bf16 (default; autocast, float32 sums), "
                         "tf32 or fp32; the solver stays float32, the CPU fp32")
-    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="inside a layer too: q/k/v, then o, then gate/up, then down, each on inputs through the ones before, "
-                        "quantized (default: on with a GPU, off on the CPU)")
-    g.add_argument("--asymmetric", type=float, default=None, metavar="ALPHA",
-                   help="aim each layer at the full-precision model's outputs with strength ALPHA in [0, 1] (default: 0.5 "
-                        "with a GPU, 0 = off on the CPU, where both options take a build ~2.5x as long; twice the activation memory)")
+                        "quantized (default: on)")
+    g.add_argument("--asymmetric", type=float, default=0.5, metavar="ALPHA",
+                   help="aim each layer at the full-precision model's outputs with strength ALPHA in [0, 1] (default 0.5; 0 = off, "
+                        "half the activation memory)")
     g.add_argument("--work-dir", type=Path, metavar="DIR",
                    help="finished layers are kept here so that a killed build resumes when run again (default OUTPUT.work)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 def calib_options(args: argparse.Namespace):
     from ..methods import CalibOptions, GptqSettings
 
-    if args.asymmetric is not None and not 0 <= args.asymmetric <= 1:
+    if not 0 <= args.asymmetric <= 1:
         raise UserError(f"--asymmetric {args.asymmetric:g}: the strength must be between 0 and 1")
     return CalibOptions(sources=args.calib or [], samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
                         imatrix=args.imatrix, device=args.device,

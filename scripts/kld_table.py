@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """Build variants of one model side by side and score each with the anchors' method: KLD vs the F16 GGUF (ctx 512,
 300 chunks) on wiki.test.raw and on the held-out corpus text, through `edgequant eval` (llama.cpp; reproduces
-llama-perplexity, docs/BENCHMARKS.md).  Made for issue 15's calibration comparison; any build options will do.
+llama-perplexity, docs/BENCHMARKS.md); with --llama-tools, llama.cpp's own pipeline in the same measurement
+(llama-imatrix on the F16, then llama-quantize with and without it) as the rows "llama.cpp" and "llama.cpp+imatrix".
 
-    python scripts/calibration_kld.py --out /tmp/calib --ftypes Q4_K_M Q3_K_M \\
+    python scripts/kld_table.py --out /tmp/calib --ftypes Q4_K_M Q3_K_M \\
         --variant "wiki=--calib ../shared/data/wikitext-2/wiki.train.first1MB.txt" --variant "default=" \\
         --variant "imatrix-wiki=--method imatrix --calib ../shared/data/wikitext-2/wiki.train.first1MB.txt"
+    python scripts/kld_table.py --model /work/smollm2 --anchors ../shared/anchors/smollm2.tsv --out /tmp/smol \\
+        --chunks 100 --llama-tools .cache/llama-tools/bin --imatrix-chunks 128 --variant "default="
 
 Every variant is built with `--json` (its summary, sampling seconds included, lands next to the GGUF) and evaluated on
 every text; GGUFs already in --out are reused.  Prints one JSON line per (variant, ftype, text) and, at the end, a
-Markdown table with the llama.cpp + imatrix anchor (../shared/anchors/, wiki.test.raw only) where there is one.
+Markdown table: KLD per text, and the ratio to llama.cpp+imatrix's (this run's, else the --anchors file's on wiki.test).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def main() -> int:
     p.add_argument("--variant", action="append", required=True, metavar="NAME=OPTIONS")
     p.add_argument("--chunks", type=int, default=300)
     p.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
+    p.add_argument("--llama-tools", type=Path, help="folder with llama-imatrix and llama-quantize (scripts/build_llama_tools.sh)")
+    p.add_argument("--imatrix-text", default=str(SHARED / "data/wikitext-2/wiki.train.first1MB.txt"))
+    p.add_argument("--imatrix-chunks", type=int, default=256, help="llama-imatrix chunks of 512 (the anchors': 256 bench-a, 128 SmolLM2)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     f16 = args.out / "F16.gguf"
@@ -53,8 +59,20 @@ def main() -> int:
             run(EDGEQUANT + ["eval", str(f16), "--text", str(TEXTS[name]), "--ctx", "512", "--chunks", str(args.chunks),
                              "--save-base", str(bases[name]), "--json"])
     rows = []
+    variants = list(args.variant)
+    if args.llama_tools:
+        imatrix = args.out / "llama-imatrix.gguf"
+        if not imatrix.exists():
+            run([str(args.llama_tools / "llama-imatrix"), "-m", str(f16), "-f", args.imatrix_text, "-c", "512",
+                 "--chunks", str(args.imatrix_chunks), "-o", str(imatrix)])
+        for ftype in args.ftypes:
+            for tag, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", str(imatrix)])):
+                gguf = args.out / f"{tag}-{ftype}.gguf"
+                if not gguf.exists():
+                    run([str(args.llama_tools / "llama-quantize"), *extra, str(f16), str(gguf), ftype])
+        variants = ["llama.cpp=", "llama.cpp+imatrix=", *variants]
     for ftype in args.ftypes:
-        for spec in args.variant:
+        for spec in variants:
             tag, _, options = spec.partition("=")
             gguf = args.out / f"{tag}-{ftype}.gguf"
             summary = args.out / f"{tag}-{ftype}.json"
@@ -72,16 +90,20 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     anchors = {(r["type"], r["imatrix"]): r for r in csv.DictReader(open(args.anchors), delimiter="\t")} if Path(args.anchors).exists() else {}
-    print("\n| ftype | variant | bytes | " + " | ".join(f"KLD {t}" for t in args.texts) + " | llama.cpp + imatrix KLD wiki.test (anchor) |")
-    print("| --- " * (4 + len(args.texts)) + "|")
+    print("\n| ftype | variant | bytes | " + " | ".join(f"KLD {t} (PPL) | × imatrix" for t in args.texts) + " |")
+    print("| --- " * (3 + 2 * len(args.texts)) + "|")
     for ftype in args.ftypes:
-        for spec in args.variant:
+        for spec in variants:
             tag = spec.partition("=")[0]
             got = {r["text"]: r for r in rows if r["variant"] == tag and r["ftype"] == ftype}
-            a = anchors.get((ftype, "yes"))
-            print(f"| {ftype} | {tag} | {next(iter(got.values()))['bytes']:,} | "
-                  + " | ".join(f"{got[t]['kld']:.6f}" for t in args.texts)
-                  + (f" | {float(a['kld']):.6f} |" if a else " | — |"))
+            cells = []
+            for t in args.texts:
+                ref = next((r["kld"] for r in rows if r["variant"] == "llama.cpp+imatrix" and r["ftype"] == ftype
+                            and r["text"] == t), None)
+                if ref is None and t == "wiki.test" and (ftype, "yes") in anchors:
+                    ref = float(anchors[ftype, "yes"]["kld"])  # measured elsewhere: the anchors file's
+                cells.append(f"{got[t]['kld']:.6f} ({got[t]['ppl']:.3f}) | " + (f"{got[t]['kld'] / ref:.2f}×" if ref else "—"))
+            print(f"| {ftype} | {tag} | {next(iter(got.values()))['bytes']:,} | " + " | ".join(cells) + " |")
     return 0
 
 
