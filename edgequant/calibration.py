@@ -169,7 +169,8 @@ def calibrate(m, sources: list[str], n: int, seqlen: int, seed: int, device: tor
         if spec == SELF:
             ids, record = self_calibration.self_windows(m, k, seqlen, seed, device, progress)
         else:
-            ids = windows(tok, load_text(spec, tok), k, seqlen, seed, at_most=default and spec == BUILTIN)
+            # the shipped text holds what it holds (97-242 windows of 512, by tokenizer): fewer windows, not an error
+            ids = windows(tok, load_text(spec, tok), k, seqlen, seed, at_most=spec == BUILTIN)
             record = {"source": spec, "windows": len(ids)}
         out.append(ids)
         parts.append(record)

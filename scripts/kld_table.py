@@ -2,7 +2,8 @@
 """Build variants of one model side by side and score each with the anchors' method: KLD vs the F16 GGUF (ctx 512,
 300 chunks) on wiki.test.raw and on the held-out corpus text, through `edgequant eval` (llama.cpp; reproduces
 llama-perplexity, docs/BENCHMARKS.md); with --llama-tools, llama.cpp's own pipeline in the same measurement
-(llama-imatrix on the F16, then llama-quantize with and without it) as the rows "llama.cpp" and "llama.cpp+imatrix".
+(llama-imatrix on the F16, then llama-quantize with it, and without it if --llama-plain) as the rows "llama.cpp+imatrix"
+and "llama.cpp".
 
     python scripts/kld_table.py --out /tmp/calib --ftypes Q4_K_M Q3_K_M \\
         --variant "wiki=--calib ../shared/data/wikitext-2/wiki.train.first1MB.txt" --variant "default=" \\
@@ -47,6 +48,7 @@ def main() -> int:
     p.add_argument("--llama-tools", type=Path, help="folder with llama-imatrix and llama-quantize (scripts/build_llama_tools.sh)")
     p.add_argument("--imatrix-text", default=str(SHARED / "data/wikitext-2/wiki.train.first1MB.txt"))
     p.add_argument("--imatrix-chunks", type=int, default=256, help="llama-imatrix chunks of 512 (the anchors': 256 bench-a, 128 SmolLM2)")
+    p.add_argument("--llama-plain", action="store_true", help="also llama-quantize without the imatrix")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     f16 = args.out / "F16.gguf"
@@ -66,11 +68,11 @@ def main() -> int:
             run([str(args.llama_tools / "llama-imatrix"), "-m", str(f16), "-f", args.imatrix_text, "-c", "512",
                  "--chunks", str(args.imatrix_chunks), "-o", str(imatrix)])
         for ftype in args.ftypes:
-            for tag, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", str(imatrix)])):
+            for tag, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", str(imatrix)]))[not args.llama_plain:]:
                 gguf = args.out / f"{tag}-{ftype}.gguf"
                 if not gguf.exists():
                     run([str(args.llama_tools / "llama-quantize"), *extra, str(f16), str(gguf), ftype])
-        variants = ["llama.cpp=", "llama.cpp+imatrix=", *variants]
+        variants = ["llama.cpp=", "llama.cpp+imatrix=", *variants][not args.llama_plain:]
     for ftype in args.ftypes:
         for spec in variants:
             tag, _, options = spec.partition("=")

@@ -159,6 +159,15 @@ def test_builtin_text_is_shipped_and_long_enough(tiny_qwen2):
     assert ids.shape == (16, 512)
 
 
+def test_builtin_text_gives_what_it_holds(llama):
+    """Asked for more windows than the shipped text holds, --calib builtin takes all it has, and says how many."""
+    tok = ReferenceTokenizer(llama.dir)
+    available = len(tok.encode(load_text(BUILTIN).text, add_bos=True)) // 512
+    got = calibrate(llama, [BUILTIN], available + 50, 512, seed=0, device=CPU)
+    assert got.ids.shape == (available, 512) and got.parts == [{"source": BUILTIN, "windows": available}]
+    assert torch.equal(got.ids, windows(tok, load_text(BUILTIN), available, 512))
+
+
 def test_sources_mix_in_order_with_the_windows_split(llama, fixture_text):
     assert split(7, 3) == [3, 2, 2]
     got = calibrate(llama, [str(fixture_text), "self", BUILTIN], 7, 32, seed=0, device=CPU)
