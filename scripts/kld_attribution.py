@@ -9,6 +9,12 @@ against the whole file's says how additive the errors are (the assumption a per-
 --compare, a second GGUF of the same model in the same table, and the ratio per group: which tensors one method wins
 and which it loses.
 
+A build whose tensors compensate each other's errors (GPTQ with --sequential/--asymmetric aims each linear at the
+full-precision output *given the quantized tensors before it*) is not measured fairly by one tensor at a time: alone,
+a compensating tensor is off target.  --cumulative measures what such a build optimizes instead: the layers' linears
+quantized in forward order, layers 0..i for each i, then the rest of the file; each step's increase is that layer's
+share given everything before it quantized.
+
     python scripts/kld_attribution.py MODEL quant.gguf [--compare other.gguf] \\
         --text ../shared/data/wikitext-2/wiki.test.raw --windows 8 [--per-tensor] [--svg attribution.svg]
 
@@ -55,6 +61,14 @@ def hf_weights(path: Path, m: SourceModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def cumulative(names: list[str]) -> dict[tuple[str, str], list[str]]:
+    """{("prefix", "layers 0-i"): the linears of layers 0..i}, then the whole file."""
+    layer = {n: int(x[1]) for n in names if (x := re.match(r"model\.layers\.(\d+)\.", n))}
+    out = {("prefix", f"layers 0-{i:02d}"): [n for n in layer if layer[n] <= i] for i in sorted(set(layer.values()))}
+    out["file", "whole file"] = names
+    return out
+
+
 def groups(names: list[str], per_tensor: bool) -> dict[tuple[str, str], list[str]]:
     """{(category, name): checkpoint names}: the whole file, each kind across layers, each layer, each tensor."""
     def kind(n):
@@ -81,6 +95,7 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--per-tensor", action="store_true")
+    p.add_argument("--cumulative", action="store_true", help="layers 0..i quantized, for each i (see above)")
     p.add_argument("--json", type=Path, help="write the table here")
     p.add_argument("--svg", type=Path, help="bar chart of the per-layer and per-kind KLs")
     args = p.parse_args()
@@ -102,7 +117,8 @@ def main() -> int:
         return total / len(reference)
 
     table, category = {}, {}
-    for (cat, group), members in groups(names, args.per_tensor).items():
+    chosen = cumulative(names) if args.cumulative else groups(names, args.per_tensor)
+    for (cat, group), members in chosen.items():
         category[group] = cat
         row = {}
         for tag, weights in files.items():
@@ -115,25 +131,34 @@ def main() -> int:
                 params[n].copy_(kept[n])
             print(f"# {group} {tag}: {row[tag]:.6f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         table[group] = row
-    singles = [g for g in table if category[g] == "kind"]
     print(f"\n{m.name}: KLD vs the full-precision model, {args.windows} x {args.seqlen} tokens of {Path(args.text).name}; "
           f"A = {args.gguf.name}" + (f", B = {args.compare.name}" if args.compare else ""))
-    print("| tensors | KLD A | share of A's sum |" + (" KLD B | A / B |" if args.compare else ""))
-    print("| --- | --- | --- |" + (" --- | --- |" if args.compare else ""))
-    kinds_sum = {tag: sum(table[g][tag] for g in singles) for tag in files}
-    for group, row in table.items():
-        share = "" if group == "whole file" else f"{row['A'] / kinds_sum['A']:.1%}"  # of the kinds' sum
-        extra = f" {row['B']:.6f} | {row['A'] / row['B']:.2f} |" if args.compare else ""
-        print(f"| {group} | {row['A']:.6f} | {share} |" + extra)
-    for tag in files:
-        print(f"{tag}: sum over kinds {kinds_sum[tag]:.6f} = {kinds_sum[tag] / table['whole file'][tag]:.2f} x the whole "
-              "file's (1: additive)")
+    if args.cumulative:
+        print("| quantized | KLD A | step A |" + (" KLD B | step B | A / B |" if args.compare else ""))
+        print("| --- | --- | --- |" + (" --- | --- | --- |" if args.compare else ""))
+        before = dict.fromkeys(files, 0.0)
+        for group, row in table.items():
+            cells = [f"{row[t]:.6f} | {row[t] - before[t]:+.6f}" for t in files]
+            print(f"| {group} | " + " | ".join(cells) + (f" | {row['A'] / row['B']:.2f} |" if args.compare else " |"))
+            before = row
+    else:
+        singles = [g for g in table if category[g] == "kind"]
+        print("| tensors | KLD A | share of A's sum |" + (" KLD B | A / B |" if args.compare else ""))
+        print("| --- | --- | --- |" + (" --- | --- |" if args.compare else ""))
+        kinds_sum = {tag: sum(table[g][tag] for g in singles) for tag in files}
+        for group, row in table.items():
+            share = "" if group == "whole file" else f"{row['A'] / kinds_sum['A']:.1%}"  # of the kinds' sum
+            extra = f" {row['B']:.6f} | {row['A'] / row['B']:.2f} |" if args.compare else ""
+            print(f"| {group} | {row['A']:.6f} | {share} |" + extra)
+        for tag in files:
+            print(f"{tag}: sum over kinds {kinds_sum[tag]:.6f} = {kinds_sum[tag] / table['whole file'][tag]:.2f} x "
+                  "the whole file's (1: additive)")
     if args.json:
         args.json.write_text(json.dumps({"model": m.name, "text": args.text, "windows": args.windows,
                                          "seqlen": args.seqlen, "files": {k: str(v) for k, v in
                                          zip(files, [args.gguf, args.compare])}, "kld": table, "category": category}, indent=1))
     if args.svg:
-        svg({g: r for g, r in table.items() if category[g] in ("kind", "layer")}, list(files), args.svg,
+        svg({g: r for g, r in table.items() if category[g] in ("kind", "layer", "prefix")}, list(files), args.svg,
             f"{m.name}: output KLD with only these tensors quantized")
     return 0
 

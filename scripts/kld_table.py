@@ -12,7 +12,7 @@ and "llama.cpp".
         --chunks 100 --llama-tools .cache/llama-tools/bin --imatrix-chunks 128 --variant "default="
 
 Every variant is built with `--json` (its summary, sampling seconds included, lands next to the GGUF) and evaluated on
-every text; GGUFs already in --out are reused.  Prints one JSON line per (variant, ftype, text) and, at the end, a
+every text; GGUFs already in --out are reused, and so are their evaluations (TAG-FTYPE.TEXT.eval.json).  Prints one JSON line per (variant, ftype, text) and, at the end, a
 Markdown table: KLD per text, and the ratio to llama.cpp+imatrix's (this run's, else the --anchors file's on wiki.test).
 """
 
@@ -85,7 +85,11 @@ def main() -> int:
                 print(f"# built {gguf.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             s = json.loads(summary.read_text()) if summary.exists() else {}
             for name in args.texts:
-                r = json.loads(run(EDGEQUANT + ["eval", str(gguf), "--text", str(TEXTS[name]), "--base", str(bases[name]), "--json"]))
+                cached = args.out / f"{tag}-{ftype}.{name}.eval.json"  # kept while newer than the GGUF
+                if not cached.exists() or cached.stat().st_mtime < gguf.stat().st_mtime:
+                    cached.write_text(run(EDGEQUANT + ["eval", str(gguf), "--text", str(TEXTS[name]), "--base",
+                                                       str(bases[name]), "--json"]))
+                r = json.loads(cached.read_text())
                 row = {"variant": tag, "options": options, "ftype": ftype, "text": name, "bytes": gguf.stat().st_size,
                        "ppl": r["ppl"], "kld": r["kld"]["mean"], "same_top": r["same_top_pct"],
                        "seconds": s.get("seconds"), "calibration": s.get("calibration")}
