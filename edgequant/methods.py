@@ -244,10 +244,7 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
         for hf_name, (w, stats) in weights.items():
             name = names[hf_name]
             qtype = types[name]
-            # A tied head is also the input embedding, which reads its rows as they are: GPTQ's compensation across
-            # columns, and the asymmetric target most of all, fit it to the head's inputs at the lookup's expense
-            # (SmolLM2, Q8_0: 33x the output KLD of rounding it, docs/BENCHMARKS.md).  Rounded as llama.cpp does.
-            if qtype in FLOAT_TYPES or (m.hp.tied_embeddings and name == "token_embd.weight"):
+            if qtype in FLOAT_TYPES:
                 continue
             c = codec(qtype)
             w_here = m.arch.to_gguf(hf_name, w.detach().float(), m.hp, m.tensor_names)[1].contiguous()  # on the device

@@ -6,13 +6,10 @@ from __future__ import annotations
 import shutil
 
 import gguf
-import numpy as np
 import pytest
 
 from edgequant.build import build
-from edgequant.convert.encode import encode
 from edgequant.methods import CalibOptions, digest
-from edgequant.model import SourceModel
 
 Q = gguf.GGMLQuantizationType
 
@@ -34,14 +31,11 @@ def test_gptq_build_is_exact_and_beats_the_fit(model, target, expected_types, re
     reader = gguf.GGUFReader(out)
     quantized = [t for t in reader.tensors if t.tensor_type not in (Q.F32, Q.F16)]
     assert {t.tensor_type for t in quantized} >= expected_types
-    # every block-quantized tensor went through GPTQ but the input embedding, tied to the head or not: it is
-    # rounded as llama-quantize rounds it without an imatrix
-    solved = {t.name for t in quantized} - {"token_embd.weight"}
+    # every block-quantized tensor went through GPTQ, but an untied input embedding (it has no Hessian)
+    solved = {t.name for t in quantized}
+    if "output.weight" in {t.name for t in reader.tensors}:
+        solved.discard("token_embd.weight")
     assert set(report.loss) == solved == set(report.digest)  # --verify: a digest of every solved Ŵ
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    m = SourceModel(str(request.getfixturevalue(model)))
-    assert np.array_equal(np.asarray(embd.data).reshape(-1).view(np.uint8),
-                          encode(m.load("token_embd.weight"), embd.tensor_type).reshape(-1).view(np.uint8))
     for t in quantized:
         if t.name in solved:  # what gguf-py dequantizes is exactly what the solver produced
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
