@@ -19,7 +19,6 @@ guarantee.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
