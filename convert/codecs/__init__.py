@@ -2,38 +2,10 @@
 
 from __future__ import annotations
 
-from gguf import GGMLQuantizationType
-
 from .base import AffineGrid, Codec
+from .registry import CODECS, codec
 
-CODECS: dict[GGMLQuantizationType, Codec] = {}
+# Defining a codec class registers it (Codec.__init_subclass__): importing the modules fills CODECS.  Keep sorted.
+from . import q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, q8_k  # noqa: F401
 
-
-def register(cls: type[Codec]) -> type[Codec]:
-    CODECS[cls.qtype] = cls()
-    return cls
-
-
-def codec(qtype: GGMLQuantizationType | str) -> Codec:
-    if isinstance(qtype, str):
-        qtype = GGMLQuantizationType[qtype]
-    try:
-        return CODECS[qtype]
-    except KeyError:
-        raise ValueError(f"no codec for {qtype.name}; have {', '.join(t.name for t in CODECS)}") from None
-
-
-__all__ = ["AffineGrid", "Codec", "CODECS", "codec", "register"]
-
-# Codec modules register themselves on import (one line each, keep sorted).
-from . import q2_k  # noqa: E402,F401
-from . import q3_k  # noqa: E402,F401
-from . import q4_0  # noqa: E402,F401
-from . import q4_1  # noqa: E402,F401
-from . import q4_k  # noqa: E402,F401
-from . import q5_0  # noqa: E402,F401
-from . import q5_1  # noqa: E402,F401
-from . import q5_k  # noqa: E402,F401
-from . import q6_k  # noqa: E402,F401
-from . import q8_0  # noqa: E402,F401
-from . import q8_k  # noqa: E402,F401
+__all__ = ["AffineGrid", "Codec", "CODECS", "codec"]

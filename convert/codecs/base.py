@@ -23,6 +23,8 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from .registry import register
+
 
 @dataclasses.dataclass(frozen=True)
 class AffineGrid:
@@ -78,7 +80,8 @@ class IntegerScales:
 
 
 class Codec(ABC):
-    """One GGML block type.  Subclasses set the class attributes and implement the five methods."""
+    """One GGML block type.  Subclasses set the class attributes and implement the five methods; setting `qtype`
+    registers the class (registry.py)."""
 
     qtype: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]  # weights per block
@@ -88,8 +91,9 @@ class Codec(ABC):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if "qtype" in cls.__dict__:
+        if "qtype" in cls.__dict__:  # a concrete codec: one instance serves every lookup
             assert (cls.block_size, cls.type_size) == GGML_QUANT_SIZES[cls.qtype], cls.qtype
+            register(cls)
 
     @property
     def name(self) -> str:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .kquant_scales import QK_K, ScaleMinBlocks, ScaleMinCodec, running_max_from_zero
 from .search_affine import F32, in_order_sum, make_qkx2_quants, make_qkx3_quants, make_qp_quants, nearest_int
 
 _SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
 
 
-@register
 class Q2KCodec(ScaleMinCodec):
     qtype = GGMLQuantizationType.Q2_K
     type_size = 84

@@ -24,7 +24,6 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .q6_k import PAIR_SHIFT, SuperBlockCodec, SuperBlocks, requantize
 from .q8_0 import block_fields, fp16_bytes, fp16_field
 from .search_symmetric import make_q3_quants, make_qx_quants, nearest_int, sequential_sum, signed_peak
@@ -34,7 +33,6 @@ F32 = np.float32
 _BIT_SHIFT = np.arange(8, dtype=np.uint8)[:, None]
 
 
-@register
 class Q3_K(SuperBlockCodec):
     qtype = GGMLQuantizationType.Q3_K
     type_size = 110

@@ -19,7 +19,6 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .q8_0 import F32, ScaledBlocks, ScaledCodec, block_fields, c_to_int8, fp16_bytes, fp16_field
 from .search_symmetric import make_qx_quants, sequential_sum, signed_peak
 
@@ -57,7 +56,6 @@ class SymmetricLegacy(ScaledCodec):
         return make_qx_quants(x, self.nmax, weights)
 
 
-@register
 class Q4_0(SymmetricLegacy):
     qtype = GGMLQuantizationType.Q4_0
     type_size = 18

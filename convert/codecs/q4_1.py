@@ -19,7 +19,6 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .base import AffineGrid, Codec
 from .q8_0 import c_to_int8
 from .search_affine import F32, group_min_max, in_order_sum, make_qkx3_quants
@@ -118,7 +117,6 @@ def unpack_half_nibbles(raw: np.ndarray) -> np.ndarray:
     return np.concatenate([raw & 0x0F, raw >> 4], axis=-1)
 
 
-@register
 class Q41Codec(LegacyMinCodec):
     qtype = GGMLQuantizationType.Q4_1
     type_size = 20

@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .kquant_scales import QK_K, SixBitScaleMinCodec
 
 
@@ -32,7 +31,6 @@ def unpack_nibbles(raw: np.ndarray) -> np.ndarray:
     return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(-1, QK_K)
 
 
-@register
 class Q4KCodec(SixBitScaleMinCodec):
     qtype = GGMLQuantizationType.Q4_K
     type_size = 144

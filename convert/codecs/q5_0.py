@@ -14,12 +14,10 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .q4_0 import SymmetricLegacy
 from .q8_0 import ScaledBlocks, block_fields, fp16_bytes, fp16_field
 
 
-@register
 class Q5_0(SymmetricLegacy):
     qtype = GGMLQuantizationType.Q5_0
     type_size = 22

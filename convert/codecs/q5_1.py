@@ -16,11 +16,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .q4_1 import LegacyMinCodec, pack_half_nibbles, unpack_half_nibbles
 
 
-@register
 class Q51Codec(LegacyMinCodec):
     qtype = GGMLQuantizationType.Q5_1
     type_size = 24

@@ -17,14 +17,12 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .kquant_scales import QK_K, SixBitScaleMinCodec
 from .q4_k import pack_nibbles, unpack_nibbles
 
 _SUB_BIT = (np.uint8(1) << np.arange(8, dtype=np.uint8)).reshape(1, 8, 1)
 
 
-@register
 class Q5KCodec(SixBitScaleMinCodec):
     qtype = GGMLQuantizationType.Q5_K
     type_size = 176

@@ -26,7 +26,6 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .base import AffineGrid, Codec, IntegerScales
 from .q8_0 import block_fields, checked_levels, fp16_bytes, fp16_field
 from .search_symmetric import GROUP_MAX_EPS, make_qx_quants, nearest_int, signed_peak
@@ -101,7 +100,6 @@ def requantize(x: np.ndarray, d: np.ndarray, sc: np.ndarray, codes: np.ndarray, 
 PAIR_SHIFT = np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
 
 
-@register
 class Q6_K(SuperBlockCodec):
     qtype = GGMLQuantizationType.Q6_K
     type_size = 210

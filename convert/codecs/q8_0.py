@@ -18,7 +18,6 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .base import AffineGrid, Codec
 
 F32 = np.float32
@@ -95,7 +94,6 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     return np.trunc(v + np.copysign(np.nextafter(F32(0.5), F32(0.0)), v))
 
 
-@register
 class Q8_0(ScaledCodec):
     qtype = GGMLQuantizationType.Q8_0
     type_size = 34

@@ -18,7 +18,6 @@ import dataclasses
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import register
 from .base import AffineGrid, Codec
 from .q8_0 import block_fields, checked_levels
 from .search_symmetric import nearest_int, signed_peak
@@ -39,7 +38,6 @@ class Q8_KBlocks:
         return self.q.reshape(*self.d.shape, 16, 16).sum(axis=-1, dtype=np.int16)
 
 
-@register
 class Q8_K(Codec):
     qtype = GGMLQuantizationType.Q8_K
     block_size = 256
