@@ -651,8 +651,8 @@ static void fit_q8_0(const float *x, const float *imp, float sigma2, int count, 
     }
 }
 
-/* Q4_0/Q5_0 scales d[b] and codes u[b] in [0, 2 nmax - 1] (q4_0.SymmetricLegacy): without importance
- * d = peak / -nmax and u = min(2 nmax - 1, (int8)(x / d + nmax + 0.5)); with it make_qx_quants under
+/* Q4_0/Q5_0 scales d[b] and codes u[b] in [0, 2 nmax - 1] (legacy_symmetric.SymmetricLegacy): without
+ * importance d = peak / -nmax and u = min(2 nmax - 1, (int8)(x / d + nmax + 0.5)); with it make_qx_quants under
  * importance * sqrt(sigma2 + x^2), sigma2 the row's mean square. */
 static void fit_symmetric_legacy(const float *x, const float *imp, float sigma2, int count, int nmax, float d[LANES],
                                  uint8_t u[LANES][32]) {
@@ -702,8 +702,8 @@ static void fit_q5_0(const float *x, const float *imp, float sigma2, int count, 
     }
 }
 
-/* Q4_1/Q5_1 d[b], m[b] and codes q[b] (q4_1.LegacyMinCodec): without importance the min/max grid, codes
- * (int8)(v + 0.5) kept as each type's reference does (Q4_1: min(15, .), Q5_1: low 5 bits); with it
+/* Q4_1/Q5_1 d[b], m[b] and codes q[b] (legacy_affine.LegacyMinCodec): without importance the min/max grid,
+ * codes (int8)(v + 0.5) kept as each type's reference does (Q4_1: min(15, .), Q5_1: low 5 bits); with it
  * make_qkx3_quants. */
 static void fit_min_legacy(const float *x, const float *imp, float sigma2, int count, int nmax, float d[LANES],
                            float m[LANES], uint8_t q[LANES][32]) {

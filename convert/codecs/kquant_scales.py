@@ -6,7 +6,8 @@ A super-block of 256 weights has fp16 `d` and `dmin`; each sub-block g (16 or 32
     (d * scale[g]) * q[i] - (dmin * min[g])        (float32, in this order, as ggml and gguf-py do)
 
 This module holds the logical blocks, the grid/codes plumbing, the final requantization every one of these
-types ends with, and the 6-bit scale/min packing of Q4_K and Q5_K (whose `fit` is also shared, below).
+types ends with, and the 6-bit scale/min packing and 4-bit code layout of Q4_K and Q5_K (whose `fit` is also
+shared, below).
 """
 
 from __future__ import annotations
@@ -127,6 +128,18 @@ def unpack_scale_min_6bit(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scales = np.concatenate([lo_s & 0x3F, (hi & 0x0F) | ((lo_s >> 6) << 4)], axis=-1)
     mins = np.concatenate([lo_m & 0x3F, (hi >> 4) | ((lo_m >> 6) << 4)], axis=-1)
     return scales, mins
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(S, 256) 4-bit codes -> (S, 128): each 64-weight chunk becomes 32 bytes of (low half | high half << 4)."""
+    q = q.reshape(-1, 4, 2, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, QK_K // 2)
+
+
+def unpack_nibbles(raw: np.ndarray) -> np.ndarray:
+    """(S, 128) -> (S, 256) 4-bit codes; inverse of pack_nibbles."""
+    b = raw.reshape(-1, 4, 1, 32)
+    return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(-1, QK_K)
 
 
 class SixBitScaleMinCodec(ScaleMinCodec):

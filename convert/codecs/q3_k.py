@@ -16,7 +16,7 @@ Encoders (ggml `quantize_row_q3_K_ref` / `_impl`):
   - with importance: per super-block sigma2 = 2*mean(w^2), weights imp * sqrt(sigma2 + w^2); group
     scales from `make_qx_quants` (nmax 4); the 16 scales themselves from `make_qx_quants` (nmax 32,
     weighted by each group's total weight) giving d and the 6-bit scales.
-Both then requantize every group on its stored scale (see q6_k.requantize).
+Both then requantize every group on its stored scale (see kquant_symmetric.requantize).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .q6_k import PAIR_SHIFT, SuperBlockCodec, SuperBlocks, requantize
-from .q8_0 import block_fields, fp16_bytes, fp16_field
+from .fields import block_fields, fp16_bytes, fp16_field
+from .kquant_symmetric import PAIR_SHIFT, SuperBlockCodec, SuperBlocks, requantize
 from .search_symmetric import make_q3_quants, make_qx_quants, nearest_int, sequential_sum, signed_peak
 
 F32 = np.float32

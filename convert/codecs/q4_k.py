@@ -16,19 +16,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .kquant_scales import QK_K, SixBitScaleMinCodec
-
-
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """(S, 256) 4-bit codes -> (S, 128): each 64-weight chunk becomes 32 bytes of (low half | high half << 4)."""
-    q = q.reshape(-1, 4, 2, 32).astype(np.uint8)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, QK_K // 2)
-
-
-def unpack_nibbles(raw: np.ndarray) -> np.ndarray:
-    """(S, 128) -> (S, 256) 4-bit codes; inverse of pack_nibbles."""
-    b = raw.reshape(-1, 4, 1, 32)
-    return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(-1, QK_K)
+from .kquant_scales import SixBitScaleMinCodec, pack_nibbles, unpack_nibbles
 
 
 class Q4KCodec(SixBitScaleMinCodec):

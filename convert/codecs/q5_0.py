@@ -6,7 +6,7 @@ Block, 22 bytes (u_j = q_j + 16 is the stored 5-bit code of weight j):
            d       qh: uint32 little endian,    (u_j & 15) | (u_(j+16) & 15) << 4
            fp16    bit j = u_j >> 4
 
-The encoders are Q4_0's with nmax = 16 (see q4_0.py).
+The encoders are legacy_symmetric.SymmetricLegacy's with nmax = 16.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .q4_0 import SymmetricLegacy
-from .q8_0 import ScaledBlocks, block_fields, fp16_bytes, fp16_field
+from .fields import block_fields, fp16_bytes, fp16_field
+from .legacy_symmetric import ScaledBlocks, SymmetricLegacy
 
 
 class Q5_0(SymmetricLegacy):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .q4_1 import LegacyMinCodec, pack_half_nibbles, unpack_half_nibbles
+from .legacy_affine import LegacyMinCodec, pack_half_nibbles, unpack_half_nibbles
 
 
 class Q51Codec(LegacyMinCodec):

@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .kquant_scales import QK_K, SixBitScaleMinCodec
-from .q4_k import pack_nibbles, unpack_nibbles
+from .kquant_scales import QK_K, SixBitScaleMinCodec, pack_nibbles, unpack_nibbles
 
 _SUB_BIT = (np.uint8(1) << np.arange(8, dtype=np.uint8)).reshape(1, 8, 1)
 

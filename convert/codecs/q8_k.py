@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from .base import AffineGrid, Codec
-from .q8_0 import block_fields, checked_levels
+from .fields import block_fields, checked_levels
 from .search_symmetric import nearest_int, signed_peak
 
 F32 = np.float32

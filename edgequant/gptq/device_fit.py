@@ -46,9 +46,10 @@ import numpy as np
 import torch
 
 from edgequant.convert.codecs.kquant_scales import QK_K, ScaleMinBlocks, SixBitScaleMinCodec
+from edgequant.convert.codecs.kquant_symmetric import SuperBlocks
 from edgequant.convert.codecs.q2_k import Q2KCodec
 from edgequant.convert.codecs.q3_k import Q3_K
-from edgequant.convert.codecs.q6_k import Q6_K, SuperBlocks
+from edgequant.convert.codecs.q6_k import Q6_K
 from edgequant.convert.codecs.search_symmetric import GROUP_MAX_EPS
 
 F32 = np.float32
@@ -478,8 +479,8 @@ def _fit_q2_k(codec: Q2KCodec, w, importance) -> DeviceFit:
 
 
 def _requantize_symmetric(w, d, sc, codes, nmax: int) -> torch.Tensor:
-    """q6_k.requantize: codes (rows, nb, 16, 16) uint8 of w on the stored group scales fp32(d) * sc; groups whose
-    stored scale is 0 keep the search's `codes`."""
+    """kquant_symmetric.requantize: codes (rows, nb, 16, 16) uint8 of w on the stored group scales fp32(d) * sc;
+    groups whose stored scale is 0 keep the search's `codes`."""
     x = w.reshape(w.shape[0], -1, 16, 16)
     step = d.to(torch.float32)[..., None] * sc.to(torch.float32)
     fresh = nearest_int(_div(x, step[..., None])).clamp_(-nmax, nmax - 1) + nmax
