@@ -488,7 +488,7 @@ static void fit_q5_k(const float *x, const float *imp, void *block) {
     pack_k_nibbles(q, b->qs);
 }
 
-/* Q2_K super-block (q2_k.Q2KCodec.fit): 16 sub-blocks of 16, LANES at a time. */
+/* Q2_K super-block (q2_k.Q2_K.fit): 16 sub-blocks of 16, LANES at a time. */
 static void fit_q2_k(const float *x, const float *imp, void *block) {
     eq_q2_K *b = block;
     float xt[16 * LANES], wt[16 * LANES], sub_scale[16], sub_min[16], sw[16];

@@ -23,7 +23,7 @@ from .search_affine import F32, in_order_sum, make_qkx2_quants, make_qkx3_quants
 _SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
 
 
-class Q2KCodec(ScaleMinCodec):
+class Q2_K(ScaleMinCodec):
     qtype = GGMLQuantizationType.Q2_K
     type_size = 84
     group = 16

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType
 from .legacy_affine import LegacyMinCodec, pack_half_nibbles, unpack_half_nibbles
 
 
-class Q41Codec(LegacyMinCodec):
+class Q4_1(LegacyMinCodec):
     qtype = GGMLQuantizationType.Q4_1
     type_size = 20
     nmax = 15

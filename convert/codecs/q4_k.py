@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from .kquant_scales import SixBitScaleMinCodec, pack_nibbles, unpack_nibbles
 
 
-class Q4KCodec(SixBitScaleMinCodec):
+class Q4_K(SixBitScaleMinCodec):
     qtype = GGMLQuantizationType.Q4_K
     type_size = 144
     nmax = 15

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from .legacy_affine import LegacyMinCodec, pack_half_nibbles, unpack_half_nibbles
 
 
-class Q51Codec(LegacyMinCodec):
+class Q5_1(LegacyMinCodec):
     qtype = GGMLQuantizationType.Q5_1
     type_size = 24
     nmax = 31

@@ -22,7 +22,7 @@ from .kquant_scales import QK_K, SixBitScaleMinCodec, pack_nibbles, unpack_nibbl
 _SUB_BIT = (np.uint8(1) << np.arange(8, dtype=np.uint8)).reshape(1, 8, 1)
 
 
-class Q5KCodec(SixBitScaleMinCodec):
+class Q5_K(SixBitScaleMinCodec):
     qtype = GGMLQuantizationType.Q5_K
     type_size = 176
     nmax = 31

@@ -47,7 +47,7 @@ import torch
 
 from edgequant.convert.codecs.kquant_scales import QK_K, ScaleMinBlocks, SixBitScaleMinCodec
 from edgequant.convert.codecs.kquant_symmetric import SuperBlocks
-from edgequant.convert.codecs.q2_k import Q2KCodec
+from edgequant.convert.codecs.q2_k import Q2_K
 from edgequant.convert.codecs.q3_k import Q3_K
 from edgequant.convert.codecs.q6_k import Q6_K
 from edgequant.convert.codecs.search_symmetric import GROUP_MAX_EPS
@@ -471,8 +471,8 @@ def _six_bit_round_trip(ls: torch.Tensor, lm: torch.Tensor) -> tuple[torch.Tenso
     return scales, mins
 
 
-def _fit_q2_k(codec: Q2KCodec, w, importance) -> DeviceFit:
-    """Q2KCodec.fit with importance."""
+def _fit_q2_k(codec: Q2_K, w, importance) -> DeviceFit:
+    """Q2_K.fit with importance."""
     ls, lm, d, dmin, search_codes = _scale_min_search(codec, w, importance, 1.0, 15)
     byte = (ls | (lm << 4)) & 0xFF
     return _scale_min_fit(codec, w, byte & 0x0F, byte >> 4, d, dmin, search_codes)
@@ -529,4 +529,4 @@ def _fit_q3_k(codec: Q3_K, w, importance) -> DeviceFit:
     return _super_blocks(codec, d, sc, _requantize_symmetric(w, d, sc, codes.T.reshape(rows, nb, 16, 16), 4), 4)
 
 
-_FITS = {SixBitScaleMinCodec: _fit_six_bit, Q2KCodec: _fit_q2_k, Q3_K: _fit_q3_k, Q6_K: _fit_q6_k}
+_FITS = {SixBitScaleMinCodec: _fit_six_bit, Q2_K: _fit_q2_k, Q3_K: _fit_q3_k, Q6_K: _fit_q6_k}
