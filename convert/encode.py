@@ -33,8 +33,8 @@ from multiprocessing import get_context
 import gguf
 import numpy as np
 
-from ..errors import UserError
 from .codecs import codec
+from .errors import UserError
 
 try:
     from ..native import fit as native_fit

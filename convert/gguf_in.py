@@ -30,7 +30,7 @@ import gguf
 import numpy as np
 from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
-from ..errors import UserError
+from .errors import UserError
 
 MAX_ARRAY_SHOWN = 8
 

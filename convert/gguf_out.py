@@ -17,7 +17,7 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from ..errors import UserError
+from .errors import UserError
 
 
 @dataclass(frozen=True)

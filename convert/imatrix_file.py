@@ -32,8 +32,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from edgequant.convert.gguf_in import open_gguf
-from edgequant.errors import UserError
+from .errors import UserError
+from .gguf_in import open_gguf
 
 _KEYS = gguf.Keys.IMatrix
 _SUM2, _COUNTS = ".in_sum2", ".counts"

@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 import gguf
 
-from edgequant.errors import UserError
+from .errors import UserError
 
 Q = gguf.GGMLQuantizationType
 _FT = gguf.LlamaFileType
