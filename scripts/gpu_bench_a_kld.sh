@@ -7,11 +7,15 @@
 # KLD_VARIANTS: GPTQ builds as "TAG=build options" separated by ';' (default "g=": the defaults), each built per ftype
 # as TAG-FTYPE.gguf and evaluated next to the imatrix build i-FTYPE.gguf; KLD_CALIB: calibration options put before
 # every variant's (default: wiki.train.first1MB.txt, 256 windows of 512; set it empty to compare calibrations, e.g.
-# KLD_CALIB= KLD_VARIANTS='w=--calib \$G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512;s=--calib self').
+# KLD_CALIB= KLD_VARIANTS='w=--calib \$G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512;s=--calib self');
+# KLD_JOBS: builds, and evaluations, run this many side by side (default 1, as the timings in BENCHMARKS.md were taken;
+# bench-a leaves the H200 mostly idle, and 3 keeps a calibration table within the device's 10 minutes per command).
+# llama.cpp's tools are built once per lent machine (kept in /tmp/w/b while it stays warm).
 set -u
 FTYPES=${KLD_FTYPES:-Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K}; TEXTS=${KLD_TEXTS:-wiki.test.raw heldout.txt}
 CALIB=${KLD_CALIB-'--calib $G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512'}
 IFS=';' read -ra VARIANTS <<< "${KLD_VARIANTS:-g=}"; TAGS=$(for v in "${VARIANTS[@]}"; do printf '%s ' "${v%%=*}"; done)
+JOBS=${KLD_JOBS:-1}
 R=$(pwd); G=$R/.gpu; W=/tmp/w; S=$W/res; mkdir -p $S /tmp/pkg /tmp/a
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/pkg
 trap 'cd $W && tar czf $OUT/results.tgz res; for f in i-Q4_K_M.gguf ${TAGS%% *}-Q4_K_M.gguf; do [ -f $W/$f ] && split -b 15M $W/$f $OUT/$f.part; done' EXIT
@@ -19,16 +23,22 @@ log() { echo "[$(date +%T)] $*" | tee -a $S/run.log; }
 cp -r edgequant /tmp/pkg/; cp -r convert /tmp/pkg/edgequant/convert; cp -r runners /tmp/pkg/edgequant/runners
 (cd /tmp/pkg && for w in $G/wheels/*.whl; do python3 -m zipfile -e $w .; done)
 cp $G/bench-a/* /tmp/a/; python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('$G/model.safetensors.xz'), open('/tmp/a/model.safetensors','wb'))"
-(cd $W && tar xJf $G/lt.tar.xz && cmake -S llama.cpp -B b -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release > cmake.log 2>&1 && cmake --build b -j 14 --target llama-perplexity llama-quantize llama-imatrix > make.log 2>&1; echo $? > built) &
+[ -x $W/b/bin/llama-perplexity ] && echo 0 > $W/built || (cd $W && rm -f built && tar xJf $G/lt.tar.xz && cmake -S llama.cpp -B b -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release > cmake.log 2>&1 && cmake --build b -j 14 --target llama-perplexity llama-quantize llama-imatrix > make.log 2>&1; echo $? > built) &
+TOOLS=$!
+slot() { while [ $(jobs -rp | grep -vxc "$TOOLS") -ge $JOBS ]; do wait -n; done; }  # a free place for one more job
 cd /tmp
 python3 -m edgequant.cli build /tmp/a --target F16 -o $W/a-F16.gguf -q
+build() {  # TAG=OPTIONS FTYPE
+  local v=$1 t=$2; eval "local opts=($CALIB ${v#*=})"  # options may name the carried texts as \$G/...
+  python3 -m edgequant.cli build /tmp/a --target $t "${opts[@]}" --json -o $W/${v%%=*}-$t.gguf > $S/build-${v%%=*}-$t.json 2>>$S/run.log
+  log "gptq built ${v%%=*} $t (${v#*=}): rc $?"
+}
 for v in "${VARIANTS[@]}"; do
   for t in $FTYPES; do
-    eval "opts=($CALIB ${v#*=})"  # options may name the carried texts as \$G/...
-    python3 -m edgequant.cli build /tmp/a --target $t "${opts[@]}" --json -o $W/${v%%=*}-$t.gguf > $S/build-${v%%=*}-$t.json 2>>$S/run.log
-    log "gptq built ${v%%=*} $t (${v#*=})"
+    slot; build "$v" $t &
   done
 done
+while [ $(jobs -rp | grep -vxc "$TOOLS") -gt 0 ]; do wait -n; done
 while [ ! -f $W/built ]; do sleep 5; done; log "tools built: $(cat $W/built)"; tail -3 $W/make.log >> $S/run.log
 B=$W/b/bin
 $B/llama-imatrix -m $W/a-F16.gguf -f $G/wiki.train.first1MB.txt -c 512 --chunks 256 -ngl 999 -o $W/imatrix.gguf > $S/imatrix.log 2>&1
@@ -39,8 +49,9 @@ for text in $TEXTS; do
   log "base $text: $(grep 'Final estimate' $S/f16-$text.log)"
   for t in $FTYPES; do
     for k in $TAGS i; do
-      $B/llama-perplexity -m $W/$k-$t.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld --kl-divergence > $S/kld-$k-$t-$text.log 2>&1
-      log "$k $t $text: $(grep -E 'Mean PPL\(Q\)|Mean    KLD|Same top p' $S/kld-$k-$t-$text.log | tr -s ' ' | tr '\n' ' ')"
+      slot; ( $B/llama-perplexity -m $W/$k-$t.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld --kl-divergence > $S/kld-$k-$t-$text.log 2>&1
+        log "$k $t $text: $(grep -E 'Mean PPL\(Q\)|Mean    KLD|Same top p' $S/kld-$k-$t-$text.log | tr -s ' ' | tr '\n' ' ')" ) &
     done
   done
+  wait
 done
