@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from . import Arch, Hparams, register
+from .base import Arch, Hparams, register
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from dataclasses import replace
 
-from . import register
+from .base import register
 from .llama import LLAMA
 
 MISTRAL = register(replace(LLAMA, hf_classes=("MistralForCausalLM",)))

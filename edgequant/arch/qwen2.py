@@ -2,6 +2,6 @@
 
 import gguf
 
-from . import Arch, register
+from .base import Arch, register
 
 QWEN2 = register(Arch(hf_classes=("Qwen2ForCausalLM",), gguf_arch=gguf.MODEL_ARCH.QWEN2, permute_qk=False))

@@ -2,6 +2,6 @@
 
 import gguf
 
-from . import Arch, register
+from .base import Arch, register
 
 QWEN3 = register(Arch(hf_classes=("Qwen3ForCausalLM",), gguf_arch=gguf.MODEL_ARCH.QWEN3, permute_qk=False))
