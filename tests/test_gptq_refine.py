@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from edgequant.gptq import solve
 from edgequant.gptq.refine import polish_codes, refit_scales, torch_polish, torch_refit
 
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+LEGACY_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]  # fp16 scales, refit as integer steps of their ulp
 
 
 def problem(rows: int, cols: int, seed: int = 0):
@@ -70,7 +73,7 @@ def test_polish_is_the_greedy_pass_of_the_exact_loss():
     assert np.array_equal(got.numpy(), want)
 
 
-@pytest.mark.parametrize("name", K_TYPES)
+@pytest.mark.parametrize("name", K_TYPES + LEGACY_TYPES)
 def test_refit_keeps_scales_in_range_and_lowers_the_loss(name):
     c = codec(name)
     W, H = problem(16, 512, seed=2)
@@ -87,9 +90,11 @@ def test_refit_keeps_scales_in_range_and_lowers_the_loss(name):
     assert loss64(W, c.dequantize(new), H) < loss64(W, c.dequantize(blocks), H)
     # the grid is rebuilt from the integers exactly as refine does it on the device
     assert np.array_equal(c.grid(new).scale, (d * sc).numpy())
+    if mn is not None:
+        assert np.array_equal(c.grid(new).offset, (-(dmin * mn)).numpy())
 
 
-@pytest.mark.parametrize("name", K_TYPES)
+@pytest.mark.parametrize("name", K_TYPES + LEGACY_TYPES)
 def test_integer_scales_round_trip_and_range_errors(name):
     c = codec(name)
     W, _ = problem(4, 256)
@@ -101,6 +106,19 @@ def test_integer_scales_round_trip_and_range_errors(name):
         c.with_integer_scales(blocks, np.full_like(ints.scale, ints.hi + 1), ints.min)
 
 
-def test_float_scale_types_have_no_integer_scales():
-    c = codec("Q8_0")
-    assert c.integer_scales(c.fit(problem(2, 64)[0].numpy())) is None
+@pytest.mark.parametrize("name", LEGACY_TYPES)
+def test_fp16_scales_move_over_fp16_values(name):
+    """A legacy type's fp16 scale (and min) as integer steps: every step in range lands on an fp16 value that
+    dequantizes as scale * step count, and a refit on a Hessian that wants larger scales takes them."""
+    c = codec(name)
+    W, H = problem(4, 64, seed=5)
+    blocks = c.fit(W.numpy())
+    ints = c.integer_scales(blocks)
+    for k in (ints.lo, ints.hi, ints.scale + 1):
+        k = np.broadcast_to(k, ints.scale.shape)
+        mins = None if ints.min is None else np.broadcast_to(k, ints.min.shape)
+        moved = c.with_integer_scales(blocks, k, mins)
+        assert np.array_equal(c.grid(moved).scale, ints.d * k.astype(np.float32))
+        assert np.array_equal(c.unpack(c.pack(moved)).d.view(np.uint16), moved.d.view(np.uint16))
+    degenerate = dataclasses.replace(blocks, d=np.full_like(blocks.d, np.inf))
+    assert c.integer_scales(degenerate) is None  # no refit of a block that overflowed

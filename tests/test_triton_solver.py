@@ -30,7 +30,7 @@ CASES = [
     ("Q4_K", 32, 512, 128, True),
 ]
 # (codec, rows, cols): solve(..., refine=2), whose polish runs as Triton's `polish` kernel on that backend.
-REFINE_CASES = [("Q4_K", 40, 512), ("Q6_K", 32, 256), ("Q2_K", 24, 512), ("Q4_0", 40, 256)]
+REFINE_CASES = [("Q4_K", 40, 512), ("Q6_K", 32, 256), ("Q2_K", 24, 512), ("Q4_0", 40, 256), ("Q5_1", 24, 256)]
 BOUNDARY = 1e-3  # how close to a half-integer (in grid steps) a weight must be for a differing code to be rounding
 
 

@@ -26,6 +26,30 @@ def fp16_bytes(d: np.ndarray) -> np.ndarray:
     return d.astype("<f2")[..., None].view(np.uint8)
 
 
+FP16_STEPS = 2047  # an fp16 value is k steps of its binade's ulp, k <= 2047 (11 significant bits)
+
+
+def fp16_steps(h: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """fp16 values as (step, k): h == step * k exactly, step = ±ulp of h's binade (its sign, -0.0 included), k an
+    integer in [0, FP16_STEPS].  Every k in that range times the same step is again an fp16 value (below the binade
+    a coarser ulp is still a multiple of the finer one; 2048 steps would leave it), so a refit may treat an fp16
+    scale as an integer scale of step, as it treats a K-quant's 6-bit scales.  None if any value is not finite."""
+    a = np.abs(h.astype(np.float32))
+    if not np.isfinite(a).all():
+        return None
+    _, e = np.frexp(a)  # a = m * 2**e, m in [0.5, 1): the binade's ulp is 2**(e - 11), at least 2**-24
+    step = np.copysign(np.ldexp(np.float32(1), np.maximum(e - 11, -24)).astype(np.float32), h.astype(np.float32))
+    return step, (a / np.abs(step)).astype(np.int32)
+
+
+def from_fp16_steps(step: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """fp16_steps' inverse for new integers k (checked to lie in [0, FP16_STEPS]): the fp16 values step * k."""
+    k = np.asarray(k)
+    if np.any(k < 0) or np.any(k > FP16_STEPS):
+        raise ValueError(f"fp16 scale steps outside [0, {FP16_STEPS}]")
+    return (step * k.astype(np.float32)).astype(np.float16)
+
+
 def checked_levels(codec: Codec, q: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """New codes for `with_codes`: checked against the codec's grid range, as int8 of the blocks' shape."""
     q = np.asarray(q)

@@ -12,8 +12,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import AffineGrid, Codec
-from .fields import c_to_int8
+from .base import AffineGrid, Codec, IntegerScales
+from .fields import FP16_STEPS, c_to_int8, from_fp16_steps, fp16_steps
 from .search_affine import F32, group_min_max, in_order_sum, make_qkx3_quants
 
 
@@ -93,6 +93,18 @@ class LegacyMinCodec(Codec):
 
     def codes(self, blocks: MinBlocks) -> np.ndarray:
         return blocks.q.reshape(blocks.q.shape[0], -1).astype(np.int32)
+
+    def integer_scales(self, blocks: MinBlocks) -> IntegerScales | None:
+        """d and m as k steps of their ulps (fields.fp16_steps): w = (step_d * k_d) * q - (-step_m) * k_m, the
+        K-quants' form with dmin = -step_m, so a refit moves both over fp16 values."""
+        d, m = fp16_steps(blocks.d), fp16_steps(blocks.m)
+        return None if d is None or m is None else IntegerScales(d[0], d[1], -m[0], m[1], 0, FP16_STEPS)
+
+    def with_integer_scales(self, blocks: MinBlocks, scale: np.ndarray, min: np.ndarray | None = None) -> MinBlocks:
+        shape = blocks.d.shape
+        d = from_fp16_steps(fp16_steps(blocks.d)[0], np.asarray(scale).reshape(shape))
+        m = from_fp16_steps(fp16_steps(blocks.m)[0], np.asarray(min).reshape(shape))
+        return dataclasses.replace(blocks, d=d, m=m)
 
     def with_codes(self, blocks: MinBlocks, q: np.ndarray) -> MinBlocks:
         q = np.asarray(q)
