@@ -1,5 +1,6 @@
 """edgequant.native (C kernels) against libggml's own CPU functions bit for bit, gguf-py's dequantization, its C
-consistency harness (natively, and the NEON build under qemu-user), and `edgequant verify`.
+consistency harness (natively, and the NEON build under qemu-user), `edgequant verify`, and the bf16 widening of
+checkpoint loading.
 
 Pairings for bit-exactness: our "scalar" kernels against ggml's exported *_generic functions, our "avx2" kernels
 against what ggml-cpu dispatches (its type traits) when it was built with AVX2 and without AVX-512.
@@ -349,3 +350,48 @@ def test_verify_refuses_a_gguf_of_another_model(tiny_llama, tiny_qwen2, tmp_path
     capsys.readouterr()
     assert main(["verify", str(tiny_llama), str(other)]) == 2
     assert "not built from this model" in capsys.readouterr().err
+
+
+def test_bf16_widening_and_nonfinite_count():
+    """Checkpoint loading's bf16 -> float32: every bit pattern as torch widens it, NaN/Inf counted; the numpy
+    fallback and the F16/F32 paths give the same values and counts."""
+    import torch
+
+    from edgequant import checkpoint
+    from edgequant.native import widen
+
+    raw = np.arange(1 << 16, dtype=np.uint16)
+    expected = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+    n_bad = int(np.count_nonzero(~np.isfinite(expected)))
+    assert n_bad == 2 * 128  # exponent all ones: Inf and 127 NaN mantissas, both signs
+    w, bad = widen.bf16_to_float32(raw)
+    assert bad == n_bad and np.array_equal(w.view(np.uint32), expected.view(np.uint32))
+    for repeat in (1, 3):  # in place: the bf16 values in the buffer's upper half (several internal chunks, too)
+        w, space = widen.bf16_buffer(raw.size * repeat)
+        space[:] = np.tile(raw, repeat).view(np.uint8)
+        assert widen.widen_in_place(w) == n_bad * repeat
+        assert np.array_equal(w.view(np.uint32), np.tile(expected, repeat).view(np.uint32))
+    w, bad = checkpoint.to_float32(raw.view(np.uint8), "BF16")  # numpy, without the extension
+    assert bad == n_bad and np.array_equal(w.view(np.uint32), expected.view(np.uint32))
+    halves = np.array([1.5, -np.inf, np.nan, 65504, 0], np.float16)
+    assert checkpoint.to_float32(halves.view(np.uint8), "F16")[1] == 2
+    singles = np.array([3e38, 3e38, -1, np.inf], np.float32)  # a finite sum that overflows is still checked
+    assert checkpoint.to_float32(singles[:3].copy().view(np.uint8), "F32")[1] == 0
+    assert checkpoint.to_float32(singles.view(np.uint8), "F32")[1] == 1
+
+
+def test_checkpoint_load_with_and_without_the_extension(tiny_llama, monkeypatch):
+    """Checkpoint.load widens bf16 in place in C, or in numpy without the extension: both are torch's .float()."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgequant import checkpoint
+
+    expected = load_file(tiny_llama / "model.safetensors")
+    ck = checkpoint.Checkpoint(tiny_llama)
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(checkpoint, "widen", None)
+        for name, t in expected.items():
+            assert t.dtype == torch.bfloat16
+            assert torch.equal(ck.load(name), t.float()), name
