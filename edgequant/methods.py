@@ -184,20 +184,10 @@ def hessian_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
 
 
 def importance_weighted_fit(c, w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
-    """Ŵ of codec.fit(w, importance) (what llama-quantize --imatrix writes), on w's device: on CUDA through
-    gptq.device_fit where it covers the codec (bit-identical, and no host round trip), one super-block of columns
-    at a time: the fits are per block, and those are the shapes whose CUDA graphs the solver has captured."""
-    import torch
+    """Ŵ of codec.fit(w, importance) (what llama-quantize --imatrix writes), on w's device."""
+    from .gptq.fitter import fit
 
-    from .gptq.device_fit import device_fit
-    from .gptq.solver import GRAPH_ROWS
-
-    if w.device.type == "cuda":
-        S, graph = c.block_size, len(w) <= GRAPH_ROWS
-        parts = [device_fit(c, w[:, j:j + S], importance[j:j + S], graph=graph) for j in range(0, w.shape[1], S)]
-        if parts[0] is not None:
-            return torch.cat([p.dequantize() for p in parts], 1)
-    return torch.from_numpy(c.dequantize(c.fit(w.cpu().numpy(), importance.cpu().numpy())))
+    return fit(c, w, importance).dequantize()
 
 
 @contextlib.contextmanager

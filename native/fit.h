@@ -2,7 +2,7 @@
  *
  * A fresh C rendering of our numpy codecs (convert/codecs/search_affine.py, search_symmetric.py, kquant_scales.py,
  * legacy_*.py, q*_*.py), one group at a time: every float32 operation is the numpy code's, in its order and
- * association, so the bytes are the same.  They are the reference; tests/test_native_fit.py compares all three.
+ * association, so the bytes are the same.  They are the reference; tests/test_fit_conformance.py compares all three.
  *
  * Types (GGML codes, as in kernels.h): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1 with and without an
  * importance vector, Q8_0 (which ignores it).  Compiled with -ffp-contract=off: no fused multiply-add may change a

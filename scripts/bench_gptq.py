@@ -15,7 +15,7 @@ activations are).  Per shape and type, in one run:
                 codes and dequantizing Ŵ on the CPU)
   fit           codec.fit's own time (numpy on the CPU) in the recorded solve, and how many calls
   solve         the whole recorded solve, fits included (numpy codec.fit on the CPU)
-  GPU fit       the whole solve as `build` runs it on CUDA: backend "triton", fits on the GPU (gptq.device_fit)
+  GPU fit       the whole solve as `build` runs it on CUDA: backend "triton", fits on the GPU (gptq.triton_fit)
   refine2       the same with --refine 2 (gptq.refine after the solve)
   codes ≠       codes that differ between the Triton and torch loops on the same grids, and their losses' relative
                 difference
@@ -40,6 +40,7 @@ import torch
 
 from edgequant.convert.codecs import codec
 from edgequant.gptq import solve, triton_solver
+from edgequant.gptq.fitter import Fit
 from edgequant.gptq.solver import ColumnGrids, concat_blocks, inverse_cholesky, quantize_columns, torch_sweep
 
 # (rows, cols) of Llama-3-8B's linears: q/o, k/v, gate/up, down.
@@ -140,7 +141,7 @@ def canonical_loop(W: torch.Tensor, U: torch.Tensor, grids: ColumnGrids, block_s
 
 def fixed_grids(rec: RecordedCodec, rows: int, cols: int) -> ColumnGrids:
     grids = ColumnGrids(rows, cols, DEVICE)
-    grids.put(0, rec.codec.grid(concat_blocks(rec.blocks)))
+    grids.put(0, Fit.of(rec.codec, concat_blocks(rec.blocks), DEVICE))
     return grids
 
 
@@ -207,7 +208,7 @@ def main() -> None:
                 rec = RecordedCodec(codec(name))
                 total, _ = timed(lambda: solve(W, H, rec, backend="triton", block_size=args.block_size))
                 c = codec(name)
-                solve(W, H, c, backend="triton", block_size=args.block_size)  # capture device_fit's graph
+                solve(W, H, c, backend="triton", block_size=args.block_size)  # capture the Triton fit's graphs
                 gpu_fit, _ = timed(lambda: solve(W, H, c, backend="triton", block_size=args.block_size), args.repeat)
                 refined, _ = timed(lambda: solve(W, H, c, backend="triton", block_size=args.block_size, refine=2))
                 no_fit, _ = timed(lambda: solve(W, H, rec.replay(), backend="triton", block_size=args.block_size))

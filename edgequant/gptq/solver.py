@@ -29,7 +29,8 @@ The in-block sweep has two backends with the same arithmetic: `torch_sweep`, sma
 reference and the CPU path: run with torch.set_num_threads(1) on a busy machine, OpenMP threads spinning against
 other work made it 7x slower here), and on CUDA one Triton kernel per block (triton_solver): the column loop,
 trailing GEMMs included, 40-130x faster on an H200 (scripts/bench_gptq.py).  Everything else (factorization, fits, the
-trailing GEMMs) is shared; on CUDA the K-quant fits run on the GPU (device_fit, bit-identical to codec.fit).
+trailing GEMMs) is shared, the fits too (fitter.fit: on CUDA the K-quants' run on the GPU, bit-identical to
+codec.fit).
 """
 
 from __future__ import annotations
@@ -39,16 +40,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from edgequant.convert.codecs import AffineGrid, Codec
+from edgequant.convert.codecs import Codec
 
-from .device_fit import DeviceFit, device_fit
+from .fitter import Fit, fit
 from .refine import refine as refine_blocks
 from .refine import dequantized, torch_polish, torch_refit
 
 CHOLESKY_TRIES = 5  # damp, 10·damp, ..., 10⁴·damp
-# device_fit replays a CUDA graph per codec and shape, which keeps ~80 KB per row of Q6_K/Q3_K intermediates: only
-# for the decoder's matrices, not an output head of 128K rows (eager there: ~16 fits of ~70 ms).
-GRAPH_ROWS = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,39 +85,32 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     H[dead, dead] = 1
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=device)
     U, lam, damp = inverse_cholesky(H[perm][:, perm] if act_order else H, damp)
-    importance = (H.diagonal() + lam).cpu().numpy()
+    importance = H.diagonal() + lam
     # Everything per column is held transposed, (cols, rows), so that a column is a contiguous row and the
     # in-block rank-1 updates touch one contiguous slab.  Rows are columns in processing order.
     Wt = W.T[perm].contiguous()
     if act_order:
-        fitted = codec.fit(np.ascontiguousarray(W.cpu().numpy()), importance)
+        fitted = fit(codec, W, importance)
         grids, refit = ColumnGrids(rows, cols, device, order=perm), None
-        grids.put(0, codec.grid(fitted))
+        grids.put(0, fitted)
     else:
         grids, fits = ColumnGrids(rows, cols, device), []
-        importance_here = H.diagonal() + lam
 
         def refit(c: int) -> None:  # entering a codec block: all its columns are up to date
-            fit = None
-            if device.type == "cuda":  # the same fit, bit for bit, without leaving the GPU
-                fit = device_fit(codec, Wt[c:c + S].T, importance_here[c:c + S], graph=rows <= GRAPH_ROWS)
-            if fit is None:
-                fit = codec.fit(np.ascontiguousarray(Wt[c:c + S].T.cpu().numpy()), importance[c:c + S])
-            fits.append(fit)
-            grids.put(c, fit if isinstance(fit, DeviceFit) else codec.grid(fit))
+            fits.append(fit(codec, Wt[c:c + S].T, importance[c:c + S]))
+            grids.put(c, fits[-1])
 
     Qt, Losses = quantize_columns(Wt, U, grids, sweep, block_size, refit, S)
     inverse = torch.argsort(perm)
     q = Qt[inverse].T.float().contiguous()  # original column order, as the grids of `fitted`
     if not act_order:
-        fitted = DeviceFit.concat(fits).blocks() if isinstance(fits[0], DeviceFit) else concat_blocks(fits)
-    grid = codec.grid(fitted)
-    if not (np.isfinite(grid.scale).all() and np.isfinite(grid.offset).all()):
+        fitted = Fit.concat(fits)
+    scale, offset, blocks = fitted.scale, fitted.offset, fitted.blocks()
+    if not bool(torch.isfinite(scale).all() & torch.isfinite(offset).all()):
         raise ValueError(f"{codec.name}: block scales overflow float16 (weights too large for this type)")
-    scale, offset = (torch.from_numpy(a).to(device) for a in (grid.scale, grid.offset))
     if refine:
         mean = float(H.diagonal().mean())
-        fitted, scale, offset = refine_blocks(W, damped(H, max(refine_damp * mean, lam)), codec, fitted, q, scale,
+        blocks, scale, offset = refine_blocks(W, damped(H, max(refine_damp * mean, lam)), codec, blocks, q, scale,
                                               offset, refine, block_size, polish, refit_loop)
     w_hat = dequantized(q, scale, offset)  # codec.dequantize(blocks) bit for bit, computed where the codes are
     if refine:
@@ -130,7 +121,7 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     column_loss = Losses.cpu().numpy()
     # Only the codes leave the device, as bytes: Ŵ stays where the caller goes on with it (pageable copies to the
     # host ran at ~1 GB/s on an H200 machine, most of a solve's time when Ŵ and int32 codes went too).
-    blocks = codec.with_codes(fitted, q.to(torch.int8 if grid.qmin < 0 else torch.uint8).cpu().numpy())
+    blocks = codec.with_codes(blocks, q.to(torch.int8 if fitted.qmin < 0 else torch.uint8).cpu().numpy())
     return Solution(blocks, w_hat, float(column_loss.sum(dtype=np.float64)), column_loss, damp)
 
 
@@ -150,9 +141,8 @@ class ColumnGrids:
         self.rows, self.cols, self.device, self.order = rows, cols, device, order
         self.scale = self.offset = self.group_of = self.groups = None
 
-    def put(self, first: int, grid: AffineGrid | DeviceFit) -> None:
-        """The grid fitted for original columns first.. (a codec block, or the whole matrix); its scale and
-        offset are numpy arrays (AffineGrid) or already on the device (DeviceFit)."""
+    def put(self, first: int, grid: Fit) -> None:
+        """The grid fitted for original columns first.. (a codec block, or the whole matrix)."""
         if self.scale is None:  # the group size is known at the first fit
             self.scale = torch.empty(self.cols // grid.group, self.rows, device=self.device)
             self.offset = torch.empty_like(self.scale)
@@ -161,8 +151,8 @@ class ColumnGrids:
             self.group_of = torch.tensor(self.groups, dtype=torch.int32, device=self.device)
             self.qmin, self.qmax = grid.qmin, grid.qmax
         g = first // grid.group
-        self.scale[g:g + grid.scale.shape[1]] = torch.as_tensor(grid.scale).T.to(self.device)
-        self.offset[g:g + grid.scale.shape[1]] = torch.as_tensor(grid.offset).T.to(self.device)
+        self.scale[g:g + grid.scale.shape[1]] = grid.scale.T
+        self.offset[g:g + grid.scale.shape[1]] = grid.offset.T
 
 
 def quantize_columns(Wt: torch.Tensor, U: torch.Tensor, grids: ColumnGrids, sweep, block_size: int,

@@ -16,7 +16,7 @@ columns in registers, and walks the columns itself:
       col n-1  [                     ]                           codes[j, r] = q, E[j, r] = err
 
 It writes the codes and the error block E; the trailing update of later blocks stays a cuBLAS GEMM in
-`quantize_columns`, and the grids are fitted on the GPU too (device_fit) when the solver enters a codec block.
+`quantize_columns`, and the grids are fitted on the GPU too (fitter's Triton backend) when the solver enters a codec block.
 
 The arithmetic is torch's, operation for operation: IEEE division (Triton's `/` is approximate), round-half-to-even
 built from floor, no fusion, and the rank-1 update rounded as torch's addr_ rounds it on the same device: once (a

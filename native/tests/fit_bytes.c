@@ -1,5 +1,5 @@
 /* Fit harness: the bytes eq_fit_rows writes (the fastest build this CPU runs), for tests that run it under
- * another architecture's emulator (tests/test_native_fit.py: AArch64's NEON build under qemu-user).
+ * another architecture's emulator (tests/test_fit_conformance.py: AArch64's NEON build under qemu-user).
  *
  *   fit_bytes TYPE ROWS N WEIGHTS.f32 (IMPORTANCE.f32 | -) > BLOCKS.bin
  *

@@ -1,0 +1,149 @@
+"""One contract for choosing a codec's block scales: `fit(codec, w, importance)`, on w's device.
+
+    f = fit(codec, w, importance)   # w (rows, n) torch; importance (n,) or None
+    f.scale, f.offset               # the grid, (rows, n // group) float32 on w's device
+    f.blocks()                      # the codec's logical Blocks (numpy), ready for codec.pack
+    f.dequantize()                  # codec.dequantize(f.blocks()) on w's device
+
+Every backend writes the bytes of the codec's numpy `fit` (the specification, itself ggml_quantize_chunk's); the
+first that covers the codec, the device and the weighting runs it:
+
+    triton  the K-quants' importance-weighted fits on a CUDA device, without host round trips (triton_fit)
+    c       every type native/fit.c writes, when the extension is built: on the CPU (from a GPU, through the host)
+    numpy   the codec's own `fit`: every type, any device (through the host)
+
+tests/test_fit_conformance.py checks each backend against numpy and libggml: a new type or backend is added there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+from edgequant.convert.codecs import Codec
+
+from .refine import dequantized
+
+try:
+    from edgequant.native import fit as native_fit
+except ImportError:  # the C extension is not built
+    native_fit = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """A codec's fitted blocks and their grid.
+
+    fields: the Blocks dataclass's fields as tensors (same names, dtypes and shapes as the numpy ones; `q` holds the
+    grid levels in every codec); scale, offset: codec.grid(blocks)'s, on the fit's device.
+    """
+
+    blocks_type: type
+    fields: dict[str, torch.Tensor]
+    scale: torch.Tensor
+    offset: torch.Tensor
+    group: int
+    qmin: int
+    qmax: int
+
+    @staticmethod
+    def of(codec: Codec, blocks, device: torch.device) -> Fit:
+        """A Fit of numpy Blocks, the grid moved to `device` (the fields stay on the host)."""
+        grid = codec.grid(blocks)
+        fields = {f.name: torch.from_numpy(np.require(getattr(blocks, f.name), requirements="W"))
+                  for f in dataclasses.fields(blocks)}
+        scale, offset = (torch.from_numpy(a).to(device) for a in (grid.scale, grid.offset))
+        return Fit(type(blocks), fields, scale, offset, grid.group, grid.qmin, grid.qmax)
+
+    def blocks(self):
+        """The codec's numpy Blocks (one host transfer per field)."""
+        return self.blocks_type(**{k: v.cpu().numpy() for k, v in self.fields.items()})
+
+    def dequantize(self) -> torch.Tensor:
+        """codec.dequantize(self.blocks()), bit for bit, on the grid's device."""
+        q = self.fields["q"].to(self.scale.device)
+        return dequantized(q.reshape(q.shape[0], -1).float(), self.scale, self.offset)
+
+    @staticmethod
+    def concat(parts: list[Fit]) -> Fit:
+        """Fits of consecutive column ranges of the same rows -> one fit (along the block axis)."""
+        first = parts[0]
+        return dataclasses.replace(
+            first, fields={k: torch.cat([p.fields[k] for p in parts], 1) for k in first.fields},
+            scale=torch.cat([p.scale for p in parts], 1), offset=torch.cat([p.offset for p in parts], 1))
+
+
+class Backend(ABC):
+    """One implementation of the contract, for the codecs (and weightings) it `covers`."""
+
+    name: str
+
+    @abstractmethod
+    def covers(self, codec: Codec, weighted: bool) -> bool:
+        """Whether fit(codec, ·, importance) runs here, weighted: importance is not None."""
+
+    @abstractmethod
+    def fit(self, codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
+        """codec.fit(w, importance) as a Fit on w's device; w (rows, n), n a multiple of codec.block_size."""
+
+
+def host(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
+
+
+class NumpyFit(Backend):
+    """The codec's own `fit`, the specification: every type, any device (the grid goes back to w's device)."""
+
+    name = "numpy"
+
+    def covers(self, codec: Codec, weighted: bool) -> bool:
+        return True
+
+    def fit(self, codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
+        return Fit.of(codec, codec.fit(host(w), host(importance)), w.device)
+
+
+class NativeFit(Backend):
+    """native/fit.c (edgequant.native.fit) on the CPU: the codec's bytes, unpacked into its Blocks (the grid goes
+    back to w's device)."""
+
+    def __init__(self, isa: str = "best"):
+        self.isa, self.name = isa, "c" if isa == "best" else f"c-{isa}"
+
+    def covers(self, codec: Codec, weighted: bool) -> bool:
+        return native_fit is not None and native_fit.supports(codec.qtype)
+
+    def fit(self, codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
+        codec.check_shape(w.shape[1])
+        raw = native_fit.quantize(host(w), codec.qtype, host(importance), isa=self.isa)
+        return Fit.of(codec, codec.unpack(raw), w.device)
+
+
+@functools.lru_cache(maxsize=None)
+def backends(device_type: str) -> tuple[Backend, ...]:
+    """The backends that run on this kind of device, preferred first."""
+    found: list[Backend] = []
+    if device_type == "cuda":
+        try:
+            from .triton_fit import TritonFit
+        except ImportError:  # no Triton: the host fits
+            pass
+        else:
+            found.append(TritonFit())
+    if native_fit is not None:
+        found.append(NativeFit())
+    return (*found, NumpyFit())
+
+
+def backend(codec: Codec, device: torch.device, weighted: bool) -> Backend:
+    return next(b for b in backends(device.type) if b.covers(codec, weighted))
+
+
+@torch.no_grad()
+def fit(codec: Codec, w: torch.Tensor, importance: torch.Tensor | None = None) -> Fit:
+    """codec.fit(w, importance) on w's device, by the first backend that covers it (see the module docstring)."""
+    return backend(codec, w.device, importance is not None).fit(codec, w, importance)
