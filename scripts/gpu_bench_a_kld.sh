@@ -10,7 +10,9 @@
 # KLD_CALIB= KLD_VARIANTS='w=--calib \$G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512;s=--calib self');
 # KLD_JOBS: builds, and evaluations, run this many side by side (default 1, as the timings in BENCHMARKS.md were taken;
 # bench-a leaves the H200 mostly idle, and 3 keeps a calibration table within the device's 10 minutes per command).
-# llama.cpp's tools are built once per lent machine (kept in /tmp/w/b while it stays warm).
+# llama.cpp's tools and the GGUFs are built once per lent machine (kept in /tmp/w while it stays warm), so a table
+# too long for one command is finished by running the same command again at once. KLD_RETURN_GGUF=1: the first
+# variant's and the imatrix Q4_K_M files come back in 15 MB parts.
 set -u
 FTYPES=${KLD_FTYPES:-Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K}; TEXTS=${KLD_TEXTS:-wiki.test.raw heldout.txt}
 CALIB=${KLD_CALIB-'--calib $G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512'}
@@ -18,7 +20,7 @@ IFS=';' read -ra VARIANTS <<< "${KLD_VARIANTS:-g=}"; TAGS=$(for v in "${VARIANTS
 JOBS=${KLD_JOBS:-1}
 R=$(pwd); G=$R/.gpu; W=/tmp/w; S=$W/res; mkdir -p $S /tmp/pkg /tmp/a
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/pkg
-trap 'cd $W && tar czf $OUT/results.tgz res; for f in i-Q4_K_M.gguf ${TAGS%% *}-Q4_K_M.gguf; do [ -f $W/$f ] && split -b 15M $W/$f $OUT/$f.part; done' EXIT
+trap 'cd $W && tar czf $OUT/results.tgz res; [ -n "${KLD_RETURN_GGUF:-}" ] && for f in i-Q4_K_M.gguf ${TAGS%% *}-Q4_K_M.gguf; do [ -f $W/$f ] && split -b 15M $W/$f $OUT/$f.part; done' EXIT
 log() { echo "[$(date +%T)] $*" | tee -a $S/run.log; }
 cp -r edgequant /tmp/pkg/; cp -r convert /tmp/pkg/edgequant/convert; cp -r runners /tmp/pkg/edgequant/runners
 (cd /tmp/pkg && for w in $G/wheels/*.whl; do python3 -m zipfile -e $w .; done)
@@ -27,9 +29,10 @@ cp $G/bench-a/* /tmp/a/; python3 -c "import lzma,shutil; shutil.copyfileobj(lzma
 TOOLS=$!
 slot() { while [ $(jobs -rp | grep -vxc "$TOOLS") -ge $JOBS ]; do wait -n; done; }  # a free place for one more job
 cd /tmp
-python3 -m edgequant.cli build /tmp/a --target F16 -o $W/a-F16.gguf -q
+[ -f $W/a-F16.gguf ] || python3 -m edgequant.cli build /tmp/a --target F16 -o $W/a-F16.gguf -q
 build() {  # TAG=OPTIONS FTYPE
   local v=$1 t=$2; eval "local opts=($CALIB ${v#*=})"  # options may name the carried texts as \$G/...
+  [ -f $W/${v%%=*}-$t.gguf ] && { log "kept ${v%%=*}-$t.gguf (built by an earlier command on this machine)"; return; }
   python3 -m edgequant.cli build /tmp/a --target $t "${opts[@]}" --json -o $W/${v%%=*}-$t.gguf > $S/build-${v%%=*}-$t.json 2>>$S/run.log
   log "gptq built ${v%%=*} $t (${v#*=}): rc $?"
 }
