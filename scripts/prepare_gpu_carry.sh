@@ -7,6 +7,7 @@ root=$(cd "$(dirname "$0")/.." && pwd); g=$root/.gpu; shared=$root/../shared
 grep -qx ".gpu/" "$root/.git/info/exclude" 2>/dev/null || echo ".gpu/" >> "$root/.git/info/exclude"
 mkdir -p "$g/wheels" "$g/bench-a"
 pip download -q --no-deps -d "$g/wheels" gguf rich markdown-it-py mdurl
+pip download -q --no-deps -d "$g/wheels-test" pytest pluggy iniconfig  # scripts/gpu_tests.sh
 # cffi for the native extension (carried as native/_kernels.abi3.so, built here): the image's CPython 3.12
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d "$g/wheels" cffi pycparser
 cp "$shared"/models/bench-a/{config.json,generation_config.json,tokenizer.json,tokenizer.model,tokenizer_config.json} "$g/bench-a/"
