@@ -101,7 +101,7 @@ def test_shuffled_blocks_fail(reports):
 
 def test_layout_fault_fails(monkeypatch, ggufs, tiny_llama, fixture_text):
     """Torch given Q/K rows in llama.cpp's order (the un-permutation skipped): the gap is a fault, not noise."""
-    monkeypatch.setattr("edgequant.arch.unpermute_rotary", lambda w, n_head: w)
+    monkeypatch.setattr("edgequant.arch.base.unpermute_rotary", lambda w, n_head: w)
     rc, r = parity(tiny_llama, ggufs["Q8_0"], fixture_text)
     assert rc == 1 and not r["checks"]["kld"]["ok"] and r["checks"]["source"]["ok"]
     assert r["checks"]["kld"]["value"] > 10 * r["checks"]["kld"]["limit"]
