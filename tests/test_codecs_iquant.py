@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import gguf
 import numpy as np
 import pytest
@@ -10,9 +12,10 @@ import ggml_oracle
 from edgequant.convert.codecs import codec
 from edgequant.convert.codecs.iquant_nl import KVALUES, VALUES, best_index
 from test_codecs_affine import adversarial_rows as affine_rows
+from test_codecs_symmetric import SHARED, bench_a_matrices
 from test_codecs_symmetric import adversarial_rows as symmetric_rows
 
-TYPES = ["IQ4_NL"]
+TYPES = ["IQ4_NL", "IQ4_XS"]
 N = 512  # two super-blocks per row
 F32 = np.float32
 
@@ -141,3 +144,16 @@ def test_no_grid_backend_claims_them(name):
     assert not fitter.NativeFit().covers(c, False) and not fitter.NativeFit().covers(c, True)
     with pytest.raises(NotImplementedError, match="non-uniform table"):
         fitter.NumpyFit().fit(c, torch.zeros(2, c.block_size), None)
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED / "models/bench-a/model.safetensors").exists(), reason="needs ../shared")
+@pytest.mark.parametrize("name", TYPES)
+def test_bench_a_matches_ggml(name):
+    """Every 2-D tensor of bench-a, every 8th row, with and without importance (scripts/check_codecs_bench_a.py
+    checks every row)."""
+    c = codec(name)
+    for key, w in bench_a_matrices(every=8):
+        imp = np.random.default_rng(zlib.crc32(key.encode())).gamma(0.5, 2.0, w.shape[1]).astype(F32)
+        for importance in (None, imp):
+            assert np.array_equal(c.quantize(w, importance), ggml_oracle.ggml_bytes(c.qtype, w, importance)), (key, importance is None)
