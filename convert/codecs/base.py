@@ -11,7 +11,8 @@ A codec works on a whole 2-D tensor at once, vectorized over its blocks:
 
 `fit` is the only place scales are chosen; `pack` never re-chooses them.  Every block type llama.cpp
 dequantizes is affine per group of 16 or 32 weights (`scale * q + offset` in float32, evaluated in that
-order, which is also the order gguf-py and ggml use), so a single `AffineGrid` serves every type.
+order, which is also the order gguf-py and ggml use), so a single `AffineGrid` serves every type, except the
+non-uniform table types (IQ4_NL, IQ4_XS: `has_grid` False), whose `grid` raises and whose codes are table indices.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class Codec(ABC):
     type_size: ClassVar[int]  # bytes per block
     # Does `fit` use the importance vector?  (ggml ignores it for some types, e.g. Q8_0.)
     uses_importance: ClassVar[bool] = True
+    # Does `grid` give an AffineGrid?  (Not for the non-uniform table types: iquant_nl.TableCodec.)
+    has_grid: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

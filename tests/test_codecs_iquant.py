@@ -1,0 +1,159 @@
+"""The non-uniform table codecs (IQ4_NL, IQ4_XS) against libggml and gguf-py, bit for bit."""
+
+from __future__ import annotations
+
+import zlib
+
+import gguf
+import numpy as np
+import pytest
+
+import ggml_oracle
+from edgequant.convert.codecs import codec
+from edgequant.convert.codecs.iquant_nl import KVALUES, VALUES, best_index
+from test_codecs_affine import adversarial_rows as affine_rows
+from test_codecs_symmetric import SHARED, bench_a_matrices
+from test_codecs_symmetric import adversarial_rows as symmetric_rows
+
+TYPES = ["IQ4_NL", "IQ4_XS"]
+N = 512  # two super-blocks per row
+F32 = np.float32
+
+
+def table_rows(rng) -> np.ndarray:
+    """Rows on and between the table's values: the first search grid (d = peak / 127) lands x / d exactly on a
+    value or on the midpoint of two, where best_index_int8's tie rule decides."""
+    mids = (VALUES[:-1] + VALUES[1:]) / 2
+    on = np.tile(VALUES, N // 16)
+    between = np.tile(np.concatenate([[-127], mids, [-127] * 16]), N // 32)
+    shuffled = rng.permutation(between.reshape(-1, 32).T).T.reshape(-1)  # -127 not always first
+    return np.stack([on, on * 0.25, between, between * 3.0, shuffled]).astype(F32)
+
+
+def overflow_rows(rng) -> np.ndarray:
+    """Magnitudes whose squares overflow float32 (inf and NaN inside the search), and random finite bit patterns."""
+    g = rng.standard_normal((3, N)).astype(F32)
+    bits = rng.integers(0, 2**32, (2, N), dtype=np.uint64).astype(np.uint32).view(F32)
+    return np.stack([g[0] * 1e20, g[1] * 1e37, np.full(N, 3e38), *np.where(np.isfinite(bits), bits, 0)]).astype(F32)
+
+
+@pytest.fixture(scope="module")
+def matrix() -> np.ndarray:
+    rng = np.random.default_rng(4321)
+    gaussian = rng.standard_normal((32, N)).astype(F32) * rng.uniform(0.01, 3, (32, 1)).astype(F32)
+    gaussian[rng.random(gaussian.shape) < 0.01] *= 40  # outliers
+    return np.concatenate([gaussian, symmetric_rows(rng), affine_rows(rng), table_rows(rng), overflow_rows(rng)])
+
+
+IMPORTANCE = ["none", "random", "with_zeros"]
+
+
+def importance_vector(kind: str) -> np.ndarray | None:
+    rng = np.random.default_rng(7)
+    if kind == "none":
+        return None
+    imp = rng.gamma(0.5, 2.0, N).astype(F32)
+    if kind == "with_zeros":
+        imp[rng.random(N) < 0.3] = 0
+        imp[32:64] = 0  # a whole block / sub-block without importance
+        imp[256 + 64 : 256 + 96] = 0
+    return imp
+
+
+@pytest.mark.parametrize("kind", IMPORTANCE)
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_match_ggml(name, kind, matrix):
+    c = codec(name)
+    imp = importance_vector(kind)
+    ours = c.quantize(matrix, imp)
+    ref = ggml_oracle.ggml_bytes(c.qtype, matrix, imp)
+    assert ours.shape == ref.shape
+    differ = (ours.reshape(len(matrix), -1, c.type_size) != ref.reshape(len(matrix), -1, c.type_size)).any(-1)
+    assert not differ.any(), f"{differ.sum()} of {differ.size} blocks differ, rows {np.nonzero(differ.any(1))[0]}"
+
+
+@pytest.mark.parametrize("kind", ["none", "with_zeros"])
+@pytest.mark.parametrize("name", TYPES)
+def test_unpack_pack_dequantize(name, kind, matrix):
+    c = codec(name)
+    blocks = c.fit(matrix, importance_vector(kind))
+    raw = c.pack(blocks)
+    again = c.unpack(raw)
+    for field in blocks.__dataclass_fields__:
+        a, b = getattr(blocks, field), getattr(again, field)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), field
+    ours = c.dequantize(again)
+    ref = gguf.quants.dequantize(raw, c.qtype)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.reshape(ours.shape).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_random_bytes_unpack_pack(name):
+    """Every bit pattern of a block is a block: unpack/pack is the identity on arbitrary bytes."""
+    c = codec(name)
+    raw = np.random.default_rng(3).integers(0, 256, (5, 4 * c.type_size), dtype=np.uint8)
+    assert np.array_equal(c.pack(c.unpack(raw)), raw)
+    ref = gguf.quants.dequantize(raw, c.qtype).reshape(5, -1)
+    np.testing.assert_array_equal(c.dequantize(c.unpack(raw)).view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_with_codes_and_no_grid(name, matrix):
+    c = codec(name)
+    blocks = c.fit(matrix)
+    q = c.codes(blocks)
+    assert q.shape == matrix.shape and q.min() >= 0 and q.max() <= 15
+    assert c.pack(c.with_codes(blocks, q)).tobytes() == c.pack(blocks).tobytes()
+    np.testing.assert_array_equal(c.codes(c.with_codes(blocks, 15 - q)), 15 - q)
+    with pytest.raises(ValueError, match="outside"):
+        c.with_codes(blocks, q + 16)
+    with pytest.raises(NotImplementedError, match="non-uniform table"):
+        c.grid(blocks)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_rejects_partial_blocks(name):
+    c = codec(name)
+    with pytest.raises(ValueError, match="not a multiple of"):
+        c.quantize(np.zeros((2, c.block_size + 16), F32))
+
+
+def test_table_is_gguf_pys():
+    assert KVALUES.tolist() == list(gguf.quants.IQ4_NL.kvalues) and KVALUES[0] == -127 and KVALUES[-1] == 113
+
+
+def test_best_index_ties_and_limits():
+    mids = (VALUES[:-1] + VALUES[1:]) / 2
+    np.testing.assert_array_equal(best_index(VALUES), np.arange(16))
+    np.testing.assert_array_equal(best_index(mids), np.arange(1, 16))  # a tie goes to the upper value
+    x = np.array([-np.inf, -1e9, -127.5, 113.5, 1e9, np.inf, np.nan, 0.0, -0.0], F32)
+    np.testing.assert_array_equal(best_index(x), [0, 0, 0, 15, 15, 15, 15, 8, 8])
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_no_grid_backend_claims_them(name):
+    """No C fit exists for these types (the encoder falls back to the codec), and GPTQ's fit contract, a grid,
+    says so instead of producing wrong codes."""
+    import torch
+
+    from edgequant.gptq import fitter
+
+    c = codec(name)
+    assert not c.has_grid
+    assert not fitter.NativeFit().covers(c, False) and not fitter.NativeFit().covers(c, True)
+    with pytest.raises(NotImplementedError, match="non-uniform table"):
+        fitter.NumpyFit().fit(c, torch.zeros(2, c.block_size), None)
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED / "models/bench-a/model.safetensors").exists(), reason="needs ../shared")
+@pytest.mark.parametrize("name", TYPES)
+def test_bench_a_matches_ggml(name):
+    """Every 2-D tensor of bench-a, every 8th row, with and without importance (scripts/check_codecs_bench_a.py
+    checks every row)."""
+    c = codec(name)
+    for key, w in bench_a_matrices(every=8):
+        imp = np.random.default_rng(zlib.crc32(key.encode())).gamma(0.5, 2.0, w.shape[1]).astype(F32)
+        for importance in (None, imp):
+            assert np.array_equal(c.quantize(w, importance), ggml_oracle.ggml_bytes(c.qtype, w, importance)), (key, importance is None)
