@@ -91,3 +91,12 @@ def ggml_bytes(qtype: GGMLQuantizationType, w: np.ndarray, importance: np.ndarra
     if qtype == GGMLQuantizationType.Q8_K:
         return quantize_row_ref(qtype, w)
     return quantize_chunk(qtype, w, importance)
+
+
+def assert_codec_bytes_match(c, w: np.ndarray, importance: np.ndarray | None) -> None:
+    """codec `c`'s quantize(w, importance) against ggml_bytes, naming how many blocks (and which rows) differ."""
+    ours = c.quantize(w, importance)
+    ref = ggml_bytes(c.qtype, w, importance)
+    assert ours.shape == ref.shape
+    differ = (ours.reshape(len(w), -1, c.type_size) != ref.reshape(len(w), -1, c.type_size)).any(-1)
+    assert not differ.any(), f"{differ.sum()} of {differ.size} blocks differ, rows {np.nonzero(differ.any(1))[0]}"

@@ -63,13 +63,7 @@ def importance_vector(kind: str) -> np.ndarray | None:
 @pytest.mark.parametrize("kind", IMPORTANCE)
 @pytest.mark.parametrize("name", TYPES)
 def test_bytes_match_ggml(name, kind, matrix):
-    c = codec(name)
-    imp = importance_vector(kind)
-    ours = c.quantize(matrix, imp)
-    ref = ggml_oracle.ggml_bytes(c.qtype, matrix, imp)
-    assert ours.shape == ref.shape
-    differ = (ours.reshape(len(matrix), -1, c.type_size) != ref.reshape(len(matrix), -1, c.type_size)).any(-1)
-    assert not differ.any(), f"{differ.sum()} of {differ.size} blocks differ, rows {np.nonzero(differ.any(1))[0]}"
+    ggml_oracle.assert_codec_bytes_match(codec(name), matrix, importance_vector(kind))
 
 
 @pytest.mark.parametrize("kind", ["none", "with_zeros"])
