@@ -9,5 +9,7 @@ set -u
 R=$(pwd); P=/tmp/pkg; rm -rf $P && mkdir -p $P
 cp -r edgequant $P/ && cp -r convert $P/edgequant/convert && cp -r runners $P/edgequant/runners && cp -r native $P/edgequant/native
 (cd $P && for w in $R/.gpu/wheels/*.whl $R/.gpu/wheels-test/*.whl; do python3 -m zipfile -e $w .; done)
-cd $R && PYTHONPATH=$P python3 -m pytest -q -p no:cacheprovider -rs -k "${GPU_TESTS_K:-cuda or reduced_precision}" \
-  tests/test_fit_conformance.py tests/test_gptq_solver.py tests/test_layerwise.py tests/test_triton_solver.py 2>&1 | tee ${OUT:-/tmp}/pytest.txt | tail -30
+# from /tmp/pkg: `python -m pytest` puts the working directory first on sys.path, and the checkout's edgequant/ (without
+# convert/ inside, which the package layout adds) must not shadow the assembled one
+cd $P && PYTHONPATH=$P python3 -m pytest -q -p no:cacheprovider -rs --rootdir $R -k "${GPU_TESTS_K:-cuda or reduced_precision}" \
+  $R/tests/test_fit_conformance.py $R/tests/test_gptq_solver.py $R/tests/test_layerwise.py $R/tests/test_triton_solver.py 2>&1 | tee ${OUT:-/tmp}/pytest.txt | tail -30
