@@ -123,17 +123,16 @@ def chat_prompt(tok: ReferenceTokenizer) -> list[int] | None:
     return ids
 
 
-def next_token(logits: torch.Tensor, gen: torch.Generator, banned: list[int]) -> torch.Tensor:
+def next_token(logits: torch.Tensor, gen: torch.Generator, banned: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row, drawn at temperature TEMPERATURE from the tokens at least MIN_P times as likely as the most
-    likely one.  Drawn by inverting the cumulative sum with one uniform number per row: no sort, no multinomial and
-    no random number per token (each took a tenth to a third of a step on the CPU)."""
-    if not bool(torch.isfinite(logits).all()):
-        raise UserError("NaN or Inf in the model's output while sampling calibration text: the weights overflow")
+    likely one; `banned`, a boolean mask broadcast against the logits, takes tokens out first.  Drawn by inverting the
+    cumulative sum with one uniform number per row: no sort, no multinomial and no random number per token (each took
+    a tenth to a third of a step on the CPU), and nothing that waits for the device (a boolean index would)."""
     logits = logits.float() / TEMPERATURE
-    if banned:
-        logits[:, banned] = -torch.inf
+    if banned is not None:
+        logits = logits.masked_fill(banned, -torch.inf)
     p = torch.softmax(logits, -1)
-    p[p < MIN_P * p.amax(-1, keepdim=True)] = 0
+    p = p.masked_fill(p < MIN_P * p.amax(-1, keepdim=True), 0)
     c = p.cumsum(-1)
     u = (1 - torch.rand(len(p), 1, device=p.device, generator=gen)) * c[:, -1:]  # in (0, Σp]
     return torch.searchsorted(c, u).squeeze(-1).clamp_(max=p.shape[-1] - 1)
@@ -164,29 +163,40 @@ def kv_cache(n_layers: int, length: int):
 
 
 @torch.no_grad()
-def generate(model, prompt: list[int], n: int, length: int, batch: int, seed: int, banned: list[int],
+def generate(model, prompts: list[list[int]], banned: list[list[int]], length: int, batch: int, seed: int,
              device: torch.device, progress=None) -> torch.Tensor:
-    """(n, length) token ids: n continuations of `prompt`, sampled `batch` at a time."""
+    """(len(prompts), length) token ids: row r continues prompts[r] without ever sampling a token of banned[r],
+    `batch` rows at a time.  Rows with different prompts share a batch: every row is fed one token per step, its
+    prompt's while it lasts, then what it sampled, so plain and chat windows decode in the same steps."""
     import inspect
 
     # transformers 5 renamed the forward's past_key_values to cache
     cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    n, vocab = len(prompts), model.get_output_embeddings().weight.shape[0]
+    P = max(map(len, prompts))
+    forced = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=device)
+    is_forced = torch.tensor([[t < len(p) for t in range(P)] for p in prompts], device=device)
+    ban = torch.zeros(n, vocab, dtype=torch.bool, device=device)
+    for r, b in enumerate(banned):
+        ban[r, b] = True
     out = torch.empty(n, length, dtype=torch.int64)
-    task = progress.add_task(f"sampling {n} windows", total=n * (length - len(prompt))) if progress is not None else None
+    task = progress.add_task(f"sampling {n} windows", total=n * (length - 1)) if progress is not None else None
     for k, b in enumerate(range(0, n, batch)):
-        rows = min(batch, n - b)
+        rows = slice(b, min(b + batch, n))
         gen = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
-        ids = torch.tensor([prompt] * rows, device=device)
         cache = kv_cache(model.config.num_hidden_layers, length)
-        logits = model(ids, **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
-        tokens = [ids]
-        for t in range(len(prompt), length):
-            tokens.append(next_token(logits, gen, banned)[:, None])
-            if t + 1 < length:
-                logits = model(tokens[-1], **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens = [forced[rows, 0]]
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        for t in range(1, length):
+            logits = model(tokens[-1][:, None], **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+            finite &= torch.isfinite(logits).all()  # checked once per batch: a check per step would wait for the device
+            sampled = next_token(logits, gen, ban[rows])
+            tokens.append(torch.where(is_forced[rows, t], forced[rows, t], sampled) if t < P else sampled)
             if task is not None:
-                progress.advance(task, rows)
-        out[b : b + rows] = torch.cat(tokens, 1).cpu()
+                progress.advance(task, len(tokens[-1]))
+        if not bool(finite):
+            raise UserError("NaN or Inf in the model's output while sampling calibration text: the weights overflow")
+        out[rows] = torch.stack(tokens, 1).cpu()
         del cache
     if task is not None:
         progress.remove_task(task)
@@ -210,12 +220,11 @@ def self_windows(m: SourceModel, n: int, length: int, seed: int, device: torch.d
     n_chat = round(n * CHAT_SHARE) if chat is not None and len(chat) < length // 2 else 0
     batch = batch_size(m, n, length, device)
     ends = sorted({*tok.eos_ids, start} - {tok.bos_id})
-    parts = [generate(model, [start], n - n_chat, length, batch, seed, ends, device, progress)]
-    if n_chat:
-        parts.append(generate(model, chat, n_chat, length, batch, seed + 1, [], device, progress))
+    prompts = [[start]] * (n - n_chat) + [chat] * n_chat
+    ids = generate(model, prompts, [ends] * (n - n_chat) + [[]] * n_chat, length, batch, seed, device, progress)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     record = {"source": "self", "windows": n, "chat_windows": n_chat, "seqlen": length, "seconds": time.perf_counter() - t0,
               "sampling": f"temperature {TEMPERATURE:g}, min-p {MIN_P:g}", "dtype": str(dtype).removeprefix("torch.")}
-    return torch.cat(parts), record
+    return ids, record

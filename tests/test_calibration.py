@@ -35,10 +35,10 @@ def test_min_p_sampling_draws_from_the_renormalized_survivors():
     assert sc.MIN_P == 0.05
     logits = torch.log(p)[None].repeat(40000, 1)
     gen = torch.Generator().manual_seed(1)
-    counts = np.bincount(sc.next_token(logits.clone(), gen, []).numpy(), minlength=6) / len(logits)
+    counts = np.bincount(sc.next_token(logits.clone(), gen).numpy(), minlength=6) / len(logits)
     assert counts[4:].sum() == 0
     np.testing.assert_allclose(counts[:4], (p[:4] / p[:4].sum()).numpy(), atol=0.01)
-    counts = np.bincount(sc.next_token(logits.clone(), gen, [0]).numpy(), minlength=6) / len(logits)
+    counts = np.bincount(sc.next_token(logits.clone(), gen, torch.arange(6) == 0).numpy(), minlength=6) / len(logits)
     q = p[1:] / p[1:].sum()  # without token 0 the threshold is 0.05 * 0.3: token 4 (0.02) comes back
     assert counts[0] == 0 and counts[5] == 0
     np.testing.assert_allclose(counts[1:5], (q[:4] / q[:4].sum()).numpy(), atol=0.01)
@@ -46,20 +46,31 @@ def test_min_p_sampling_draws_from_the_renormalized_survivors():
 
 @pytest.mark.parametrize("model", ["llama", "qwen"])
 def test_cached_generation_equals_recomputing_every_step(model, request):
-    """The KV-cached batched loop samples exactly what a loop re-running the whole sequence each step samples."""
+    """The KV-cached batched loop samples exactly what a loop re-running the whole sequence each step samples, with
+    rows of different prompts and banned tokens in one batch: each row keeps its prompt, then never samples what it
+    bans."""
     m = request.getfixturevalue(model)
     net = sc.load_model(m, CPU, torch.float32)
-    prompt, length, seed = [3, 17, 5], 20, 7
-    got = sc.generate(net, prompt, 3, length, 2, seed, [0], CPU)
-    assert got.shape == (3, length) and (got[:, :3] == torch.tensor(prompt)).all()
-    for k, b in enumerate(range(0, 3, 2)):  # the same generator per batch as generate's
+    prompts, banned, length, seed = [[3, 17, 5], [3], [3, 9], [4]], [[0], [0, 1, 2], [], [0]], 20, 7
+    got = sc.generate(net, prompts, banned, length, 3, seed, CPU)
+    assert got.shape == (4, length)
+    for r, (p, b) in enumerate(zip(prompts, banned)):
+        assert got[r, : len(p)].tolist() == p and not torch.isin(got[r, len(p):], torch.tensor(b, dtype=torch.int64)).any()
+    vocab = net.get_output_embeddings().weight.shape[0]
+    for k, b in enumerate(range(0, 4, 3)):  # the same generator per batch as generate's
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
-        ids = torch.tensor([prompt] * min(2, 3 - b))
+        rows = range(b, min(b + 3, 4))
+        ban = torch.zeros(len(rows), vocab, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ban[i, banned[r]] = True
+        ids = torch.tensor([[prompts[r][0]] for r in rows])
         while ids.shape[1] < length:
             with torch.no_grad():
                 logits = net(ids, use_cache=False).logits[:, -1]
-            ids = torch.cat([ids, sc.next_token(logits, gen, [0])[:, None]], 1)
-        assert torch.equal(got[b : b + 2], ids)
+            t, s = ids.shape[1], sc.next_token(logits, gen, ban)
+            nxt = [prompts[r][t] if t < len(prompts[r]) else int(s[i]) for i, r in enumerate(rows)]
+            ids = torch.cat([ids, torch.tensor(nxt)[:, None]], 1)
+        assert torch.equal(got[b : b + len(rows)], ids)
 
 
 def test_load_model_equals_the_checkpoint(llama, tiny_llama):
@@ -180,10 +191,31 @@ def test_sources_mix_in_order_with_the_windows_split(llama, fixture_text):
         calibrate(llama, ["self", BUILTIN], 1, 32, seed=0, device=CPU)
 
 
-def test_default_is_self_and_falls_back_to_the_builtin_text(llama, monkeypatch, capsys):
+def test_default_is_self_and_builtin_and_falls_back_to_the_builtin_text(llama, monkeypatch, capsys):
     got = calibrate(llama, [], 4, 32, seed=0, device=CPU)
-    assert [p["source"] for p in got.parts] == ["self"]
+    assert [(p["source"], p["windows"]) for p in got.parts] == [("self", 2), (BUILTIN, 2)]
+    tok = ReferenceTokenizer(llama.dir)
+    assert torch.equal(got.ids[2:], windows(tok, load_text(BUILTIN), 2, 32))
+    assert torch.equal(got.ids[:2], sc.self_windows(llama, 2, 32, 0, CPU)[0])
     monkeypatch.setattr(sc, "available_memory", lambda device: 1 << 20)
     got = calibrate(llama, [], 4, 32, seed=0, device=CPU)
     assert [p["source"] for p in got.parts] == [BUILTIN] and got.ids.shape == (4, 32)
     assert "calibrating on the built-in text (sampling from the model needs" in capsys.readouterr().err
+
+
+def test_self_samples_what_the_builtin_text_lacks(llama, tmp_path, monkeypatch):
+    """A built-in text shorter than its share gives what it holds, and `self` samples the rest: the build still
+    calibrates on the windows asked for.  Two `self` sources sample different windows."""
+    import edgequant.calibration as calibration
+
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(["the river runs past the old mill"] * 5), encoding="utf-8")
+    monkeypatch.setattr(calibration, "BUILTIN_TEXT", short)
+    tok = ReferenceTokenizer(llama.dir)
+    held = len(tok.encode(short.read_text(), add_bos=True)) // 32
+    assert 1 <= held < 3
+    got = calibrate(llama, [], 6, 32, seed=0, device=CPU)
+    assert [(p["source"], p["windows"]) for p in got.parts] == [("self", 6 - held), (BUILTIN, held)]
+    assert got.ids.shape == (6, 32)
+    two = calibrate(llama, ["self", "self"], 4, 32, seed=0, device=CPU)
+    assert not torch.equal(two.ids[:2], two.ids[2:])
