@@ -11,8 +11,10 @@ Text is tokenized once with BOS, as llama-imatrix does, and cut into consecutive
 first token is BOS; with more windows available than asked for, `seed` picks which (seed 0: the first ones, exactly
 the chunks llama-imatrix sees).
 
-With no source given, a build calibrates on DEFAULT (docs/BENCHMARKS.md, "Calibration" shows why): offline, and for
-any model; where the model cannot be sampled from on the device, `builtin` alone stands in for `self`.
+With no source given, a build calibrates on DEFAULT, half sampled from the model and half the built-in text
+(docs/BENCHMARKS.md, "Calibration" shows why): offline, and for any model; where the model cannot be sampled from on
+the device, `builtin` alone.  A text that holds fewer windows than its share (the built-in text: 97-242 windows of
+512, by tokenizer) gives what it has, and `self`, when among the sources, samples the rest.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ DATASETS = {
 }
 SELF, BUILTIN = "self", "builtin"
 BUILTIN_TEXT = Path(__file__).with_name("data") / "calibration.txt"
-DEFAULT = (SELF,)
+DEFAULT = (SELF, BUILTIN)
 
 
 @dataclass
@@ -154,24 +156,23 @@ def calibrate(m, sources: list[str], n: int, seqlen: int, seed: int, device: tor
     seqlen = min(seqlen, m.hp.n_ctx)
     if n < 1 or seqlen < 2:
         raise UserError(f"need at least 1 calibration window of at least 2 tokens (got {n} x {seqlen})")
-    default = not sources
-    if default:
+    if not sources:
         sources = list(DEFAULT)
         ok, why = self_calibration.fits(m, n, seqlen, device) if SELF in sources else (True, "")
         if not ok:
-            sources = [BUILTIN if s == SELF else s for s in sources]
+            sources = [s for s in sources if s != SELF] or [BUILTIN]
             print(f"edgequant: calibrating on the built-in text ({why})", file=sys.stderr)
     if len(sources) > n:
         raise UserError(f"{len(sources)} calibration sources for {n} windows: give at least one window per source")
     tok = ReferenceTokenizer(m.dir)
-    parts, out = [], []
-    for spec, k in zip(sources, split(n, len(sources))):
-        if spec == SELF:
-            ids, record = self_calibration.self_windows(m, k, seqlen, seed, device, progress)
-        else:
-            # the shipped text holds what it holds (97-242 windows of 512, by tokenizer): fewer windows, not an error
-            ids = windows(tok, load_text(spec, tok), k, seqlen, seed, at_most=spec == BUILTIN)
-            record = {"source": spec, "windows": len(ids)}
-        out.append(ids)
-        parts.append(record)
-    return Calibration(torch.cat(out), parts)
+    shares = split(n, len(sources))
+    parts: list = [None] * len(sources)
+    for i, spec in enumerate(sources):  # texts first: what they lack, self samples
+        if spec != SELF:
+            ids = windows(tok, load_text(spec, tok), shares[i], seqlen, seed, at_most=spec == BUILTIN)
+            parts[i] = ids, {"source": spec, "windows": len(ids)}
+    n_self = sources.count(SELF)
+    left = n - sum(len(p[0]) for p in parts if p is not None)
+    for i, k in zip([i for i, s in enumerate(sources) if s == SELF], split(left, n_self) if n_self else []):
+        parts[i] = self_calibration.self_windows(m, k, seqlen, seed + i, device, progress)
+    return Calibration(torch.cat([p[0] for p in parts]), [p[1] for p in parts])

@@ -163,8 +163,8 @@ def test_killed_gptq_build_resumes_to_the_same_bytes(tiny_llama, tmp_path, calib
 
 
 def test_default_calibration_builds_offline_and_says_what_it_was(tiny_llama, tmp_path, capsys):
-    """`edgequant build MODEL --target Q4_K_M -o OUT` with no --calib: calibrates on windows sampled from the model,
-    for GPTQ and for the imatrix method alike, and the summary says so."""
+    """`edgequant build MODEL --target Q4_K_M -o OUT` with no --calib: calibrates on windows sampled from the model and
+    the built-in text, half each, for GPTQ and for the imatrix method alike, and the summary says so."""
     import json
 
     from edgequant.cli import main
@@ -175,7 +175,7 @@ def test_default_calibration_builds_offline_and_says_what_it_was(tiny_llama, tmp
                 "--calib-samples", "4", "--calib-seqlen", "64", "--json"]
         assert main(argv) == 0
         s = json.loads(capsys.readouterr().out)
-        assert [(p["source"], p["windows"]) for p in s["calibration"]] == [("self", 4)]
+        assert [(p["source"], p["windows"]) for p in s["calibration"]] == [("self", 2), ("builtin", 2)]
         assert out.is_file() and ("sampling" in s["seconds"]) and (s["gptq"] != {}) == (method == "gptq")
 
 
@@ -192,3 +192,27 @@ def test_cli_json_and_quiet(tiny_llama, tmp_path, capsys):
     assert s["gptq"] == {} and set(s["seconds"]) == {"load", "write"}
     assert main(argv + ["--quiet"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_act_order_auto_keeps_the_lower_loss_of_the_two_orders(tiny_llama, tmp_path, calib):
+    """--act-order auto solves each matrix in both column orders and keeps the one with the lower calibration loss:
+    layer 0's first group (q/k/v: the same inputs and Hessian in all three builds) gets min(off, on) exactly, and
+    the summary records which order won."""
+    from dataclasses import replace
+
+    from edgequant.commands.build import summary
+
+    results = {}
+    for mode in ("off", "on", "auto"):
+        opts = replace(calib, gptq=replace(calib.gptq, act_order=mode))
+        results[mode] = build(str(tiny_llama), "Q4_K_M", tmp_path / f"{mode}.gguf", method="gptq", calib=opts,
+                              verify=True, quiet=True)
+    loss = {mode: r.report["gptq"].loss for mode, r in results.items()}
+    first = [f"blk.0.attn_{x}.weight" for x in ("q", "k", "v")]
+    assert loss["off"][first[0]] != loss["on"][first[0]]
+    chosen = summary(results["auto"])["gptq"]
+    for name in first:
+        assert loss["auto"][name] == min(loss["off"][name], loss["on"][name]), name
+        assert chosen[name]["act_order"] == (1.0 if loss["on"][name] < loss["off"][name] else 0.0), name
+    assert all(v["act_order"] == 0.0 for v in summary(results["off"])["gptq"].values())
+    assert all(v["act_order"] == 1.0 for v in summary(results["on"])["gptq"].values())
