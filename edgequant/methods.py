@@ -60,7 +60,9 @@ ROWS_PER_SOLVE = 32768
 class GptqSettings:
     block_size: int = 128
     damp: float = 0.01
-    act_order: bool = False
+    # Column order: "off" (as stored), "on" (descending Hessian diagonal), or "auto": both, per matrix the one whose
+    # Ŵ has the lower calibration loss ½·tr(E H Eᵀ) (twice the solves; docs/BENCHMARKS.md, "act-order").
+    act_order: str = "off"
     refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
     # Calibration forward passes and Hessian sums on a GPU (layerwise.PRECISIONS).  bf16: 2.1x faster than tf32 per 8B
     # layer with the GPU's defaults, bench-a's KLD the same within noise (docs/BENCHMARKS.md).
@@ -170,10 +172,12 @@ class GptqReport:
     fit_loss: dict[str, float] = field(default_factory=dict)
     digest: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    act_order: dict[str, float] = field(default_factory=dict)  # share of the rows solved in act-order
 
     def add(self, entries: dict[str, dict]) -> None:
         for name, e in entries.items():
             self.loss[name], self.fit_loss[name] = e["loss"], e["fit_loss"]
+            self.act_order[name] = e.get("act_order", 0.0)  # layers saved by a build before it recorded this
             if "digest" in e:
                 self.digest[name] = e["digest"]
 
@@ -238,28 +242,39 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
             c = codec(qtype)
             w_here = m.arch.to_gguf(hf_name, w.detach().float(), m.hp, m.tensor_names)[1].contiguous()  # on the device
             h = stats.hessian
-            w_hat, parts, loss, fit_loss = torch.empty_like(w_here), [], 0.0, 0.0
+            w_hat, parts, loss, fit_loss, act_ordered = torch.empty_like(w_here), [], 0.0, 0.0, 0
             for r in range(0, len(w_here), ROWS_PER_SOLVE):
                 rows = w_here[r : r + ROWS_PER_SOLVE]
                 target = rows
                 if settings.asymmetric and stats.cross is not None:
                     target = asymmetric_target(rows, stats.s, stats.cross, settings.damp, settings.asymmetric)
-                try:
-                    with one_cpu_thread(device):
-                        sol = solve(target, h, c, block_size=settings.block_size, damp=settings.damp,
-                                    act_order=settings.act_order, refine=settings.refine)
-                except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
-                    raise UserError(f"{hf_name} (layer {index}) cannot be quantized to {qtype.name}: {e} "
-                                    f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
+                orders = {"off": (False,), "on": (True,), "auto": (False, True)}[settings.act_order]
+                best = None
+                for act_order in orders:
+                    try:
+                        with one_cpu_thread(device):
+                            sol = solve(target, h, c, block_size=settings.block_size, damp=settings.damp,
+                                        act_order=act_order, refine=settings.refine)
+                    except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
+                        raise UserError(f"{hf_name} (layer {index}) cannot be quantized to {qtype.name}: {e} "
+                                        f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
+                    sol_loss = hessian_loss(target, sol.w_hat, h)
+                    if best is None or sol_loss < best[1]:
+                        best = sol, sol_loss, act_order
+                    del sol
+                sol, sol_loss, act_order = best
+                del best
                 parts.append(sol.blocks)
                 w_hat[r : r + len(rows)] = sol.w_hat
-                loss += hessian_loss(target, sol.w_hat, h)
+                loss += sol_loss
+                act_ordered += len(rows) if act_order else 0
                 fit_loss += hessian_loss(target, importance_weighted_fit(c, rows, h.diagonal()), h)
                 del sol, target
             blocks = concat_blocks(parts, axis=0)
             # packing and hashing on host threads (both release the GIL), while the GPU goes on
             pending["packed"][name] = host.submit(lambda c=c, b=blocks: c.pack(b).reshape(-1))
-            pending["entries"][name] = entry = {"loss": loss, "fit_loss": fit_loss}
+            pending["entries"][name] = entry = {"loss": loss, "fit_loss": fit_loss,
+                                                "act_order": act_ordered / len(w_here)}
             if digests:  # Ŵ to the host only for --verify
                 entry["digest"] = host.submit(digest, w_hat.cpu().numpy())
             new[hf_name] = m.arch.from_gguf(name, w_hat, m.hp)

@@ -15,6 +15,8 @@ from rich.table import Table
 from ..convert.recipes import FTYPES
 from ..errors import UserError
 
+ACT_ORDERS = ("off", "on", "auto")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="convert (and quantize) a Hugging Face model to GGUF")
@@ -38,7 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("gptq")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (default 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="lazy-batch block of columns (default 128)")
-    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False, help="columns by descending Hessian diagonal")
+    g.add_argument("--act-order", nargs="?", choices=ACT_ORDERS, const="on", default="off",
+                   help="column order: on = by descending Hessian diagonal, auto = both, per matrix the lower calibration "
+                        "loss (twice the solves), off = as stored (default: off)")
+    g.add_argument("--no-act-order", dest="act_order", action="store_const", const="off", help="the same as --act-order off")
     g.add_argument("--refine", type=int, default=2, metavar="N",
                    help="rounds of coordinate descent on the stored scales and codes after GPTQ (default 2, 0: plain GPTQ)")
     g.add_argument("--calib-precision", choices=("fp32", "tf32", "bf16"), default="bf16",
@@ -111,7 +116,8 @@ def summary(r) -> dict:
         e["params"] += int(np.prod(t.shape))
         e["bytes"] += t.nbytes
     gptq = r.report.get("gptq")
-    tensors = {n: {"gptq_loss": gptq.loss[n], "fit_loss": gptq.fit_loss[n]} for n in gptq.loss} if gptq else {}
+    tensors = ({n: {"gptq_loss": gptq.loss[n], "fit_loss": gptq.fit_loss[n], "act_order": gptq.act_order.get(n, 0.0)}
+                for n in gptq.loss} if gptq else {})
     return {"output": str(r.path), "tensors": len(r.plan), "gptq": tensors, "gptq_layers": by_layer(tensors),
             "params": r.n_params, "tensor_bytes": r.nbytes, "file_bytes": r.path.stat().st_size,
             "bits_per_weight": round(r.bits_per_weight, 4), "types": dict(by_type),
@@ -155,6 +161,9 @@ def show(r) -> None:
         console.print(layers)
         ratios = [v["gptq_loss"] / v["fit_loss"] for v in s["gptq"].values() if v["fit_loss"] > 0]
         console.print(f"per tensor, GPTQ / fit: median {np.median(ratios):.3f}, worst {max(ratios):.3f} over {len(ratios)} tensors")
+        act = sum(v["act_order"] for v in s["gptq"].values())
+        if act:
+            console.print(f"act-order: {act:.4g} of {len(s['gptq'])} tensors solved in descending-Hessian order")
     if s["calibration"]:
         from ..report import describe_calibration
 
