@@ -181,26 +181,39 @@ def generate(model, prompts: list[list[int]], banned: list[list[int]], length: i
         ban[r, b] = True
     out = torch.empty(n, length, dtype=torch.int64)
     task = progress.add_task(f"sampling {n} windows", total=n * (length - 1)) if progress is not None else None
-    for k, b in enumerate(range(0, n, batch)):
-        rows = slice(b, min(b + batch, n))
-        gen = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
-        cache = kv_cache(model.config.num_hidden_layers, length)
-        tokens = [forced[rows, 0]]
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        for t in range(1, length):
-            logits = model(tokens[-1][:, None], **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
-            finite &= torch.isfinite(logits).all()  # checked once per batch: a check per step would wait for the device
-            sampled = next_token(logits, gen, ban[rows])
-            tokens.append(torch.where(is_forced[rows, t], forced[rows, t], sampled) if t < P else sampled)
-            if task is not None:
-                progress.advance(task, len(tokens[-1]))
-        if not bool(finite):
-            raise UserError("NaN or Inf in the model's output while sampling calibration text: the weights overflow")
-        out[rows] = torch.stack(tokens, 1).cpu()
-        del cache
+    with decoding_attention(device):
+        for k, b in enumerate(range(0, n, batch)):
+            rows = slice(b, min(b + batch, n))
+            gen = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+            cache = kv_cache(model.config.num_hidden_layers, length)
+            tokens = [forced[rows, 0]]
+            finite = torch.ones((), dtype=torch.bool, device=device)
+            for t in range(1, length):
+                logits = model(tokens[-1][:, None], **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+                finite &= torch.isfinite(logits).all()  # checked once per batch: per step, it would wait for the device
+                sampled = next_token(logits, gen, ban[rows])
+                tokens.append(torch.where(is_forced[rows, t], forced[rows, t], sampled) if t < P else sampled)
+                if task is not None:
+                    progress.advance(task, len(tokens[-1]))
+            if not bool(finite):
+                raise UserError("NaN or Inf in the model's output while sampling calibration text: the weights overflow")
+            out[rows] = torch.stack(tokens, 1).cpu()
+            del cache
     if task is not None:
         progress.remove_task(task)
     return out
+
+
+def decoding_attention(device: torch.device):
+    """SDPA backends for decoding: on CUDA any but cuDNN's, which builds an execution plan for every new key length,
+    so at every step, and that took longer than the step itself (docs/BENCHMARKS.md, scripts/bench_sampling.py)."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def self_windows(m: SourceModel, n: int, length: int, seed: int, device: torch.device, progress=None) -> tuple[torch.Tensor, dict]:
