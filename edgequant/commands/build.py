@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--calib", metavar="SOURCE", action="append",
                      help="self (text sampled from the model), builtin (edgequant's mixed-domain text), a text or JSONL file "
                           "(\"text\" or chat \"messages\" records), or a dataset: wikitext2, c4, DATASET[:CONFIG]:SPLIT:COLUMN; "
-                          "repeat to mix, the windows split evenly (default: self, or builtin where the model cannot be "
-                          "sampled on the device)")
+                          "repeat to mix, the windows split evenly (default: self and builtin, half each; builtin alone "
+                          "where the model cannot be sampled on the device)")
     cal.add_argument("--calib-samples", type=int, default=256, metavar="N", help="calibration windows (default 256)")
     cal.add_argument("--calib-seqlen", type=int, default=512, metavar="L",
                      help="tokens per window (default 512, as llama-imatrix's chunks; clipped to the model's context)")
