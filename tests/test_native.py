@@ -115,7 +115,7 @@ def bits(a: np.ndarray) -> np.ndarray:
 # ---- inputs ----
 
 HALF_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q2_K: [80, 82], Q.Q3_K: [108],
-               Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+               Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}
 
 
 def random_blocks(qtype, rows: int, n: int, rng) -> np.ndarray:
@@ -184,6 +184,83 @@ def test_dot_bit_exact(ggml, qtype, isa, kind):
         np.testing.assert_array_equal(bits(native.dot_rows(raw, act, qtype, isa)), bits(ggml.dot_rows(qtype, raw, act, isa)))
 
 
+@pytest.mark.parametrize("isa", comparable_isas())
+@pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
+def test_dot_bit_exact_on_one_and_an_odd_number_of_blocks(ggml, qtype, isa):
+    """Kernels that pair blocks (IQ4_NL on AVX2, the legacy types on NEON) finish an odd count the generic way."""
+    need_ggml_isa(ggml, isa)
+    rng = np.random.default_rng(8)
+    block = GGML_QUANT_SIZES[qtype][0]
+    for n in (block, 37 * 32 if block == 32 else 3 * 256):
+        raw = weights(qtype, "random-bytes", rng, rows=16, n=n)
+        for act in ggml.quantize(native.activation_type(qtype), activation_rows(n, rng), isa):
+            np.testing.assert_array_equal(bits(native.dot_rows(raw, act, qtype, isa)), bits(ggml.dot_rows(qtype, raw, act, isa)),
+                                          err_msg=f"n={n}")
+
+
+IQ4_TYPES = (Q.IQ4_NL, Q.IQ4_XS)
+
+
+def iq4_adversarial_blocks(qtype, rng, n: int = 1024) -> np.ndarray:
+    """Rows at the ends of every field, then random bytes under scales drawn from the same extremes:
+
+        row  f16 scale   bytes after d   (IQ4_XS: scales_h/scales_l are among those bytes)
+        0    +65504      0x00            every index 0 (-127), IQ4_XS ls = 0 (-32)
+        1    -65504      0xFF            every index 15 (113), IQ4_XS ls = 63 (+31)
+        2    +65504      0xF0            low nibbles -127, high nibbles 113
+        3    +65504      0x0F            the other way round
+        4..7 2^-24 (smallest subnormal), +0, -0, -1      random
+        8..  random among all of the above                   random
+    """
+    block, size = GGML_QUANT_SIZES[qtype]
+    halves = np.array([65504, -65504, 65504, 65504, 2.0**-24, 0.0, -0.0, -1.0], np.float16)
+    raw = rng.integers(0, 256, (len(halves) + 8, n // block, size), dtype=np.uint8)
+    for row, byte in enumerate((0x00, 0xFF, 0xF0, 0x0F)):
+        raw[row, :, 2:] = byte
+    raw[:, :, 0:2] = rng.choice(halves, raw.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+    raw[: len(halves), :, 0:2] = halves[:, None, None].view(np.uint8)
+    return raw.reshape(raw.shape[0], -1)
+
+
+def iq4_adversarial_activations(n: int, rng) -> np.ndarray:
+    """Every activation at +-127 (constant magnitude), alternating signs, block sums that cancel (the float sum is
+    then all rounding), one outlier per 256 that flushes the rest to small codes, and Gaussian rows."""
+    x = np.empty((6, n), np.float32)
+    x[0] = 1.0
+    x[1] = np.where(np.arange(n) % 2, -1.0, 1.0)
+    x[2] = np.where((np.arange(n) // 32) % 2, -1.0, 1.0) * (1 + 1e-3 * rng.standard_normal(n))
+    x[3] = 1e-2 * rng.standard_normal(n)
+    x[3, ::256] = 50.0
+    x[4:] = rng.standard_normal((2, n))
+    return x
+
+
+@pytest.mark.parametrize("isa", comparable_isas())
+@pytest.mark.parametrize("qtype", IQ4_TYPES, ids=lambda t: t.name)
+def test_iq4_dot_bit_exact_on_adversarial_rows(ggml, qtype, isa):
+    need_ggml_isa(ggml, isa)
+    rng = np.random.default_rng(9)
+    raw = iq4_adversarial_blocks(qtype, rng)
+    largest = 0.0
+    for act in ggml.quantize(native.activation_type(qtype), iq4_adversarial_activations(1024, rng), isa):
+        ours = native.dot_rows(raw, act, qtype, isa)
+        np.testing.assert_array_equal(bits(ours), bits(ggml.dot_rows(qtype, raw, act, isa)))
+        largest = max(largest, float(np.abs(ours).max()))
+    assert 1e9 < largest < np.inf  # the f16 extremes reach the float sums, which stay finite
+
+
+def test_iq4nl_values_are_gguf_pys_and_ggmls():
+    """The table compiled in (from gguf-py, through build_native.py) read back by dequantizing indices 0..15 under d = 1,
+    against gguf-py's kvalues and libggml's own dequantize_row_iq4_nl."""
+    block = np.zeros((1, 18), np.uint8)
+    block[0, :2] = np.array([1.0], np.float16).view(np.uint8)
+    block[0, 2:] = np.arange(16, dtype=np.uint8) * 0x11  # index j in both nibbles of byte j
+    expected = np.tile(np.array(gguf.quants.IQ4_NL.kvalues, np.float32), 2)
+    for isa in native.available_isas():
+        np.testing.assert_array_equal(native.dequantize(block, Q.IQ4_NL, isa)[0], expected)
+    np.testing.assert_array_equal(ggml_oracle.dequantize_row(Q.IQ4_NL, block)[0], expected)
+
+
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_ggml_generic_and_avx2_sums_differ(ggml, qtype):
     """The pairing matters: ggml's two paths round differently on most rows, so bit-exactness with each is a real test."""
@@ -215,7 +292,7 @@ def test_dot_bit_exact_on_bench_a(ggml, shared_dir, isa):
 # ---- matmul and the Python front end ----
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS], ids=lambda t: t.name)
 def test_matmul_is_quantize_then_dot_on_every_thread_count(qtype):
     rng = np.random.default_rng(6)
     raw, x = weights(qtype, "ggml", rng, rows=45, n=512), rng.standard_normal((7, 512)).astype(np.float32)
