@@ -413,6 +413,51 @@ def test_verify_names_a_corrupted_block(tiny_llama, tiny_q4_k_m, tmp_path, capsy
         assert failed["kernel_error"] == float("inf")
 
 
+def llama_quantize(src, dst, ftype: str) -> None:
+    """llama.cpp's own quantizer (libllama, through llama-cpp-python): blocks that no code of ours wrote."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.fixture(scope="module", params=["IQ4_NL", "IQ4_XS"])
+def tiny_iq4(tiny_llama, tmp_path_factory, request):
+    """(type, path) of the tiny model's F16 GGUF put through llama-quantize's IQ4_NL or IQ4_XS recipe."""
+    tmp = tmp_path_factory.mktemp(f"verify-{request.param}")
+    assert main(["build", str(tiny_llama), "--target", "F16", "-o", str(tmp / "f16.gguf"), "--quiet"]) == 0
+    llama_quantize(tmp / "f16.gguf", tmp / f"{request.param}.gguf", request.param)
+    return Q[request.param], tmp / f"{request.param}.gguf"
+
+
+def test_verify_passes_on_llama_quantize_iq4(tiny_llama, tiny_iq4, capsys):
+    qtype, path = tiny_iq4
+    rc, results, _ = verify(tiny_llama, path, capsys)
+    assert rc == 0
+    iq4 = [r for r in results if r["type"] == qtype.name]
+    assert len(iq4) >= 14  # the 7 linears of both layers at least; the recipe may also pick the embedding
+    for r in iq4:
+        assert r["kernel_error"] < 1e-5 and 1e-3 < r["q8_error"] < 3e-2 and r["source_error"] < r["source_tol"], r
+
+
+@pytest.mark.parametrize("how", ["swap", "random", "nan"])
+def test_verify_names_a_corrupted_iq4_block(tiny_llama, tiny_iq4, tmp_path, capsys, how):
+    qtype, path = tiny_iq4
+    bad = tmp_path / "bad.gguf"
+    corrupt(path, bad, "blk.0.attn_q.weight", how)
+    rc, results, err = verify(tiny_llama, bad, capsys)
+    assert rc == 1
+    assert [r["name"] for r in results if not r["ok"]] == ["blk.0.attn_q.weight"]
+    failed = next(r for r in results if not r["ok"])
+    row = 5 // (failed["shape"][1] // GGML_QUANT_SIZES[qtype][0])  # the row block 5 lies in
+    assert failed["type"] == qtype.name and f"row {row}" in err
+    # (an IQ4_NL block is an eighth of a 256-wide row, so a swapped one is a smaller share of the row's error)
+    assert failed["source_error"] > failed["source_tol"] and failed["source_row"] == row
+    if how == "nan":
+        assert failed["kernel_error"] == float("inf")
+
+
 def test_verify_reads_real_activations_with_calib(tiny_llama, tiny_q4_k_m, fixture_text, capsys):
     rc, results, _ = verify(tiny_llama, tiny_q4_k_m, capsys, "--calib", str(fixture_text), "--rows", "64", "--seqlen", "32")
     assert rc == 0
