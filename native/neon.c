@@ -16,6 +16,9 @@
  * fallback pairs lanes differently, so a ggml built without +dotprod rounds legacy-type sums differently).
  * Q8_K keeps the reference's two roundings of x*iscale + 1.5*2^23; a GCC build of ggml-base for AArch64 may fuse
  * them.  Neither can be checked against ggml here (no Arm build of it): tests compare NEON with scalar.c.
+ * The K-quant and IQ4 dots are checked against ggml's own arch/arm code, cross-compiled by GCC and run under qemu
+ * (tests/test_native.py, native/tests/ggml_arm.c).  The legacy dots are not: ggml accumulates them with
+ * vmlaq_n_f32, which GCC 12's arm_neon.h keeps unfused (a multiply, then an add), where acc above is fused.
  */
 
 #if defined(__aarch64__)

@@ -3,13 +3,15 @@ consistency harness (natively, and the NEON build under qemu-user), `edgequant v
 checkpoint loading.
 
 Pairings for bit-exactness: our "scalar" kernels against ggml's exported *_generic functions, our "avx2" kernels
-against what ggml-cpu dispatches (its type traits) when it was built with AVX2 and without AVX-512.
+against what ggml-cpu dispatches (its type traits) when it was built with AVX2 and without AVX-512, our "neon"
+K-quant and IQ4 dots against ggml's arch/arm code cross-compiled and run under qemu-user.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import pathlib
 import platform
 import runpy
@@ -355,6 +357,39 @@ def test_consistency_harness_neon_under_qemu(tmp_path, march):
     run = _compile_and_run(cc, [f"-march={march}", "-static"], {}, tmp_path / "consistency", runner=[qemu])
     assert run.returncode == 0, run.stdout + run.stderr
     assert "best ISA: neon" in run.stdout and "passed: 0 failure(s)" in run.stdout
+
+
+# NEON against ggml's own Arm code: ggml-cpu's quants.c and arch/arm/quants.c cross-compiled as ggml builds them
+# (GCC, its default contraction), linked with native/tests/ggml_arm.c and our kernels, run under qemu-user.  The
+# llama.cpp sources are the ones scripts/build_llama_tools.sh unpacks.  The legacy types are left out: ggml adds their
+# products with vmlaq_n_f32, which GCC 12 emits unfused, and neon.c fuses (see its header).
+LLAMA_TOOLS = pathlib.Path(os.environ.get("LLAMA_TOOLS_DIR", NATIVE.parent / ".cache" / "llama-tools"))
+GGML_ARM_TYPES = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("march", ["armv8-a", "armv8.2-a+dotprod"])
+def test_neon_dots_bit_exact_with_ggml_arm_under_qemu(tmp_path, march):
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+    if cc is None or qemu is None:
+        pytest.skip("needs gcc-aarch64-linux-gnu and qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    ggml = next(LLAMA_TOOLS.glob("llama_cpp_python-*/vendor/llama.cpp/ggml"), None)
+    if ggml is None:
+        pytest.skip(f"no llama.cpp sources under {LLAMA_TOOLS} (scripts/build_llama_tools.sh unpacks them)")
+    arch = [f"-march={march}"]
+    ggml_flags = [*arch, "-O3", "-DNDEBUG", "-std=gnu11", *(f"-I{ggml / d}" for d in ("include", "src", "src/ggml-cpu"))]
+    objects = []
+    for src, flags in [(ggml / "src/ggml-cpu/quants.c", ggml_flags), (ggml / "src/ggml-cpu/arch/arm/quants.c", ggml_flags),
+                       *((NATIVE / f, [*BUILD["COMPILE_ARGS"], *arch, f"-I{NATIVE}"])
+                         for f in ("tests/ggml_arm.c", "dispatch.c", "scalar.c", "neon.c"))]:
+        objects.append(str(tmp_path / f"{src.parent.name}-{src.stem}.o"))
+        subprocess.run([cc, *flags, "-c", str(src), "-o", objects[-1]], check=True, capture_output=True, text=True)
+    exe = tmp_path / "ggml_arm"
+    # ggml's files also define functions that call into ggml-base; the dots never reach them
+    subprocess.run([cc, *arch, "-static", *objects, "-o", str(exe), "-lm", "-pthread", "-Wl,--unresolved-symbols=ignore-all"],
+                   check=True, capture_output=True, text=True)
+    run = subprocess.run([qemu, str(exe), *GGML_ARM_TYPES], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(": 0 of 600 results differ") == len(GGML_ARM_TYPES), run.stdout
 
 
 # ---- edgequant verify ----
