@@ -263,6 +263,21 @@ def test_iq4nl_values_are_gguf_pys_and_ggmls():
     np.testing.assert_array_equal(ggml_oracle.dequantize_row(Q.IQ4_NL, block)[0], expected)
 
 
+@pytest.mark.parametrize("qtype", IQ4_TYPES, ids=lambda t: t.name)
+def test_parity_rounds_iq4_activations_as_ggml_cpu(ggml, qtype):
+    """`edgequant parity` models llama.cpp's activation rounding for every native.WEIGHT_TYPES type: for IQ4 weights,
+    ggml-cpu's own quantizer for their vec_dot_type (Q8_0, Q8_K) and back."""
+    import torch
+
+    from edgequant.runners.parity import activation_rounding
+
+    need_ggml_isa(ggml, "avx2")  # the quantizer ggml-cpu dispatches here is the one our "best" reproduces
+    x = activation_rows(512, np.random.default_rng(10))
+    act = Q(ggml.traits(qtype).vec_dot_type)
+    expected = ggml_oracle.dequantize_row(act, ggml.quantize(act, x, "avx2"))
+    np.testing.assert_array_equal(bits(activation_rounding(qtype)(torch.from_numpy(x)).numpy()), bits(expected))
+
+
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_ggml_generic_and_avx2_sums_differ(ggml, qtype):
     """The pairing matters: ggml's two paths round differently on most rows, so bit-exactness with each is a real test."""
