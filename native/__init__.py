@@ -17,7 +17,7 @@ from ._kernels import ffi, lib
 ISAS = {"scalar": 0, "avx2": 1, "neon": 2}
 WEIGHT_TYPES = tuple(
     GGMLQuantizationType[name]
-    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 )
 
 

@@ -8,6 +8,9 @@
  *   Q3_K, Q6_K                  acc[8] += d*y.d * lane sums        (Q6_K lanes carry their own -32 correction)
  *   Q4_K                        acc[8] += d*y.d * lane sums;  acc_m[4] += -dmin*y.d * (min*bsum pairs)
  *   Q5_K                        acc[8] += d*y.d * lane sums;  summs = fma(-dmin*y.d, sum(min*bsum), summs)
+ *   IQ4_NL                      as legacy, but block pairs: even blocks into acc0[8], odd into acc1[8], then
+ *                               hsum8(acc0 + acc1); an odd last block is fma'd onto that as the generic code does
+ *   IQ4_XS                      acc[8] += d*y.d * lane sums, each lane summed over the 8 sub-blocks times ls-32
  *
  * where lane l of a 32-element chunk holds its elements 4l..4l+3, and the result is hsum8(acc) (+ the rest),
  * hsum8 adding the upper four lanes onto the lower four, then lanes 2,3 onto 0,1, then lane 1 onto 0.
@@ -67,10 +70,14 @@ static inline __m256i dot_u8i8_quads(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-/* signed x signed, through |a| and sign(a)*b so maddubs applies. */
-static inline __m256i dot_i8_quads(__m256i a, __m256i b) {
-    return dot_u8i8_quads(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+/* signed x signed -> 16 int16 lanes, lane k = a[2k]*b[2k] + a[2k+1]*b[2k+1], through |a| and sign(a)*b so maddubs
+ * applies (|a| <= 128 as unsigned, so a pair never saturates). */
+static inline __m256i dot_i8_pairs(__m256i a, __m256i b) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
 }
+
+/* signed x signed -> 8 int32 lanes, lane l = sum of products 4l..4l+3. */
+static inline __m256i dot_i8_quads(__m256i a, __m256i b) { return _mm256_madd_epi16(dot_i8_pairs(a, b), _mm256_set1_epi16(1)); }
 
 /* int16 element k of each 128-bit half of v (which holds 8 int16), broadcast across its half. */
 static inline __m256i broadcast16(__m256i v, int k) {
@@ -397,12 +404,61 @@ static float dot_q6_K(int n, const void *vx, const void *vy) {
     return hsum8(acc);
 }
 
+/* ---- IQ4_NL / IQ4_XS ---- */
+
+/* eq_iq4nl_values in both 128-bit halves, for a per-half byte shuffle. */
+static inline __m256i iq4_table(void) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)eq_iq4nl_values)); }
+
+/* 16 index bytes -> the 32 values they select, in element order (low nibbles, then high ones). */
+static inline __m256i iq4_values(__m256i table, const uint8_t *qs) { return _mm256_shuffle_epi8(table, unpack_nibbles(qs)); }
+
+static float dot_iq4_nl(int n, const void *vx, const void *vy) {
+    const eq_iq4_nl *x = (const eq_iq4_nl *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    const int nb = n / EQ_QK;
+    const __m256i table = iq4_table();
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 1 < nb; i += 2) {
+        const __m256 d0 = _mm256_set1_ps(half_to_float(y[i].d) * half_to_float(x[i].d));
+        const __m256 d1 = _mm256_set1_ps(half_to_float(y[i + 1].d) * half_to_float(x[i + 1].d));
+        const __m256i p0 = dot_i8_quads(iq4_values(table, x[i].qs), load256(y[i].qs));
+        const __m256i p1 = dot_i8_quads(iq4_values(table, x[i + 1].qs), load256(y[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+    }
+    float sum = hsum8(_mm256_add_ps(acc0, acc1));
+    if (i < nb) {
+        const int isum = hsum8_i32(dot_i8_quads(iq4_values(table, x[i].qs), load256(y[i].qs)));
+        sum = fmaf(half_to_float(y[i].d) * half_to_float(x[i].d), (float)isum, sum);
+    }
+    return sum;
+}
+
+static float dot_iq4_xs(int n, const void *vx, const void *vy) {
+    const eq_iq4_xs *x = (const eq_iq4_xs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i table = iq4_table();
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        int8_t ls[8];
+        eq_iq4xs_scales(x[i].scales_h, x[i].scales_l, ls);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) { /* sub-block j: pairs of products, then pairs of pairs times ls_j - 32 */
+            const __m256i p = dot_i8_pairs(iq4_values(table, x[i].qs + 16 * j), load256(y[i].qs + 32 * j));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16(ls[j])));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum8(acc);
+}
+
 const eq_kernel_table eq_avx2_kernels = {
     .dequantize = {EQ_DEQUANTIZE_ENTRIES},
     .quantize = {[EQ_Q8_0] = quantize_q8_0, [EQ_Q8_1] = quantize_q8_1, [EQ_Q8_K] = quantize_q8_K},
     .dot = {[EQ_Q4_0] = dot_q4_0, [EQ_Q4_1] = dot_q4_1, [EQ_Q5_0] = dot_q5_0, [EQ_Q5_1] = dot_q5_1,
             [EQ_Q8_0] = dot_q8_0, [EQ_Q2_K] = dot_q2_K, [EQ_Q3_K] = dot_q3_K, [EQ_Q4_K] = dot_q4_K,
-            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K},
+            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs},
 };
 
 #endif

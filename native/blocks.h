@@ -16,6 +16,10 @@
  *   Q5_K   176    d:f16, dmin:f16, scales[12], qh[32], qs[128]
  *   Q6_K   210    ql[128], qh[64], scales[16] (int8), d:f16
  *   Q8_K   292    d:f32, qs[256] (int8), bsums[16] (int16, sums of 16 qs)  (activations only)
+ *   IQ4_NL  18    d:f16, qs[16] (4-bit indices i)                    d*v[i]
+ *   IQ4_XS 136    d:f16, scales_h:u16, scales_l[4], qs[128]          (d*(ls-32))*v[i], ls per 32 elements
+ *
+ * v = eq_iq4nl_values, ggml's kvalues_iq4nl (16 int8, ascending, -127..113).
  *
  * In the 32-element legacy blocks, element j < 16 is the low nibble of qs[j] and element j + 16 its high nibble.
  * K-quant bit planes (element e of a 256-element super-block, 16-element sub-block s = e / 16):
@@ -25,6 +29,12 @@
  *   Q4_K/Q5_K  nibble    qs[32*(e/64) + e%32], low nibble when (e%64) < 32;  Q5_K bit 4: qh[e%32] bit e/32
  *   Q6_K       nibble    ql[64*(e/128) + e%64], low nibble when (e%128) < 64;
  *              bits 4-5  (qh[32*(e/128) + e%32] >> 2*((e%128)/32)) & 3;  value q - 32
+ *
+ * IQ4_NL and IQ4_XS store their indices as the legacy blocks do, per 32 elements (IQ4_XS sub-block j = e / 32 in
+ * qs[16j..16j+15]).  IQ4_XS's eight 6-bit sub-block scales ls_j are split over two fields:
+ *
+ *   scales_l[k]   bits 7..4: ls_{2k+1} bits 3..0     bits 3..0: ls_{2k} bits 3..0
+ *   scales_h      bits 2j+1..2j: ls_j bits 5..4     (j = 0..7, bit 0 the lowest)
  */
 
 #ifndef EQ_BLOCKS_H
@@ -49,11 +59,18 @@ typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } eq_q4_
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } eq_q5_K;
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } eq_q6_K;
 typedef struct { float d; int8_t qs[256]; int16_t bsums[16]; } eq_q8_K;
+typedef struct { uint16_t d; uint8_t qs[16]; } eq_iq4_nl;
+typedef struct { uint16_t d, scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } eq_iq4_xs;
 
 #define EQ_CHECK_SIZE(t, n) typedef char eq_size_check_##t[sizeof(eq_##t) == (n) ? 1 : -1]
 EQ_CHECK_SIZE(q4_0, 18); EQ_CHECK_SIZE(q4_1, 20); EQ_CHECK_SIZE(q5_0, 22); EQ_CHECK_SIZE(q5_1, 24);
 EQ_CHECK_SIZE(q8_0, 34); EQ_CHECK_SIZE(q8_1, 36); EQ_CHECK_SIZE(q2_K, 84); EQ_CHECK_SIZE(q3_K, 110);
 EQ_CHECK_SIZE(q4_K, 144); EQ_CHECK_SIZE(q5_K, 176); EQ_CHECK_SIZE(q6_K, 210); EQ_CHECK_SIZE(q8_K, 292);
+EQ_CHECK_SIZE(iq4_nl, 18); EQ_CHECK_SIZE(iq4_xs, 136);
+
+/* ggml's kvalues_iq4nl, defined in dispatch.c from the EQ_IQ4NL_VALUES that native/build_native.py reads out of
+ * gguf-py, so the C kernels and the numpy codecs share one table. */
+extern const int8_t eq_iq4nl_values[16];
 
 /* Exact IEEE half -> float (subnormals, infinities and NaNs included). */
 static inline float eq_half_to_float(uint16_t h) {
@@ -150,6 +167,14 @@ static inline void eq_q3k_scales(const uint8_t s[12], int8_t out[16]) {
     const eq_words4 biased = eq_q3k_biased_scales(s);
     memcpy(out, biased.w, 16);
     for (int j = 0; j < 16; ++j) out[j] = (int8_t)(out[j] - 32);
+}
+
+/* The eight signed scales ls_j - 32 of an IQ4_XS super-block (layout above). */
+static inline void eq_iq4xs_scales(uint16_t scales_h, const uint8_t scales_l[4], int8_t out[8]) {
+    for (int j = 0; j < 8; ++j) {
+        const int ls = ((scales_l[j / 2] >> (4 * (j % 2))) & 15) | ((scales_h >> (2 * j)) & 3) << 4;
+        out[j] = (int8_t)(ls - 32);
+    }
 }
 
 #endif

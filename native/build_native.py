@@ -2,21 +2,27 @@
 
 setup.py names it in `cffi_modules`, so `pip install` compiles the extension; setup.py's build_ext adds
 SOURCE_FLAGS to their one source each (the AVX2 files alone get -mavx2 -mfma -mf16c, so the rest runs on any
-x86-64).  Paths are relative to the repository root, where builds run.
+x86-64).  Paths are relative to the repository root, where builds run.  gguf-py is needed at build time (pyproject's
+build-system requires it): the IQ4 value table comes from it.
 """
 
 import platform
 from pathlib import Path
 
 from cffi import FFI
+from gguf.quants import IQ4_NL
 
 HERE = Path("native")
 SOURCES = [str(HERE / name) for name in ("dispatch.c", "scalar.c", "avx2.c", "neon.c", "fit.c", "fit_avx2.c", "widen.c")]
 HEADERS = [str(HERE / name) for name in ("blocks.h", "dequant.h", "kernels.h", "fit.h", "fit_rows.h", "widen.h")]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 SOURCE_FLAGS = {str(HERE / name): ["-mavx2", "-mfma", "-mf16c"] for name in ("avx2.c", "fit_avx2.c")} if X86_64 else {}
+# ggml's kvalues_iq4nl (the 16 int8 values an IQ4_NL/IQ4_XS index selects), handed to the C sources from gguf-py,
+# where the numpy codecs (convert/codecs/iquant_nl.py) read it too, so no second copy is typed out in C.
+IQ4NL_VALUES = tuple(int(v) for v in IQ4_NL.kvalues)
+DEFINES = ["-DEQ_IQ4NL_VALUES=" + ",".join(map(str, IQ4NL_VALUES))]
 # -ffp-contract=off: the kernels reproduce ggml's float rounding, so only the fusions they write may happen.
-COMPILE_ARGS = ["-O3", "-std=gnu99", "-ffp-contract=off", "-pthread"]
+COMPILE_ARGS = ["-O3", "-std=gnu99", "-ffp-contract=off", "-pthread", *DEFINES]
 
 # The public API of kernels.h, fit.h and widen.h (cffi cannot parse the header's preprocessor lines, so it is restated here).
 CDEF = """

@@ -1,6 +1,6 @@
 /* Row dequantization, bit-identical to gguf-py (gguf.quants.dequantize; Q8_1 and Q8_K, which it lacks, as ggml's
  * dequantize_row_q8_K): per element `scale * q`, `scale * q + m` or `(d*sc) * q - (dmin*m)` in float32, in exactly
- * that order.
+ * that order (IQ4_NL: d * v[i], IQ4_XS: (d*(ls-32)) * v[i]).
  *
  * Plain C written so compilers vectorize it; every ISA's translation unit includes this file and so gets its own
  * vectorized build (-ffp-contract=off keeps the multiply and the add separate everywhere).
@@ -170,11 +170,42 @@ static void dequantize_q6_K(const void *vb, float *y, int64_t n) {
     }
 }
 
+/* IQ4_NL/IQ4_XS: 32-element (sub-)blocks whose 4-bit indices pick eq_iq4nl_values, laid out as Q4_0's nibbles. */
+
+static void dequantize_iq4_nl(const void *vb, float *y, int64_t n) {
+    const eq_iq4_nl *b = (const eq_iq4_nl *)vb;
+    for (int64_t i = 0; i < n / EQ_QK; ++i, y += EQ_QK) {
+        const float d = eq_half_to_float(b[i].d);
+        for (int j = 0; j < 16; ++j) {
+            y[j] = d * (float)eq_iq4nl_values[b[i].qs[j] & 15];
+            y[j + 16] = d * (float)eq_iq4nl_values[b[i].qs[j] >> 4];
+        }
+    }
+}
+
+static void dequantize_iq4_xs(const void *vb, float *y, int64_t n) {
+    const eq_iq4_xs *b = (const eq_iq4_xs *)vb;
+    for (int64_t i = 0; i < n / EQ_QK_K; ++i, y += EQ_QK_K) {
+        const float d = eq_half_to_float(b[i].d);
+        int8_t ls[8];
+        eq_iq4xs_scales(b[i].scales_h, b[i].scales_l, ls);
+        for (int j = 0; j < 8; ++j) { /* sub-block j: elements 32j.., indices in qs[16j..] */
+            const float dl = d * (float)ls[j];
+            const uint8_t *qs = b[i].qs + 16 * j;
+            for (int l = 0; l < 16; ++l) {
+                y[32 * j + l] = dl * (float)eq_iq4nl_values[qs[l] & 15];
+                y[32 * j + 16 + l] = dl * (float)eq_iq4nl_values[qs[l] >> 4];
+            }
+        }
+    }
+}
+
 /* Designated initializer for an eq_kernel_table's `dequantize` member. */
 #define EQ_DEQUANTIZE_ENTRIES                                                                      \
     [EQ_Q4_0] = dequantize_q4_0, [EQ_Q4_1] = dequantize_q4_1, [EQ_Q5_0] = dequantize_q5_0,       \
     [EQ_Q5_1] = dequantize_q5_1, [EQ_Q8_0] = dequantize_q8_0, [EQ_Q2_K] = dequantize_q2_K,       \
     [EQ_Q3_K] = dequantize_q3_K, [EQ_Q4_K] = dequantize_q4_K, [EQ_Q5_K] = dequantize_q5_K,       \
-    [EQ_Q6_K] = dequantize_q6_K, [EQ_Q8_1] = dequantize_q8_1, [EQ_Q8_K] = dequantize_q8_K
+    [EQ_Q6_K] = dequantize_q6_K, [EQ_Q8_1] = dequantize_q8_1, [EQ_Q8_K] = dequantize_q8_K,       \
+    [EQ_IQ4_NL] = dequantize_iq4_nl, [EQ_IQ4_XS] = dequantize_iq4_xs
 
 #endif

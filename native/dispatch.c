@@ -26,6 +26,12 @@ static int probe_avx2(void) {
 
 float eq_half_table[1 << 16];
 
+#ifndef EQ_IQ4NL_VALUES
+#error "EQ_IQ4NL_VALUES (ggml's kvalues_iq4nl) is passed in by native/build_native.py's COMPILE_ARGS"
+#endif
+const int8_t eq_iq4nl_values[16] = {EQ_IQ4NL_VALUES};
+typedef char eq_iq4nl_values_count[sizeof((const int8_t[]){EQ_IQ4NL_VALUES}) == 16 ? 1 : -1];
+
 static struct {
     pthread_once_t once;
     int avx2, best;
@@ -69,6 +75,7 @@ static const struct { int block, size, activation; } TYPES[EQ_NTYPES] = {
     [EQ_Q5_1] = {32, 24, EQ_Q8_1}, [EQ_Q8_0] = {32, 34, EQ_Q8_0}, [EQ_Q8_1] = {32, 36, -1},
     [EQ_Q2_K] = {256, 84, EQ_Q8_K}, [EQ_Q3_K] = {256, 110, EQ_Q8_K}, [EQ_Q4_K] = {256, 144, EQ_Q8_K},
     [EQ_Q5_K] = {256, 176, EQ_Q8_K}, [EQ_Q6_K] = {256, 210, EQ_Q8_K}, [EQ_Q8_K] = {256, 292, -1},
+    [EQ_IQ4_NL] = {32, 18, EQ_Q8_0}, [EQ_IQ4_XS] = {256, 136, EQ_Q8_K},
 };
 
 static int known(int type) { return type >= 0 && type < EQ_NTYPES && TYPES[type].block > 0; }

@@ -5,6 +5,9 @@
  *                               elements 4l..4l+3 and 16+4l..16+4l+3); result vaddv(acc0) + vaddv(acc1)
  *                               (+ the m*s terms); an odd last block is added as the generic code does
  *   K-quants                    exact integer sums per super-block, then one or two scalar fmas per block
+ *   IQ4_NL                      blocks in pairs, exact integer sums, sum += fma(d0, sum0, d1 * sum1) (GCC fuses
+ *                               the first product of ggml's `sum += d0*sum0 + d1*sum1`); an odd last block as generic
+ *   IQ4_XS                      exact integer sum per super-block (sub-block sums times ls-32), one scalar fma
  *   Q8_0/Q8_1 activations       d = amax/127, q = round-half-even(x * (1/d))
  *   Q8_K activations            ggml's reference quantizer, as in scalar.c
  *
@@ -13,6 +16,9 @@
  * fallback pairs lanes differently, so a ggml built without +dotprod rounds legacy-type sums differently).
  * Q8_K keeps the reference's two roundings of x*iscale + 1.5*2^23; a GCC build of ggml-base for AArch64 may fuse
  * them.  Neither can be checked against ggml here (no Arm build of it): tests compare NEON with scalar.c.
+ * The K-quant and IQ4 dots are checked against ggml's own arch/arm code, cross-compiled by GCC and run under qemu
+ * (tests/test_native.py, native/tests/ggml_arm.c).  The legacy dots are not: ggml accumulates them with
+ * vmlaq_n_f32, which GCC 12's arm_neon.h keeps unfused (a multiply, then an add), where acc above is fused.
  */
 
 #if defined(__aarch64__)
@@ -431,12 +437,63 @@ static float dot_q6_K(int n, const void *vx, const void *vy) {
     return sum;
 }
 
+/* ---- IQ4_NL / IQ4_XS ---- */
+
+/* 16 index bytes -> the values they select: elements 0..15 (low nibbles) and 16..31 (high nibbles). */
+static inline void iq4_codes(int8x16_t table, const uint8_t qs[16], int8x16_t *lo, int8x16_t *hi) {
+    const uint8x16_t v = vld1q_u8(qs);
+    *lo = vqtbl1q_s8(table, vandq_u8(v, vdupq_n_u8(15)));
+    *hi = vqtbl1q_s8(table, vshrq_n_u8(v, 4));
+}
+
+static float dot_iq4_nl(int n, const void *vx, const void *vy) {
+    const eq_iq4_nl *x = (const eq_iq4_nl *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    const int nb = n / EQ_QK;
+    const int8x16_t table = vld1q_s8(eq_iq4nl_values);
+    float sum = 0.0f;
+    int i = 0;
+    for (; i + 1 < nb; i += 2) {
+        int8x16_t l0, h0, l1, h1;
+        iq4_codes(table, x[i].qs, &l0, &h0);
+        iq4_codes(table, x[i + 1].qs, &l1, &h1);
+        const float s0 = (float)vaddvq_s32(dot32(l0, h0, y[i].qs)), s1 = (float)vaddvq_s32(dot32(l1, h1, y[i + 1].qs));
+        const float d0 = half_to_float(x[i].d) * half_to_float(y[i].d), d1 = half_to_float(x[i + 1].d) * half_to_float(y[i + 1].d);
+        sum += fmaf(d0, s0, d1 * s1);
+    }
+    if (i < nb) {
+        int8x16_t l, h;
+        iq4_codes(table, x[i].qs, &l, &h);
+        sum = fmaf(half_to_float(y[i].d) * half_to_float(x[i].d), (float)vaddvq_s32(dot32(l, h, y[i].qs)), sum);
+    }
+    return sum;
+}
+
+static float dot_iq4_xs(int n, const void *vx, const void *vy) {
+    const eq_iq4_xs *x = (const eq_iq4_xs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const int8x16_t table = vld1q_s8(eq_iq4nl_values);
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        int8_t ls[8];
+        eq_iq4xs_scales(x[i].scales_h, x[i].scales_l, ls);
+        int32_t isum = 0;
+        for (int j = 0; j < 8; ++j) { /* sub-block j: elements 32j.., indices in qs[16j..] */
+            int8x16_t lo, hi;
+            iq4_codes(table, x[i].qs + 16 * j, &lo, &hi);
+            isum += vaddvq_s32(dot32(lo, hi, y[i].qs + 32 * j)) * ls[j];
+        }
+        sum = fmaf(half_to_float(x[i].d) * y[i].d, (float)isum, sum);
+    }
+    return sum;
+}
+
 const eq_kernel_table eq_neon_kernels = {
     .dequantize = {EQ_DEQUANTIZE_ENTRIES},
     .quantize = {[EQ_Q8_0] = quantize_q8_0, [EQ_Q8_1] = quantize_q8_1, [EQ_Q8_K] = quantize_q8_K},
     .dot = {[EQ_Q4_0] = dot_q4_0, [EQ_Q4_1] = dot_q4_1, [EQ_Q5_0] = dot_q5_0, [EQ_Q5_1] = dot_q5_1,
             [EQ_Q8_0] = dot_q8_0, [EQ_Q2_K] = dot_q2_K, [EQ_Q3_K] = dot_q3_K, [EQ_Q4_K] = dot_q4_K,
-            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K},
+            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs},
 };
 
 #endif

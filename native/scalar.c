@@ -318,10 +318,43 @@ static float dot_q6_K(int n, const void *vx, const void *vy) {
     return lanes_total(0.0f, &acc);
 }
 
+/* ---- IQ4_NL / IQ4_XS: 4-bit indices into eq_iq4nl_values, one exact integer sum per 32 elements ---- */
+
+/* Integer dot of 32 IQ4 elements (16 index bytes, Q4_0's nibble order) with 32 int8 activations. */
+static inline int iq4_block_dot(const uint8_t qs[16], const int8_t *a) {
+    int isum = 0;
+    for (int j = 0; j < 16; ++j) isum += eq_iq4nl_values[qs[j] & 15] * a[j] + eq_iq4nl_values[qs[j] >> 4] * a[j + 16];
+    return isum;
+}
+
+static float dot_iq4_nl(int n, const void *vx, const void *vy) {
+    const eq_iq4_nl *x = (const eq_iq4_nl *)vx;
+    const eq_q8_0 *y = (const eq_q8_0 *)vy;
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK; ++i)
+        sum = fmaf(eq_half_to_float(y[i].d) * eq_half_to_float(x[i].d), (float)iq4_block_dot(x[i].qs, y[i].qs), sum);
+    return sum;
+}
+
+/* One fma per 32-element sub-block, its scale d*y.d*(ls-32) rounded in that order. */
+static float dot_iq4_xs(int n, const void *vx, const void *vy) {
+    const eq_iq4_xs *x = (const eq_iq4_xs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    float sum = 0.0f;
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const float d = eq_half_to_float(x[i].d) * y[i].d;
+        int8_t ls[8];
+        eq_iq4xs_scales(x[i].scales_h, x[i].scales_l, ls);
+        for (int j = 0; j < 8; ++j)
+            sum = fmaf(d * (float)ls[j], (float)iq4_block_dot(x[i].qs + 16 * j, y[i].qs + 32 * j), sum);
+    }
+    return sum;
+}
+
 const eq_kernel_table eq_scalar_kernels = {
     .dequantize = {EQ_DEQUANTIZE_ENTRIES},
     .quantize = {[EQ_Q8_0] = quantize_q8_0, [EQ_Q8_1] = quantize_q8_1, [EQ_Q8_K] = quantize_q8_K},
     .dot = {[EQ_Q4_0] = dot_q4_0, [EQ_Q4_1] = dot_q4_1, [EQ_Q5_0] = dot_q5_0, [EQ_Q5_1] = dot_q5_1,
             [EQ_Q8_0] = dot_q8_0, [EQ_Q2_K] = dot_q2_K, [EQ_Q3_K] = dot_q3_K, [EQ_Q4_K] = dot_q4_K,
-            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K},
+            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs},
 };

@@ -1,8 +1,8 @@
 """Throughput of edgequant.native's dot kernels next to libggml's own, on the same blocks in the same run.
 
-    python scripts/bench_native.py [--json] [--types Q4_K Q8_0] [--rows 512] [--cols 4096] [--repeat 21]
+    python scripts/bench_native.py [--json] [--types Q4_K IQ4_XS] [--rows 512] [--cols 4096] [--repeat 21]
 
-For every weight type and ISA: `rows` weight rows (ggml_quantize_chunk of Gaussian weights) dotted with one
+For every weight type (by default all of native.WEIGHT_TYPES: Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS) and ISA: `rows` weight rows (ggml_quantize_chunk of Gaussian weights) dotted with one
 activation row quantized by ggml's own quantizer for that ISA.  Both sides run the same C loop over the rows
 (ours: eq_dot_rows; ggml: a loop compiled here with cffi calling ggml's function), one thread, timed
 alternately; the median of `repeat` timings is reported as weight bytes per second.  `bit_exact` compares the

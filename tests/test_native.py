@@ -3,13 +3,15 @@ consistency harness (natively, and the NEON build under qemu-user), `edgequant v
 checkpoint loading.
 
 Pairings for bit-exactness: our "scalar" kernels against ggml's exported *_generic functions, our "avx2" kernels
-against what ggml-cpu dispatches (its type traits) when it was built with AVX2 and without AVX-512.
+against what ggml-cpu dispatches (its type traits) when it was built with AVX2 and without AVX-512, our "neon"
+K-quant and IQ4 dots against ggml's arch/arm code cross-compiled and run under qemu-user.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import pathlib
 import platform
 import runpy
@@ -115,7 +117,7 @@ def bits(a: np.ndarray) -> np.ndarray:
 # ---- inputs ----
 
 HALF_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q2_K: [80, 82], Q.Q3_K: [108],
-               Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+               Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}
 
 
 def random_blocks(qtype, rows: int, n: int, rng) -> np.ndarray:
@@ -184,6 +186,98 @@ def test_dot_bit_exact(ggml, qtype, isa, kind):
         np.testing.assert_array_equal(bits(native.dot_rows(raw, act, qtype, isa)), bits(ggml.dot_rows(qtype, raw, act, isa)))
 
 
+@pytest.mark.parametrize("isa", comparable_isas())
+@pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
+def test_dot_bit_exact_on_one_and_an_odd_number_of_blocks(ggml, qtype, isa):
+    """Kernels that pair blocks (IQ4_NL on AVX2, the legacy types on NEON) finish an odd count the generic way."""
+    need_ggml_isa(ggml, isa)
+    rng = np.random.default_rng(8)
+    block = GGML_QUANT_SIZES[qtype][0]
+    for n in (block, 37 * 32 if block == 32 else 3 * 256):
+        raw = weights(qtype, "random-bytes", rng, rows=16, n=n)
+        for act in ggml.quantize(native.activation_type(qtype), activation_rows(n, rng), isa):
+            np.testing.assert_array_equal(bits(native.dot_rows(raw, act, qtype, isa)), bits(ggml.dot_rows(qtype, raw, act, isa)),
+                                          err_msg=f"n={n}")
+
+
+IQ4_TYPES = (Q.IQ4_NL, Q.IQ4_XS)
+
+
+def iq4_adversarial_blocks(qtype, rng, n: int = 1024) -> np.ndarray:
+    """Rows at the ends of every field, then random bytes under scales drawn from the same extremes:
+
+        row  f16 scale   bytes after d   (IQ4_XS: scales_h/scales_l are among those bytes)
+        0    +65504      0x00            every index 0 (-127), IQ4_XS ls = 0 (-32)
+        1    -65504      0xFF            every index 15 (113), IQ4_XS ls = 63 (+31)
+        2    +65504      0xF0            low nibbles -127, high nibbles 113
+        3    +65504      0x0F            the other way round
+        4..7 2^-24 (smallest subnormal), +0, -0, -1      random
+        8..  random among all of the above                   random
+    """
+    block, size = GGML_QUANT_SIZES[qtype]
+    halves = np.array([65504, -65504, 65504, 65504, 2.0**-24, 0.0, -0.0, -1.0], np.float16)
+    raw = rng.integers(0, 256, (len(halves) + 8, n // block, size), dtype=np.uint8)
+    for row, byte in enumerate((0x00, 0xFF, 0xF0, 0x0F)):
+        raw[row, :, 2:] = byte
+    raw[:, :, 0:2] = rng.choice(halves, raw.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+    raw[: len(halves), :, 0:2] = halves[:, None, None].view(np.uint8)
+    return raw.reshape(raw.shape[0], -1)
+
+
+def iq4_adversarial_activations(n: int, rng) -> np.ndarray:
+    """Every activation at +-127 (constant magnitude), alternating signs, block sums that cancel (the float sum is
+    then all rounding), one outlier per 256 that flushes the rest to small codes, and Gaussian rows."""
+    x = np.empty((6, n), np.float32)
+    x[0] = 1.0
+    x[1] = np.where(np.arange(n) % 2, -1.0, 1.0)
+    x[2] = np.where((np.arange(n) // 32) % 2, -1.0, 1.0) * (1 + 1e-3 * rng.standard_normal(n))
+    x[3] = 1e-2 * rng.standard_normal(n)
+    x[3, ::256] = 50.0
+    x[4:] = rng.standard_normal((2, n))
+    return x
+
+
+@pytest.mark.parametrize("isa", comparable_isas())
+@pytest.mark.parametrize("qtype", IQ4_TYPES, ids=lambda t: t.name)
+def test_iq4_dot_bit_exact_on_adversarial_rows(ggml, qtype, isa):
+    need_ggml_isa(ggml, isa)
+    rng = np.random.default_rng(9)
+    raw = iq4_adversarial_blocks(qtype, rng)
+    largest = 0.0
+    for act in ggml.quantize(native.activation_type(qtype), iq4_adversarial_activations(1024, rng), isa):
+        ours = native.dot_rows(raw, act, qtype, isa)
+        np.testing.assert_array_equal(bits(ours), bits(ggml.dot_rows(qtype, raw, act, isa)))
+        largest = max(largest, float(np.abs(ours).max()))
+    assert 1e9 < largest < np.inf  # the f16 extremes reach the float sums, which stay finite
+
+
+def test_iq4nl_values_are_gguf_pys_and_ggmls():
+    """The table compiled in (from gguf-py, through build_native.py) read back by dequantizing indices 0..15 under d = 1,
+    against gguf-py's kvalues and libggml's own dequantize_row_iq4_nl."""
+    block = np.zeros((1, 18), np.uint8)
+    block[0, :2] = np.array([1.0], np.float16).view(np.uint8)
+    block[0, 2:] = np.arange(16, dtype=np.uint8) * 0x11  # index j in both nibbles of byte j
+    expected = np.tile(np.array(gguf.quants.IQ4_NL.kvalues, np.float32), 2)
+    for isa in native.available_isas():
+        np.testing.assert_array_equal(native.dequantize(block, Q.IQ4_NL, isa)[0], expected)
+    np.testing.assert_array_equal(ggml_oracle.dequantize_row(Q.IQ4_NL, block)[0], expected)
+
+
+@pytest.mark.parametrize("qtype", IQ4_TYPES, ids=lambda t: t.name)
+def test_parity_rounds_iq4_activations_as_ggml_cpu(ggml, qtype):
+    """`edgequant parity` models llama.cpp's activation rounding for every native.WEIGHT_TYPES type: for IQ4 weights,
+    ggml-cpu's own quantizer for their vec_dot_type (Q8_0, Q8_K) and back."""
+    import torch
+
+    from edgequant.runners.parity import activation_rounding
+
+    need_ggml_isa(ggml, "avx2")  # the quantizer ggml-cpu dispatches here is the one our "best" reproduces
+    x = activation_rows(512, np.random.default_rng(10))
+    act = Q(ggml.traits(qtype).vec_dot_type)
+    expected = ggml_oracle.dequantize_row(act, ggml.quantize(act, x, "avx2"))
+    np.testing.assert_array_equal(bits(activation_rounding(qtype)(torch.from_numpy(x)).numpy()), bits(expected))
+
+
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_ggml_generic_and_avx2_sums_differ(ggml, qtype):
     """The pairing matters: ggml's two paths round differently on most rows, so bit-exactness with each is a real test."""
@@ -215,7 +309,7 @@ def test_dot_bit_exact_on_bench_a(ggml, shared_dir, isa):
 # ---- matmul and the Python front end ----
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS], ids=lambda t: t.name)
 def test_matmul_is_quantize_then_dot_on_every_thread_count(qtype):
     rng = np.random.default_rng(6)
     raw, x = weights(qtype, "ggml", rng, rows=45, n=512), rng.standard_normal((7, 512)).astype(np.float32)
@@ -280,6 +374,39 @@ def test_consistency_harness_neon_under_qemu(tmp_path, march):
     assert "best ISA: neon" in run.stdout and "passed: 0 failure(s)" in run.stdout
 
 
+# NEON against ggml's own Arm code: ggml-cpu's quants.c and arch/arm/quants.c cross-compiled as ggml builds them
+# (GCC, its default contraction), linked with native/tests/ggml_arm.c and our kernels, run under qemu-user.  The
+# llama.cpp sources are the ones scripts/build_llama_tools.sh unpacks.  The legacy types are left out: ggml adds their
+# products with vmlaq_n_f32, which GCC 12 emits unfused, and neon.c fuses (see its header).
+LLAMA_TOOLS = pathlib.Path(os.environ.get("LLAMA_TOOLS_DIR", NATIVE.parent / ".cache" / "llama-tools"))
+GGML_ARM_TYPES = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("march", ["armv8-a", "armv8.2-a+dotprod"])
+def test_neon_dots_bit_exact_with_ggml_arm_under_qemu(tmp_path, march):
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+    if cc is None or qemu is None:
+        pytest.skip("needs gcc-aarch64-linux-gnu and qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    ggml = next(LLAMA_TOOLS.glob("llama_cpp_python-*/vendor/llama.cpp/ggml"), None)
+    if ggml is None:
+        pytest.skip(f"no llama.cpp sources under {LLAMA_TOOLS} (scripts/build_llama_tools.sh unpacks them)")
+    arch = [f"-march={march}"]
+    ggml_flags = [*arch, "-O3", "-DNDEBUG", "-std=gnu11", *(f"-I{ggml / d}" for d in ("include", "src", "src/ggml-cpu"))]
+    objects = []
+    for src, flags in [(ggml / "src/ggml-cpu/quants.c", ggml_flags), (ggml / "src/ggml-cpu/arch/arm/quants.c", ggml_flags),
+                       *((NATIVE / f, [*BUILD["COMPILE_ARGS"], *arch, f"-I{NATIVE}"])
+                         for f in ("tests/ggml_arm.c", "dispatch.c", "scalar.c", "neon.c"))]:
+        objects.append(str(tmp_path / f"{src.parent.name}-{src.stem}.o"))
+        subprocess.run([cc, *flags, "-c", str(src), "-o", objects[-1]], check=True, capture_output=True, text=True)
+    exe = tmp_path / "ggml_arm"
+    # ggml's files also define functions that call into ggml-base; the dots never reach them
+    subprocess.run([cc, *arch, "-static", *objects, "-o", str(exe), "-lm", "-pthread", "-Wl,--unresolved-symbols=ignore-all"],
+                   check=True, capture_output=True, text=True)
+    run = subprocess.run([qemu, str(exe), *GGML_ARM_TYPES], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(": 0 of 600 results differ") == len(GGML_ARM_TYPES), run.stdout
+
+
 # ---- edgequant verify ----
 
 
@@ -332,6 +459,51 @@ def test_verify_names_a_corrupted_block(tiny_llama, tiny_q4_k_m, tmp_path, capsy
     assert "blk.0.attn_q.weight" in err and "row 5" in err
     failed = next(r for r in results if not r["ok"])
     assert failed["source_error"] > 2 * failed["source_tol"] and failed["source_row"] == 5
+    if how == "nan":
+        assert failed["kernel_error"] == float("inf")
+
+
+def llama_quantize(src, dst, ftype: str) -> None:
+    """llama.cpp's own quantizer (libllama, through llama-cpp-python): blocks that no code of ours wrote."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.fixture(scope="module", params=["IQ4_NL", "IQ4_XS"])
+def tiny_iq4(tiny_llama, tmp_path_factory, request):
+    """(type, path) of the tiny model's F16 GGUF put through llama-quantize's IQ4_NL or IQ4_XS recipe."""
+    tmp = tmp_path_factory.mktemp(f"verify-{request.param}")
+    assert main(["build", str(tiny_llama), "--target", "F16", "-o", str(tmp / "f16.gguf"), "--quiet"]) == 0
+    llama_quantize(tmp / "f16.gguf", tmp / f"{request.param}.gguf", request.param)
+    return Q[request.param], tmp / f"{request.param}.gguf"
+
+
+def test_verify_passes_on_llama_quantize_iq4(tiny_llama, tiny_iq4, capsys):
+    qtype, path = tiny_iq4
+    rc, results, _ = verify(tiny_llama, path, capsys)
+    assert rc == 0
+    iq4 = [r for r in results if r["type"] == qtype.name]
+    assert len(iq4) >= 14  # the 7 linears of both layers at least; the recipe may also pick the embedding
+    for r in iq4:
+        assert r["kernel_error"] < 1e-5 and 1e-3 < r["q8_error"] < 3e-2 and r["source_error"] < r["source_tol"], r
+
+
+@pytest.mark.parametrize("how", ["swap", "random", "nan"])
+def test_verify_names_a_corrupted_iq4_block(tiny_llama, tiny_iq4, tmp_path, capsys, how):
+    qtype, path = tiny_iq4
+    bad = tmp_path / "bad.gguf"
+    corrupt(path, bad, "blk.0.attn_q.weight", how)
+    rc, results, err = verify(tiny_llama, bad, capsys)
+    assert rc == 1
+    assert [r["name"] for r in results if not r["ok"]] == ["blk.0.attn_q.weight"]
+    failed = next(r for r in results if not r["ok"])
+    row = 5 // (failed["shape"][1] // GGML_QUANT_SIZES[qtype][0])  # the row block 5 lies in
+    assert failed["type"] == qtype.name and f"row {row}" in err
+    # (an IQ4_NL block is an eighth of a 256-wide row, so a swapped one is a smaller share of the row's error)
+    assert failed["source_error"] > failed["source_tol"] and failed["source_row"] == row
     if how == "nan":
         assert failed["kernel_error"] == float("inf")
 

@@ -40,7 +40,7 @@ KERNEL_TOL = 1e-3
 # Worst-row source error allowed per type: about twice the worst row of round-to-nearest on bench-a with real
 # activations (Q2_K 0.75, Q3_K 0.36, Q4_K 0.19, Q6_K 0.03).
 SOURCE_TOL = {"Q2_K": 1.0, "Q3_K": 0.6, "Q4_0": 0.5, "Q4_1": 0.5, "Q4_K": 0.4, "Q5_0": 0.3, "Q5_1": 0.3, "Q5_K": 0.25,
-              "Q6_K": 0.15, "Q8_0": 0.1}
+              "Q6_K": 0.15, "Q8_0": 0.1, "IQ4_NL": 0.4, "IQ4_XS": 0.4}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -21,14 +21,15 @@
 #include "blocks.h"
 #include "kernels.h"
 
-static const int WEIGHT_TYPES[] = {EQ_Q4_0, EQ_Q4_1, EQ_Q5_0, EQ_Q5_1, EQ_Q8_0, EQ_Q2_K, EQ_Q3_K, EQ_Q4_K, EQ_Q5_K, EQ_Q6_K};
+static const int WEIGHT_TYPES[] = {EQ_Q4_0, EQ_Q4_1, EQ_Q5_0, EQ_Q5_1, EQ_Q8_0, EQ_Q2_K, EQ_Q3_K, EQ_Q4_K, EQ_Q5_K, EQ_Q6_K,
+                                   EQ_IQ4_NL, EQ_IQ4_XS};
 #define N_WEIGHT_TYPES (int)(sizeof WEIGHT_TYPES / sizeof WEIGHT_TYPES[0])
 
 /* Byte offsets of the f16 fields in each block type (-1 ends the list). */
 static const int HALF_FIELDS[EQ_NTYPES][3] = {
     [EQ_Q4_0] = {0, -1}, [EQ_Q4_1] = {0, 2, -1}, [EQ_Q5_0] = {0, -1}, [EQ_Q5_1] = {0, 2, -1},
     [EQ_Q8_0] = {0, -1}, [EQ_Q2_K] = {80, 82, -1}, [EQ_Q3_K] = {108, -1}, [EQ_Q4_K] = {0, 2, -1},
-    [EQ_Q5_K] = {0, 2, -1}, [EQ_Q6_K] = {208, -1},
+    [EQ_Q5_K] = {0, 2, -1}, [EQ_Q6_K] = {208, -1}, [EQ_IQ4_NL] = {0, -1}, [EQ_IQ4_XS] = {0, -1},
 };
 
 static int failures = 0;
@@ -254,7 +255,7 @@ int main(void) {
     for (int t = 0; t < N_WEIGHT_TYPES; ++t) {
         const int type = WEIGHT_TYPES[t];
         check_dequantize(isa, type, 1024);
-        /* 1024 and an odd number of legacy blocks (NEON pairs blocks) / super-blocks */
+        /* 1024 and an odd number of 32-element blocks (NEON and IQ4_NL pair them) / super-blocks */
         for (int k = 0; k < 2; ++k) {
             const int n = k == 0 ? 1024 : (eq_block_size(type) == 32 ? 32 * 37 : 256 * 3);
             check_dots(isa, type, n, EXACT);
