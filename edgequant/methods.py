@@ -61,8 +61,9 @@ class GptqSettings:
     block_size: int = 128
     damp: float = 0.01
     # Column order: "off" (as stored), "on" (descending Hessian diagonal), or "auto": both, per matrix the one whose
-    # Ŵ has the lower calibration loss ½·tr(E H Eᵀ) (twice the solves; docs/BENCHMARKS.md, "act-order").
-    act_order: str = "off"
+    # Ŵ has the lower calibration loss ½·tr(E H Eᵀ).  auto by default: twice the solves, for what act-order gives a
+    # real model without what it costs bench-a at some ftypes (docs/BENCHMARKS.md, "act-order").
+    act_order: str = "auto"
     refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
     # Calibration forward passes and Hessian sums on a GPU (layerwise.PRECISIONS).  bf16: 2.1x faster than tf32 per 8B
     # layer with the GPU's defaults, bench-a's KLD the same within noise (docs/BENCHMARKS.md).
@@ -183,8 +184,33 @@ class GptqReport:
 
 
 def hessian_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    return float(row_losses(w, w_hat, h).sum())
+
+
+def row_losses(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """½·(e H eᵀ) of every row's error e: rows are independent given H, so the loss of a matrix is their sum."""
     e = w.to(h) - w_hat.to(h)
-    return 0.5 * float(((e @ h) * e).sum())
+    return 0.5 * ((e @ h) * e).sum(1)
+
+
+def solve_in_order(target: torch.Tensor, h: torch.Tensor, c, settings: GptqSettings) -> tuple[object, torch.Tensor, int]:
+    """GPTQ of `target` in settings.act_order's column order: (blocks, Ŵ, rows solved in act-order).  With "auto" both
+    orders are solved and every row keeps the one with its lower loss: rows are independent given H (each has its
+    own blocks), so the choice per row is exact, and the same however the rows are split into solves."""
+    import torch
+
+    from .gptq import solve
+    from .gptq.solver import pick_rows
+
+    orders = {"off": (False,), "on": (True,), "auto": (False, True)}[settings.act_order]
+    sols = [solve(target, h, c, block_size=settings.block_size, damp=settings.damp, act_order=a, refine=settings.refine)
+            for a in orders]
+    if len(sols) == 1:
+        return sols[0].blocks, sols[0].w_hat, len(target) if orders[0] else 0
+    in_order, act = sols
+    pick = row_losses(target, act.w_hat, h) < row_losses(target, in_order.w_hat, h)
+    w_hat = torch.where(pick[:, None], act.w_hat, in_order.w_hat)
+    return pick_rows(pick.cpu().numpy(), act.blocks, in_order.blocks), w_hat, int(pick.sum())
 
 
 def importance_weighted_fit(c, w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
@@ -221,7 +247,6 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
     import torch
 
     from . import layerwise
-    from .gptq import solve
     from .gptq.solver import concat_blocks
     from .gptq.target import asymmetric_target
 
@@ -248,28 +273,19 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
                 target = rows
                 if settings.asymmetric and stats.cross is not None:
                     target = asymmetric_target(rows, stats.s, stats.cross, settings.damp, settings.asymmetric)
-                orders = {"off": (False,), "on": (True,), "auto": (False, True)}[settings.act_order]
-                best = None
-                for act_order in orders:
-                    try:
-                        with one_cpu_thread(device):
-                            sol = solve(target, h, c, block_size=settings.block_size, damp=settings.damp,
-                                        act_order=act_order, refine=settings.refine)
-                    except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
-                        raise UserError(f"{hf_name} (layer {index}) cannot be quantized to {qtype.name}: {e} "
-                                        f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
-                    sol_loss = hessian_loss(target, sol.w_hat, h)
-                    if best is None or sol_loss < best[1]:
-                        best = sol, sol_loss, act_order
-                    del sol
-                sol, sol_loss, act_order = best
-                del best
-                parts.append(sol.blocks)
-                w_hat[r : r + len(rows)] = sol.w_hat
-                loss += sol_loss
-                act_ordered += len(rows) if act_order else 0
+                try:
+                    with one_cpu_thread(device):
+                        blocks, w_rows, ordered = solve_in_order(target, h, c, settings)
+                except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
+                    raise UserError(f"{hf_name} (layer {index}) cannot be quantized to {qtype.name}: {e} "
+                                    f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
+                parts.append(blocks)
+                w_hat[r : r + len(rows)] = w_rows
+                loss += hessian_loss(target, w_rows, h)
+                act_ordered += ordered
+                del w_rows
                 fit_loss += hessian_loss(target, importance_weighted_fit(c, rows, h.diagonal()), h)
-                del sol, target
+                del target
             blocks = concat_blocks(parts, axis=0)
             # packing and hashing on host threads (both release the GIL), while the GPU goes on
             pending["packed"][name] = host.submit(lambda c=c, b=blocks: c.pack(b).reshape(-1))

@@ -40,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("gptq")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (default 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="lazy-batch block of columns (default 128)")
-    g.add_argument("--act-order", nargs="?", choices=ACT_ORDERS, const="on", default="off",
-                   help="column order: on = by descending Hessian diagonal, auto = both, per matrix the lower calibration "
-                        "loss (twice the solves), off = as stored (default: off)")
+    g.add_argument("--act-order", nargs="?", choices=ACT_ORDERS, const="on", default="auto",
+                   help="column order: on = by descending Hessian diagonal, off = as stored, auto = both, per matrix the "
+                        "lower calibration loss (twice the solves; default)")
     g.add_argument("--no-act-order", dest="act_order", action="store_const", const="off", help="the same as --act-order off")
     g.add_argument("--refine", type=int, default=2, metavar="N",
                    help="rounds of coordinate descent on the stored scales and codes after GPTQ (default 2, 0: plain GPTQ)")

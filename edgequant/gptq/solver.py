@@ -237,3 +237,10 @@ def concat_blocks(parts: list, axis: int = 1):
         return parts[0]
     return dataclasses.replace(parts[0], **{f.name: np.concatenate([getattr(p, f.name) for p in parts], axis=axis)
                                              for f in dataclasses.fields(parts[0])})
+
+
+def pick_rows(mask: np.ndarray, a, b):
+    """Blocks (same dataclass, rows first) -> one with row i from `a` where mask[i], else from `b`."""
+    def take(x, y):
+        return np.where(mask.reshape(-1, *[1] * (x.ndim - 1)), x, y)
+    return dataclasses.replace(a, **{f.name: take(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)})
