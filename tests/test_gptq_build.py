@@ -23,6 +23,9 @@ def calib(request):
 @pytest.mark.parametrize("model,target,expected_types", [
     ("tiny_llama", "Q4_K_M", {Q.Q4_K, Q.Q6_K}),
     ("tiny_qwen2", "Q3_K_M", {Q.Q4_0, Q.Q5_0, Q.Q4_K, Q.Q8_0}),  # hidden 320: 32-wide fallbacks
+    ("tiny_llama", "IQ4_XS", {Q.IQ4_XS, Q.Q6_K}),  # the table types: codes index ggml's 16 values
+    ("tiny_llama", "IQ4_NL", {Q.IQ4_NL, Q.Q6_K}),
+    ("tiny_qwen2", "IQ4_XS", {Q.IQ4_XS, Q.IQ4_NL, Q.Q5_1, Q.Q8_0}),  # rows of 320: IQ4_NL; attn_v's Q5_K: Q5_1
 ])
 def test_gptq_build_is_exact_and_beats_the_fit(model, target, expected_types, request, tmp_path, calib):
     out = tmp_path / "m.gguf"

@@ -21,16 +21,20 @@ pytest.importorskip("triton")
 # (codec, rows, cols, lazy block size, act_order): K-quant blocks spanning two lazy blocks (the grid is fitted for
 # columns the sweep has not reached), lazy blocks spanning several Q4_0 blocks (the sweep stops at each for the
 # fit and hands back the updated columns), rows that do not fill the last program's tile, act_order's permuted
-# groups.
+# groups; the table types' nearest value (IQ4_*).
 CASES = [
     ("Q4_K", 32, 256, 128, False),
     ("Q6_K", 64, 512, 128, False),
     ("Q4_0", 40, 256, 128, False),
     ("Q3_K", 64, 512, 256, False),
     ("Q4_K", 32, 512, 128, True),
+    ("IQ4_XS", 32, 512, 128, False),
+    ("IQ4_NL", 40, 256, 128, False),
+    ("IQ4_XS", 24, 256, 128, True),
 ]
 # (codec, rows, cols): solve(..., refine=2), whose polish runs as Triton's `polish` kernel on that backend.
-REFINE_CASES = [("Q4_K", 40, 512), ("Q6_K", 32, 256), ("Q2_K", 24, 512), ("Q4_0", 40, 256), ("Q5_1", 24, 256)]
+REFINE_CASES = [("Q4_K", 40, 512), ("Q6_K", 32, 256), ("Q2_K", 24, 512), ("Q4_0", 40, 256), ("Q5_1", 24, 256),
+                ("IQ4_XS", 24, 512), ("IQ4_NL", 24, 256)]
 BOUNDARY = 1e-3  # how close to a half-integer (in grid steps) a weight must be for a differing code to be rounding
 
 
@@ -45,7 +49,8 @@ def problem(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 
 def distance_to_boundary(W: np.ndarray, H: np.ndarray, c, sol, act_order: bool) -> np.ndarray:
-    """Per weight, how far (in grid steps) the value the torch sweep rounded was from a half-integer."""
+    """Per weight, how far (in grid steps) the value the torch sweep rounded was from a rounding boundary: a
+    half-integer, or on a table the midpoint of two values (in gaps between them)."""
     import torch
 
     from edgequant.gptq.solver import inverse_cholesky
@@ -57,10 +62,15 @@ def distance_to_boundary(W: np.ndarray, H: np.ndarray, c, sol, act_order: bool) 
     U = inverse_cholesky(H[perm][:, perm], sol.damp)[0].double().numpy()
     E = (W - sol.w_hat.cpu().numpy())[:, perm].astype(np.float64)
     delta = np.linalg.solve(U.T, E.T).T
-    scale, offset = c.grid(sol.blocks).columns(None, W.shape[1])
+    grid = c.grid(sol.blocks)
+    scale, offset = grid.columns(None, W.shape[1])
     x = np.empty_like(E)
     x[:, perm] = (sol.w_hat.cpu().numpy()[:, perm] + delta * np.diagonal(U) - offset[:, perm]) / scale[:, perm]
-    return np.abs(x - np.floor(x) - 0.5)
+    if grid.levels is None:
+        return np.abs(x - np.floor(x) - 0.5)
+    levels = grid.levels.astype(np.float64)
+    mids, gaps = (levels[1:] + levels[:-1]) / 2, np.diff(levels)
+    return (np.abs(x[..., None] - mids) / gaps).min(-1)
 
 
 def compare(name: str, rows: int, cols: int, block_size: int, act_order: bool) -> dict:
