@@ -107,8 +107,9 @@ def test_with_codes(name, matrix):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_grid_is_the_scaled_table(name, matrix):
-    """The grid's levels are the table, its scale per 32 weights the one ggml dequantizes with (IQ4_XS: d * (ls - 32)),
-    so grid.dequantize of the codes is gguf-py's dequantization; and the nearest levels of those weights are the codes."""
+    """The grid's levels are the table, its scale per 32 weights the one ggml dequantizes with (IQ4_XS:
+    d * (ls - 32)), so grid.dequantize of the codes is gguf-py's dequantization; and the nearest levels of those
+    weights are the codes."""
     c = codec(name)
     blocks = c.fit(matrix)
     grid, q = c.grid(blocks), c.codes(blocks)
@@ -122,7 +123,8 @@ def test_grid_is_the_scaled_table(name, matrix):
 
 
 def test_grid_rounds_to_the_nearest_scaled_value():
-    """(w - offset) / scale rounded by nearest_index (a tie goes up), 0 where the scale is 0, for either sign of scale."""
+    """(w - offset) / scale rounded by nearest_index (a tie goes up), 0 where the scale is 0, for either sign of
+    the scale."""
     c = codec("IQ4_NL")
     d = np.array([[2.0, -0.5, 0.0]], np.float16)
     grid = c.grid(dataclasses.replace(c.fit(np.zeros((1, 96), F32)), d=d))

@@ -88,8 +88,9 @@ def nearest_index(levels: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class IntegerScales:
-    """A codec's group parameters as integers: per group g of a row, w_hat = (d * scale[g]) * level(q) - (dmin * min[g]),
-    scale and min integers in [lo, hi], d and dmin the group's floats.  What a refit may change.
+    """A codec's group parameters as integers: per group g of a row,
+    w_hat = (d * scale[g]) * level(q) - (dmin * min[g]), scale and min integers in [lo, hi], d and dmin the group's
+    floats.  What a refit may change.
 
     d, dmin: (rows, groups) float32; scale, min: (rows, groups) int32; dmin and min are None for the types without
     a min (w_hat = (d * scale[g]) * level(q)).  K-quants: the stored sub-block scales under their super-block's d;

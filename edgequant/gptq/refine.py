@@ -58,7 +58,8 @@ def refine(W: torch.Tensor, H: torch.Tensor, codec: Codec, blocks, q: torch.Tens
     return blocks, scale, offset
 
 
-def dequantized(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+def dequantized(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                levels: torch.Tensor | None = None) -> torch.Tensor:
     """AffineGrid.dequantize on the device: scale * level(q) + offset per weight, in that order (per group,
     broadcast); q float codes, level(q) = q, or levels[q] for a table."""
     rows, groups = scale.shape
@@ -70,8 +71,8 @@ def dequantized(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, leve
 
 def refit_scales(W, H, q, d, sc, dmin, mn, lo: int, hi: int, offset, block_size: int, sweep) -> None:
     """Group by group, the integer scale sc (and min mn) that lowers L most for the levels q (sc, mn in place).
-    Ŵ[:, J] = (d·sc)·q[:, J] - dmin·mn for the group's columns J (q: the codes' levels, float); dmin, mn None for the symmetric K-quants
-    (whose offset is the constant -0.0).  In lazy blocks of whole groups, as polish_codes: `sweep` (torch_refit or
+    Ŵ[:, J] = (d·sc)·q[:, J] - dmin·mn for the group's columns J (q: the codes' levels, float); dmin, mn None for
+    the types without a min (whose offset is the constant -0.0).  In lazy blocks of whole groups, as polish_codes: `sweep` (torch_refit or
     triton_solver.refit) walks a block's groups, then one GEMM carries the block's changes to later columns."""
     rows, groups = sc.shape
     cols = q.shape[1]
@@ -159,7 +160,8 @@ def torch_polish(Gt1, Qt1, Dt1, H1, St, group: int, first: int, qmin: int, qmax:
         if levels is None:
             curv = a * a * H1[j, j]
             up = 2 * a * Gt1[j] + curv  # ΔL of q + 1; q - 1 changes L by 2·curv - up: at most one is < 0
-            dq = torch.where((up < 0) & (Qt1[j] < qmax), 1.0, torch.where((2 * curv - up < 0) & (Qt1[j] > qmin), -1.0, 0.0))
+            down = 2 * curv - up
+            dq = torch.where((up < 0) & (Qt1[j] < qmax), 1.0, torch.where((down < 0) & (Qt1[j] > qmin), -1.0, 0.0))
             Dt1[j] = dq * a
         else:
             dq, Dt1[j] = table_move(a, Gt1[j], H1[j, j], Qt1[j], levels)

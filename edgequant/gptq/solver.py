@@ -9,9 +9,9 @@ The grid is llama.cpp's.  Each codec block (256 columns for K-quants and IQ4_XS,
 its scales chosen by `codec.fit` exactly when GPTQ reaches its first column, from the weights as updated by the
 errors of all earlier columns, with llama.cpp's imatrix-style importance; its columns are then rounded onto that
 fixed grid: to the nearest level scale·q + offset, or for the table types (IQ4_*) to the nearest of the 16 scaled
-table values scale·levels[q] + offset.  With `act_order` the columns go by descending diag(H) instead, which GGUF cannot record
-(no g_idx): the grid is then fitted once, up front, from the original weights, and codes are stored back
-in the original column order.
+table values scale·levels[q] + offset.  With `act_order` the columns go by descending diag(H) instead, which GGUF
+cannot record (no g_idx): the grid is then fitted once, up front, from the original weights, and codes are stored
+back in the original column order.
 
 Choices (measured in tests/test_gptq_solver.py, scripts/bench_gptq_cpu.py and on bench-a's own H):
   - damping λ = damp · mean(diag H), ×10 (up to 4 times) while a Cholesky fails;
