@@ -11,7 +11,8 @@ With exactly one such tensor per block (every dense model) the counter equals th
 here the caller passes `layer` (the N of `blk.N.`) and `n_layers` (the block count) directly.
 
 Reproduced for dense Llama/Mistral/Qwen2/Qwen3 GGUFs, plus the cheap model-wide bumps (the
-"70B" attn_v bump, the 8-expert attention bumps). Not reproduced: IQ*/TQ*/MXFP4/Q2_K_S recipes,
+"70B" attn_v bump, the 8-expert attention bumps), and of the i-quant recipes the two 4-bit ones (IQ4_NL, IQ4_XS).
+Not reproduced: the other IQ* recipes, TQ*/MXFP4/Q2_K_S,
 Falcon-specific branches, --pure, --tensor-type/--output-tensor-type/--token-embedding-type
 overrides and --leave-output-tensor.
 """
@@ -84,6 +85,10 @@ def _with_imatrix_below(fraction: int) -> Callable[[_Spot], bool]:
     return lambda s: s.has_imatrix and s.layer < s.n_layers // fraction
 
 
+def _without_imatrix_below(fraction: int) -> Callable[[_Spot], bool]:
+    return lambda s: not s.has_imatrix and s.layer < s.n_layers // fraction
+
+
 def _pick(test: Callable[[_Spot], bool], then: Q, otherwise: Q | None = None) -> _Rule:
     return lambda s: then if test(s) else otherwise
 
@@ -101,7 +106,7 @@ class _Recipe:
 
 # Roles with rules: "attn_v" (also fused attn_qkv and MLA attn_kv_b: llama.cpp routes them through its
 # attn_v branch first, so its separate attn_qkv branch never fires), "ffn_down", "attn_output".
-# attn_q/ffn_gate/ffn_up only move in the IQ recipes (not reproduced).
+# attn_q/ffn_gate/ffn_up only move in the 1- to 3-bit IQ recipes (not reproduced).
 _RECIPES: dict[str, _Recipe] = {
     "F32": _Recipe(_FT.ALL_F32, Q.F32),
     "F16": _Recipe(_FT.MOSTLY_F16, Q.F16),
@@ -142,6 +147,16 @@ _RECIPES: dict[str, _Recipe] = {
         "ffn_down": _pick(_more_bits, Q.Q6_K),
     }),
     "Q6_K": _Recipe(_FT.MOSTLY_Q6_K, Q.Q6_K),
+    # The non-uniform 4-bit types: attn_v to Q5_K when 4+ query heads share a KV head, and the first eighth of
+    # ffn_down to Q5_K only without an imatrix (the opposite condition of Q4_0/Q5_0's bump).
+    "IQ4_NL": _Recipe(_FT.MOSTLY_IQ4_NL, Q.IQ4_NL, {
+        "attn_v": _pick(_gqa_at_least(4), Q.Q5_K),
+        "ffn_down": _pick(_without_imatrix_below(8), Q.Q5_K),
+    }),
+    "IQ4_XS": _Recipe(_FT.MOSTLY_IQ4_XS, Q.IQ4_XS, {
+        "attn_v": _pick(_gqa_at_least(4), Q.Q5_K),
+        "ffn_down": _pick(_without_imatrix_below(8), Q.Q5_K),
+    }),
 }
 
 #: --target names -> the GGUF general.file_type value llama-quantize writes for them.
@@ -150,10 +165,10 @@ FTYPES: Mapping[str, gguf.LlamaFileType] = MappingProxyType({k: r.file_type for 
 _UNQUANTIZED = frozenset({Q.F32, Q.F16, Q.BF16})
 
 # With 8 experts, these ftypes put attn_output at Q5_K (and attn_v/attn_k always go to Q8_0).
-_EIGHT_EXPERT_Q5K_ATTN_OUTPUT = frozenset({"Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"})
+_EIGHT_EXPERT_Q5K_ATTN_OUTPUT = frozenset({"Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"})
 
 # Where a type whose block does not divide a row goes instead (then F16 if that does not fit either).
-_SMALLER_BLOCK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+_SMALLER_BLOCK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
 
 # Substring -> role, first match wins (llama.cpp's tensor categories, reduced to the roles used here).
 _ROLE_BY_SUBSTRING = (
@@ -189,7 +204,7 @@ def tensor_type(
     """The GGML type llama-quantize gives tensor `name` (numpy `shape`) in a file of type `ftype`.
 
     `layer` is the block index of a `blk.N.` tensor (None for others), `n_layers` the block count.
-    `has_imatrix` matters only for Q4_0/Q5_0 (first eighth of ffn_down). Tensors llama.cpp never
+    `has_imatrix` matters only for the first eighth of ffn_down (Q4_0/Q5_0/IQ4_NL/IQ4_XS). Tensors llama.cpp never
     quantizes (norms, biases, 1-D, MoE routers) come back F32: the type our converter stores them in
     (llama.cpp keeps their source type).
     """

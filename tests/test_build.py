@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -9,9 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from edgequant.cli import main
+from edgequant.convert.imatrix_file import write_imatrix_gguf
 from edgequant.model import SourceModel
 
 Q = gguf.GGMLQuantizationType
+
+
+def llama_quantize() -> str | None:
+    """llama.cpp's own llama-quantize (scripts/build_llama_tools.sh), or one on PATH."""
+    local = Path(__file__).resolve().parents[1] / ".cache" / "llama-tools" / "bin" / "llama-quantize"
+    return str(local) if local.exists() else shutil.which("llama-quantize")
 
 
 def build(model, target, out, *extra) -> gguf.GGUFReader:
@@ -112,3 +123,41 @@ def test_llama_cpp_matches_transformers(model, request, tmp_path, fixture_text):
     q = torch.log_softmax(torch.from_numpy(ours), -1)
     kld = (p.exp() * (p - q)).sum(-1).mean().item()
     assert kld < 1e-4
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2"])
+def bf16_source(request, tmp_path_factory):
+    """(model dir, its BF16 GGUF, an imatrix file for it): the checkpoint losslessly, as llama-quantize's input, and
+    a random importance (some columns 0) for every matrix, read by both quantizers."""
+    model = request.getfixturevalue(request.param)
+    tmp = tmp_path_factory.mktemp(request.param)
+    build(model, "BF16", tmp / "bf16.gguf")
+    rng = np.random.default_rng(5)
+    sums = {}
+    for t in gguf.GGUFReader(tmp / "bf16.gguf").tensors:
+        if len(t.shape) == 2 and t.name != "token_embd.weight":  # llama-imatrix sees no input of the embedding
+            s = rng.gamma(0.5, 2.0, int(t.shape[0])).astype(np.float32)
+            s[rng.random(s.size) < 0.1] = 0
+            sums[t.name] = (s, 3)
+    write_imatrix_gguf(tmp / "imatrix.gguf", sums, datasets=["random"], chunk_count=1, chunk_size=3)
+    return model, tmp / "bf16.gguf", tmp / "imatrix.gguf"
+
+
+@pytest.mark.skipif(llama_quantize() is None, reason="llama-quantize not built (scripts/build_llama_tools.sh)")
+@pytest.mark.parametrize("target", ["IQ4_XS", "IQ4_NL"])
+@pytest.mark.parametrize("method", ["rtn", "imatrix"])
+def test_bytes_equal_llama_quantize(bf16_source, target, method, tmp_path):
+    """`--method rtn` is `llama-quantize`, `--method imatrix --imatrix FILE` is `llama-quantize --imatrix FILE`: the
+    same type and the same bytes for every tensor (tiny-qwen2's rows of 320 take the fallbacks)."""
+    model, bf16, imatrix = bf16_source
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    options = ["--imatrix", str(imatrix)] if method == "imatrix" else []
+    build(model, target, ours, "--method", method, *options)
+    subprocess.run([llama_quantize(), *options, str(bf16), str(theirs), target, "1"], check=True, capture_output=True)
+    mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    ref = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert mine.keys() == ref.keys()  # llama-quantize may write them in another order
+    assert {t.tensor_type for t in mine.values()} >= {Q[target]}
+    for name, t in ref.items():
+        assert mine[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.asarray(mine[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import gguf
@@ -93,7 +94,7 @@ def test_random_bytes_unpack_pack(name):
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_with_codes_and_no_grid(name, matrix):
+def test_with_codes(name, matrix):
     c = codec(name)
     blocks = c.fit(matrix)
     q = c.codes(blocks)
@@ -102,8 +103,41 @@ def test_with_codes_and_no_grid(name, matrix):
     np.testing.assert_array_equal(c.codes(c.with_codes(blocks, 15 - q)), 15 - q)
     with pytest.raises(ValueError, match="outside"):
         c.with_codes(blocks, q + 16)
-    with pytest.raises(NotImplementedError, match="non-uniform table"):
-        c.grid(blocks)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_grid_is_the_scaled_table(name, matrix):
+    """The grid's levels are the table, its scale per 32 weights the one ggml dequantizes with (IQ4_XS:
+    d * (ls - 32)), so grid.dequantize of the codes is gguf-py's dequantization; and the nearest levels of those
+    weights are the codes."""
+    c = codec(name)
+    blocks = c.fit(matrix)
+    grid, q = c.grid(blocks), c.codes(blocks)
+    assert grid.levels is VALUES and (grid.group, grid.qmin, grid.qmax) == (32, 0, 15)
+    ref = gguf.quants.dequantize(c.pack(blocks), c.qtype).reshape(matrix.shape)
+    np.testing.assert_array_equal(grid.dequantize(q).view(np.uint32), ref.view(np.uint32))
+    finite = np.isfinite(ref).all(1) & (np.abs(grid.scale) < 1e36).all(1)  # scale * 127 stays finite
+    assert finite.sum() > 40
+    np.testing.assert_array_equal(grid.quantize(ref)[finite], q[finite])
+    assert (grid.quantize(ref[:, 32:64], slice(32, 64))[finite] == q[finite, 32:64]).all()
+
+
+def test_grid_rounds_to_the_nearest_scaled_value():
+    """(w - offset) / scale rounded by nearest_index (a tie goes up), 0 where the scale is 0, for either sign of
+    the scale."""
+    c = codec("IQ4_NL")
+    d = np.array([[2.0, -0.5, 0.0]], np.float16)
+    grid = c.grid(dataclasses.replace(c.fit(np.zeros((1, 96), F32)), d=d))
+    mids = (VALUES[:-1] + VALUES[1:]) / 2
+    x = np.concatenate([VALUES * 2, mids * 2, np.full(1, 1e9)])  # block 0: on the values, ties, beyond the top
+    x = np.concatenate([x[:32], VALUES[::-1] * -0.5, mids[:15] * -0.5, [0.3], np.linspace(-1, 1, 32)]).astype(F32)
+    got = grid.quantize(x[None, :96])[0]
+    np.testing.assert_array_equal(got[:16], np.arange(16))
+    np.testing.assert_array_equal(got[16:31], np.arange(1, 16))  # ties go to the upper value
+    assert got[31] == 15
+    np.testing.assert_array_equal(got[32:48], np.arange(16)[::-1])  # negative scale: the order flips
+    np.testing.assert_array_equal(got[48:63], np.arange(1, 16))  # x = mids exactly: ties go up
+    np.testing.assert_array_equal(got[64:], best_index(np.zeros(32, F32)))  # scale 0: the value nearest 0
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -123,21 +157,6 @@ def test_best_index_ties_and_limits():
     np.testing.assert_array_equal(best_index(mids), np.arange(1, 16))  # a tie goes to the upper value
     x = np.array([-np.inf, -1e9, -127.5, 113.5, 1e9, np.inf, np.nan, 0.0, -0.0], F32)
     np.testing.assert_array_equal(best_index(x), [0, 0, 0, 15, 15, 15, 15, 8, 8])
-
-
-@pytest.mark.parametrize("name", TYPES)
-def test_no_grid_backend_claims_them(name):
-    """No C fit exists for these types (the encoder falls back to the codec), and GPTQ's fit contract, a grid,
-    says so instead of producing wrong codes."""
-    import torch
-
-    from edgequant.gptq import fitter
-
-    c = codec(name)
-    assert not c.has_grid
-    assert not fitter.NativeFit().covers(c, False) and not fitter.NativeFit().covers(c, True)
-    with pytest.raises(NotImplementedError, match="non-uniform table"):
-        fitter.NumpyFit().fit(c, torch.zeros(2, c.block_size), None)
 
 
 @pytest.mark.shared

@@ -23,6 +23,9 @@ def calib(request):
 @pytest.mark.parametrize("model,target,expected_types", [
     ("tiny_llama", "Q4_K_M", {Q.Q4_K, Q.Q6_K}),
     ("tiny_qwen2", "Q3_K_M", {Q.Q4_0, Q.Q5_0, Q.Q4_K, Q.Q8_0}),  # hidden 320: 32-wide fallbacks
+    ("tiny_llama", "IQ4_XS", {Q.IQ4_XS, Q.Q6_K}),  # the table types: codes index ggml's 16 values
+    ("tiny_llama", "IQ4_NL", {Q.IQ4_NL, Q.Q6_K}),
+    ("tiny_qwen2", "IQ4_XS", {Q.IQ4_XS, Q.IQ4_NL, Q.Q5_1, Q.Q8_0}),  # rows of 320: IQ4_NL; attn_v's Q5_K: Q5_1
 ])
 def test_gptq_build_is_exact_and_beats_the_fit(model, target, expected_types, request, tmp_path, calib):
     out = tmp_path / "m.gguf"
@@ -236,3 +239,46 @@ def test_act_order_auto_build_records_what_it_chose(tiny_llama, tmp_path, calib)
         assert auto["gptq_loss"] <= min(off["gptq_loss"], on["gptq_loss"]) * (1 + 1e-6), name
         assert (off["act_order"], on["act_order"]) == (0.0, 1.0) and 0 <= auto["act_order"] <= 1, name
     assert any(0 < v["act_order"] < 1 for v in results["auto"].values())
+
+
+def test_iq4_xs_build_resumes_and_is_read_by_inspect_report_and_eval(tiny_llama, tmp_path, calib, tiny_gguf,
+                                                                      fixture_text, capsys):
+    """A table type through the rest of the pipeline: a GPTQ build to IQ4_XS killed after layer 0 resumes (with
+    --verify and --report) to the uninterrupted build's bytes; inspect lists its types and sizes, the report maps
+    them, and eval runs it in llama.cpp against the F16 build, close to it but not equal."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from edgequant.cli import main
+
+    reference = build(str(tiny_llama), "IQ4_XS", tmp_path / "ref.gguf", method="gptq", calib=calib, quiet=True)
+    out, report = tmp_path / "m.gguf", tmp_path / "build.html"
+    argv = [sys.executable, "-m", "edgequant.cli", "build", str(tiny_llama), "-t", "IQ4_XS", "--method", "gptq",
+            "--calib", calib.sources[0], "--calib-samples", str(calib.samples), "--calib-seqlen", str(calib.seqlen),
+            "--device", "cpu", "--quiet", "-o", str(out)]
+    env = {**os.environ, "EDGEQUANT_TEST_KILL_AFTER_LAYER": "0"}
+    killed = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = subprocess.run(argv + ["--verify", "--report", str(report)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert sha256(out) == sha256(tmp_path / "ref.gguf")
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    types = {t["name"]: t["type"] for t in info["tensors"]}
+    assert types == {t.name: t.qtype.name for t in reference.plan}
+    assert types["blk.0.attn_q.weight"] == "IQ4_XS" and types["output.weight"] == "Q6_K"
+    xs = [t for t in info["tensors"] if t["type"] == "IQ4_XS"]
+    assert all(t["bytes"] * 256 == 136 * t["shape"][0] * t["shape"][1] for t in xs)  # 4.25 bits per weight
+    page = report.read_text(encoding="utf-8")
+    assert "IQ4_XS" in page and "blk.1.ffn_down.weight" in page
+
+    assert main(["eval", str(out), "--text", str(fixture_text), "--ctx", "64", "--chunks", "4", "--threads", "2",
+                 "--base", str(tiny_gguf), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model_info"]["tensor_types"]["IQ4_XS"] == sum(t["bytes"] for t in xs)
+    assert 0 < r["kld"]["mean"] < 0.5 and r["same_top_pct"] > 50

@@ -78,7 +78,7 @@ def gptq_views(W: np.ndarray, w_hat: np.ndarray, H: np.ndarray, damp: float, S: 
     return at_rounding.astype(F32), at_entry.astype(F32)
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q3_K", "Q6_K", "Q5_0"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q3_K", "Q6_K", "Q5_0", "IQ4_XS", "IQ4_NL"])
 @pytest.mark.parametrize("block_size", [64, 128, 256])
 def test_grids_fit_the_updated_weights(name, block_size):
     """Each codec block's grid is the codec's fit of the weights as updated when GPTQ entered it, and each code
@@ -96,7 +96,7 @@ def test_grids_fit_the_updated_weights(name, block_size):
     assert np.mean(c.codes(sol.blocks) == grid.quantize(at_rounding)) > 0.99
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q4_0", "IQ4_XS", "IQ4_NL"])
 def test_uncorrelated_inputs_give_round_to_nearest(name):
     """H = I: no error to spread, so each block's grid is the codec's own fit and codes are its nearest levels."""
     c = codec(name)
@@ -112,7 +112,7 @@ def test_uncorrelated_inputs_give_round_to_nearest(name):
     assert np.array_equal(c.codes(sol.blocks), grid.quantize(W))
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q3_K", "Q2_K", "Q6_K", "Q5_0"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q3_K", "Q2_K", "Q6_K", "Q5_0", "IQ4_XS", "IQ4_NL"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_beats_importance_weighted_rtn(name, act_order):
     c = codec(name)
@@ -122,7 +122,7 @@ def test_beats_importance_weighted_rtn(name, act_order):
     assert output_error(X, W, sol.w_hat.cpu().numpy()) < 0.9 * output_error(X, W, rtn)
 
 
-@pytest.mark.parametrize("qtype", [t for t, c in CODECS.items() if c.has_grid], ids=lambda t: t.name)  # GPTQ needs a grid
+@pytest.mark.parametrize("qtype", list(CODECS), ids=lambda t: t.name)
 def test_packed_blocks_dequantize_to_w_hat(qtype):
     c = CODECS[qtype]
     W, _, H = problem(rows=4)
@@ -131,7 +131,7 @@ def test_packed_blocks_dequantize_to_w_hat(qtype):
     assert_exact(c, sol)
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K", "Q5_0"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K", "Q5_0", "IQ4_XS", "IQ4_NL"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_loss_is_the_obs_loss(name, act_order):
     c = codec(name)
@@ -142,13 +142,14 @@ def test_loss_is_the_obs_loss(name, act_order):
     assert_exact(c, sol)
 
 
-def test_dead_columns_keep_their_weights():
+@pytest.mark.parametrize("name", ["Q4_K", "IQ4_XS"])
+def test_dead_columns_keep_their_weights(name):
     """Inputs that are always 0 in calibration: the weights stay (rounded on their grid), even a whole sub-block."""
-    c = codec("Q4_K")
+    c = codec(name)
     W, X, _ = problem(seed=3)
     dead = np.zeros(512, dtype=bool)
     dead[[5, 300, 511]] = True
-    dead[64:96] = True  # one whole Q4_K sub-block
+    dead[64:96] = True  # one whole sub-block of 32
     X[:, dead] = 0
     H = (2 * X.T @ X).astype(F32)
     sol = solve(W, H, c)
@@ -178,7 +179,8 @@ def test_hopeless_h_is_an_error():
         solve(W, -np.eye(512, dtype=F32), codec("Q4_K"))
 
 
-@pytest.mark.parametrize("name, sizes", [("Q4_K", (64, 128, 256, 512)), ("Q4_0", (16, 32, 128))])
+@pytest.mark.parametrize("name, sizes", [("Q4_K", (64, 128, 256, 512)), ("Q4_0", (16, 32, 128)),
+                                         ("IQ4_XS", (64, 256, 512))])
 def test_lazy_block_size_does_not_change_the_result(name, sizes):
     """Lazy batching is exact: only float rounding may differ.  (A fit on weights that missed a trailing
     update, e.g. the second half of a 256-column block with block_size 128, would change the grid.)"""
@@ -196,9 +198,10 @@ def test_block_size_must_align_with_the_codec():
         solve(W, H, codec("Q4_K"), block_size=96)
 
 
-def test_act_order_stores_codes_in_original_column_order():
+@pytest.mark.parametrize("name", ["Q6_K", "IQ4_XS"])
+def test_act_order_stores_codes_in_original_column_order(name):
     """The grid is the plain importance-weighted fit of W; only codes change, and they line up with W's columns."""
-    c = codec("Q6_K")
+    c = codec(name)
     W, X, H = problem(seed=6)
     importance = np.diagonal(H) + 0.01 * np.diagonal(H).mean()
     sol = solve(W, H, c, act_order=True)
@@ -228,9 +231,12 @@ def test_cuda_matches_cpu():
     assert_exact(c, gpu)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
-def test_weights_whose_block_scales_overflow_float16_are_refused(qtype):
+# IQ4_XS at 1e30: the squares in ggml's scale search overflow float32, its NaN sub-block scales never win the
+# super-block's, and ggml writes d = 0 (so does the codec, byte for byte): 1e10 overflows only float16.
+@pytest.mark.parametrize("qtype, magnitude", [("Q4_K", 1e30), ("Q6_K", 1e30), ("Q8_0", 1e30), ("IQ4_NL", 1e30),
+                                              ("IQ4_XS", 1e10)])
+def test_weights_whose_block_scales_overflow_float16_are_refused(qtype, magnitude):
     """Finite weights too large for float16 scales: a ValueError that says so, not NaN weights."""
     X = np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32)
     with np.errstate(all="ignore"), pytest.raises(ValueError, match="overflow float16"):
-        solve(np.full((8, 256), 1e30, np.float32), 2 * X.T @ X / 512, codec(qtype))
+        solve(np.full((8, 256), magnitude, np.float32), 2 * X.T @ X / 512, codec(qtype))

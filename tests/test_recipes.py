@@ -70,7 +70,11 @@ MHA2_TIED = Model(n_layers=2, n_head=4, n_head_kv=4, hidden=512, ffn=1536, tied=
 ODD = Model(n_layers=2, n_head=4, n_head_kv=4, hidden=544, ffn=1440)
 ODDER = Model(n_layers=2, n_head=4, n_head_kv=4, hidden=544, ffn=1000, tied=True)
 
+# gqa 4 and rows of 544/1440: the i-quants' Q5_K bumps fall back to Q5_1
+ODD_GQA4 = Model(n_layers=8, n_head=8, n_head_kv=2, hidden=544, ffn=1440)
+
 K2, K3, K4, K5, K6 = Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K
+NL, XS = Q.IQ4_NL, Q.IQ4_XS
 
 # ftype -> role -> types at GQA8's layers 0, 1, 3, 4, 7 (use_more_bits(i, 8) holds for 0, 3, 6, 7).
 GQA8_LAYERS = (0, 1, 3, 4, 7)
@@ -92,6 +96,9 @@ GQA8_TABLE = {
     "F16": {"attn_v": (Q.F16,) * 5, "ffn_down": (Q.F16,) * 5},
     "BF16": {"attn_v": (Q.BF16,) * 5, "attn_q": (Q.BF16,) * 5},
     "F32": {"attn_v": (Q.F32,) * 5, "ffn_down": (Q.F32,) * 5},
+    # gqa >= 4: attn_v to Q5_K; without an imatrix the first n_layers // 8 ffn_down to Q5_K
+    "IQ4_NL": {"attn_v": (K5,) * 5, "ffn_down": (K5, NL, NL, NL, NL), "attn_output": (NL,) * 5, "attn_q": (NL,) * 5},
+    "IQ4_XS": {"attn_v": (K5,) * 5, "ffn_down": (K5, XS, XS, XS, XS), "attn_output": (XS,) * 5, "ffn_up": (XS,) * 5},
 }
 
 # ftype -> (output, token_embd) for GQA8 (untied): output goes to Q6_K unless the file is Q8_0 or unquantized.
@@ -99,7 +106,7 @@ GQA8_ENDS = {
     "Q2_K": (K6, K2), "Q3_K_S": (K6, K3), "Q3_K_M": (K6, K3), "Q3_K_L": (K6, K3), "Q4_K_S": (K6, K4),
     "Q4_K_M": (K6, K4), "Q5_K_S": (K6, K5), "Q5_K_M": (K6, K5), "Q6_K": (K6, K6), "Q8_0": (Q.Q8_0, Q.Q8_0),
     "Q4_0": (K6, Q.Q4_0), "Q4_1": (K6, Q.Q4_1), "Q5_0": (K6, Q.Q5_0), "Q5_1": (K6, Q.Q5_1),
-    "F16": (Q.F16, Q.F16), "BF16": (Q.BF16, Q.BF16), "F32": (Q.F32, Q.F32),
+    "F16": (Q.F16, Q.F16), "BF16": (Q.BF16, Q.BF16), "F32": (Q.F32, Q.F32), "IQ4_NL": (K6, NL), "IQ4_XS": (K6, XS),
 }
 
 # ftype -> (attn_v, ffn_down) at MHA2_TIED's layers 0 and 1 (use_more_bits(i, 2) only for 1; gqa 1), and
@@ -114,6 +121,8 @@ MHA2_TABLE = {
     "Q4_0": ((Q.Q4_0, Q.Q4_0), (Q.Q4_0, Q.Q4_0), K6),
     "Q8_0": ((Q.Q8_0, Q.Q8_0), (Q.Q8_0, Q.Q8_0), Q.Q8_0),
     "F16": ((Q.F16, Q.F16), (Q.F16, Q.F16), Q.F16),
+    "IQ4_NL": ((NL, NL), (NL, NL), K6),  # gqa 1, and 2 // 8 = 0 ffn_down bumps
+    "IQ4_XS": ((XS, XS), (XS, XS), K6),
 }
 
 # Rows that are not whole 256-blocks: (model, ftype, name, layer, expected).
@@ -135,6 +144,18 @@ FALLBACKS = [
     (ODDER, "Q8_0", "blk.1.ffn_down.weight", 1, Q.F16),
     (ODDER, "Q4_K_M", "token_embd.weight", None, Q.Q8_0),  # tied: output rules
     (ODDER, "F16", "blk.1.ffn_down.weight", 1, Q.F16),
+    (ODD, "IQ4_XS", "blk.1.attn_q.weight", 1, NL),  # IQ4_XS -> IQ4_NL
+    (ODD, "IQ4_XS", "blk.0.ffn_down.weight", 0, NL),
+    (ODD, "IQ4_XS", "token_embd.weight", None, NL),
+    (ODD, "IQ4_XS", "output.weight", None, Q.Q8_0),  # row not an IQ4_XS row -> output straight to Q8_0
+    (ODD, "IQ4_NL", "output.weight", None, Q.Q8_0),  # a whole IQ4_NL row: Q6_K, which falls back to Q8_0
+    (ODD, "IQ4_NL", "blk.1.attn_k.weight", 1, NL),
+    (ODD_GQA4, "IQ4_XS", "blk.3.attn_v.weight", 3, Q.Q5_1),  # Q5_K -> Q5_1
+    (ODD_GQA4, "IQ4_NL", "blk.0.ffn_down.weight", 0, Q.Q5_1),
+    (ODD_GQA4, "IQ4_NL", "blk.1.ffn_down.weight", 1, NL),
+    (ODDER, "IQ4_XS", "blk.0.ffn_down.weight", 0, Q.F16),  # 1000 columns: not even IQ4_NL fits
+    (ODDER, "IQ4_NL", "blk.1.ffn_down.weight", 1, Q.F16),
+    (ODDER, "IQ4_XS", "token_embd.weight", None, Q.Q8_0),  # tied: output rules
 ]
 
 
@@ -180,6 +201,15 @@ def test_imatrix_moves_first_ffn_down_of_q4_0_and_q5_0():
     assert GQA8.type_of("Q4_0", "blk.1.ffn_down.weight", 1, has_imatrix=True) == Q.Q4_0
 
 
+@pytest.mark.parametrize("ftype", ["IQ4_NL", "IQ4_XS"])
+def test_imatrix_keeps_first_ffn_down_of_iq4(ftype):
+    """Without an imatrix the first eighth of ffn_down goes to Q5_K; with one it stays at the file's type."""
+    base = Q[ftype]
+    assert GQA8.type_of(ftype, "blk.0.ffn_down.weight", 0) == K5
+    assert GQA8.type_of(ftype, "blk.0.ffn_down.weight", 0, has_imatrix=True) == base
+    assert GQA8.type_of(ftype, "blk.0.attn_v.weight", 0, has_imatrix=True) == K5  # the gqa bump does not care
+
+
 def test_fused_qkv_follows_attn_v():
     got = tensor_type("blk.3.attn_qkv.weight", 3, 8, "Q4_K_M", (1536, 512), GQA8.facts)
     assert got == Q.Q6_K
@@ -188,7 +218,8 @@ def test_fused_qkv_follows_attn_v():
 def test_ftypes_name_the_gguf_file_types():
     assert FTYPES["Q4_K_M"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert FTYPES["F32"] == gguf.LlamaFileType.ALL_F32
-    assert len(FTYPES) == 17
+    assert FTYPES["IQ4_XS"] == gguf.LlamaFileType.MOSTLY_IQ4_XS
+    assert len(FTYPES) == 19
 
 
 def test_unknown_ftype_is_a_user_error():
@@ -265,7 +296,7 @@ def test_matches_llama_quantize(f16_model, ftype, tmp_path):
     assert ours == theirs
 
 
-@pytest.mark.parametrize("ftype", ["Q4_0", "Q5_0", "Q4_K_M"])
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q5_0", "Q4_K_M", "IQ4_NL", "IQ4_XS"])
 def test_matches_llama_quantize_with_imatrix(ftype, tmp_path):
     model = ORACLE_MODELS["gqa32"]
     _write_f16_gguf(tmp_path / "in.gguf", model)

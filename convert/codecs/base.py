@@ -1,4 +1,4 @@
-"""What every GGML block codec offers, and the affine grid the GPTQ solver quantizes onto.
+"""What every GGML block codec offers, and the grid the GPTQ solver quantizes onto.
 
 A codec works on a whole 2-D tensor at once, vectorized over its blocks:
 
@@ -6,13 +6,14 @@ A codec works on a whole 2-D tensor at once, vectorized over its blocks:
     raw    = codec.pack(blocks)          # exact GGUF bytes, (rows, n_per_row // block_size * type_size) uint8
     blocks = codec.unpack(raw)           # inverse of pack, bit for bit
     w_hat  = codec.dequantize(blocks)    # float32, bit-identical to gguf.quants.dequantize(raw)
-    grid   = codec.grid(blocks)          # per-group affine grid: w_hat = scale * q + offset, q in [qmin, qmax]
-    ints   = codec.integer_scales(blocks)  # K-quants: the stored integer sub-block scales (and mins), else None
+    grid   = codec.grid(blocks)          # per-group grid: w_hat = scale * level(q) + offset
+    ints   = codec.integer_scales(blocks)  # the scales a refit may move, as integers (K-quants: as stored)
 
-`fit` is the only place scales are chosen; `pack` never re-chooses them.  Every block type llama.cpp
-dequantizes is affine per group of 16 or 32 weights (`scale * q + offset` in float32, evaluated in that
-order, which is also the order gguf-py and ggml use), so a single `AffineGrid` serves every type, except the
-non-uniform table types (IQ4_NL, IQ4_XS: `has_grid` False), whose `grid` raises and whose codes are table indices.
+`fit` is the only place scales are chosen; `pack` never re-chooses them.  Every block type llama.cpp dequantizes
+is affine in a level per group of 16 or 32 weights (`scale * level + offset` in float32, evaluated in that order,
+which is also the order gguf-py and ggml use), so a single `AffineGrid` serves every type.  The level of a code q
+is q itself (q in [qmin, qmax]) for the uniform types, and `levels[q]` for the non-uniform table types (IQ4_NL,
+IQ4_XS: q indexes ggml's 16 values).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from .registry import register
 
 @dataclasses.dataclass(frozen=True)
 class AffineGrid:
-    """Fixed per-group grids for a tensor: w_hat[r, c] = scale[r, g] * q + offset[r, g], g = c // group.
+    """Fixed per-group grids for a tensor: w_hat[r, c] = scale[r, g] * level(q) + offset[r, g], g = c // group.
 
-    `scale`/`offset` are float32 arrays of shape (rows, n_per_row // group).
+    `scale`/`offset` are float32 arrays of shape (rows, n_per_row // group).  level(q) = q for codes q in
+    [qmin, qmax], or `levels[q]` when the codec has a table: float32 (qmax - qmin + 1,) ascending, qmin = 0.
     """
 
     scale: np.ndarray
@@ -39,22 +41,30 @@ class AffineGrid:
     group: int
     qmin: int
     qmax: int
+    levels: np.ndarray | None = None
 
     def quantize(self, w: np.ndarray, cols: slice | None = None) -> np.ndarray:
-        """Nearest codes on the fixed grid for columns `cols` of a (rows, n) float32 array (int32)."""
+        """Nearest codes on the fixed grid for columns `cols` of a (rows, n) float32 array (int32): the level
+        nearest to (w - offset) / scale, taken as 0 where scale == 0 (rint, or nearest_index on a table)."""
         scale, offset = self.columns(cols, w.shape[-1])
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.rint((w - offset) / scale)
-        q = np.where(scale == 0, 0, q)
-        return np.clip(q, self.qmin, self.qmax).astype(np.int32)
+            x = np.where(scale == 0, np.float32(0), (w - offset) / scale)
+        if self.levels is not None:
+            return nearest_index(self.levels, x).astype(np.int32)
+        return np.clip(np.rint(x), self.qmin, self.qmax).astype(np.int32)
+
+    def level(self, q: np.ndarray) -> np.ndarray:
+        """The level of each code, float32."""
+        return q.astype(np.float32) if self.levels is None else self.levels[q]
 
     def dequantize(self, q: np.ndarray, cols: slice | None = None) -> np.ndarray:
+        v = self.level(q)
         if cols is None:  # whole groups: broadcast per group rather than gather a value per column
             rows, n = q.shape
-            g = q.reshape(rows, n // self.group, self.group).astype(np.float32)
+            g = v.reshape(rows, n // self.group, self.group)
             return (self.scale[..., None] * g + self.offset[..., None]).reshape(rows, n)
         scale, offset = self.columns(cols, q.shape[-1])
-        return (scale * q.astype(np.float32) + offset).astype(np.float32)
+        return (scale * v + offset).astype(np.float32)
 
     def columns(self, cols: slice | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         """scale/offset expanded to one value per column of `cols` (default: all columns)."""
@@ -63,13 +73,28 @@ class AffineGrid:
         return self.scale[:, g], self.offset[:, g]
 
 
+def nearest_index(levels: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Index of the level nearest to each x (int64), for ascending float32 `levels`, as ggml's best_index_int8
+    decides: below the first / above the last level 0 / n-1; between levels[m-1] <= x < levels[m] the lower one
+    wins iff x - levels[m-1] < levels[m] - x in float32, so a tie goes up; NaN ends on n-1."""
+    x = np.asarray(x, dtype=np.float32)
+    n = len(levels)
+    mu = np.clip(np.searchsorted(levels, x, side="right"), 1, n - 1)  # NaN sorts last: n-1
+    with np.errstate(invalid="ignore"):
+        i = np.where(x - levels[mu - 1] < levels[mu] - x, mu - 1, mu)
+        i = np.where(x >= levels[n - 1], n - 1, i)
+        return np.where(x <= levels[0], 0, i)
+
+
 @dataclasses.dataclass(frozen=True)
 class IntegerScales:
-    """A K-quant's sub-block parameters as stored: per group g of a row, w_hat = (d * scale[g]) * q - (dmin * min[g]),
-    scale and min integers in [lo, hi], d and dmin the group's super-block floats.  What a refit may change.
+    """A codec's group parameters as integers: per group g of a row,
+    w_hat = (d * scale[g]) * level(q) - (dmin * min[g]), scale and min integers in [lo, hi], d and dmin the group's
+    floats.  What a refit may change.
 
-    d, dmin: (rows, groups) float32; scale, min: (rows, groups) int32; dmin and min are None for the symmetric
-    K-quants (Q3_K, Q6_K: w_hat = (d * scale[g]) * q).
+    d, dmin: (rows, groups) float32; scale, min: (rows, groups) int32; dmin and min are None for the types without
+    a min (w_hat = (d * scale[g]) * level(q)).  K-quants: the stored sub-block scales under their super-block's d;
+    an fp16 scale: k steps of its ulp (fields.fp16_steps).
     """
 
     d: np.ndarray
@@ -89,8 +114,6 @@ class Codec(ABC):
     type_size: ClassVar[int]  # bytes per block
     # Does `fit` use the importance vector?  (ggml ignores it for some types, e.g. Q8_0.)
     uses_importance: ClassVar[bool] = True
-    # Does `grid` give an AffineGrid?  (Not for the non-uniform table types: iquant_nl.TableCodec.)
-    has_grid: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -131,10 +154,11 @@ class Codec(ABC):
 
     @abstractmethod
     def codes(self, blocks) -> np.ndarray:
-        """Integer codes (rows, n_per_row) int32, as levels of the grid (w_hat = scale*q + offset)."""
+        """Integer codes (rows, n_per_row) int32 of the grid (w_hat = scale * level(q) + offset)."""
 
     def integer_scales(self, blocks) -> IntegerScales | None:
-        """The integer sub-block scales a refit may change (K-quants); None for types whose scales are floats."""
+        """The scales a refit may change, as integers (the K-quants' stored sub-block scales, an fp16 scale as steps
+        of its ulp); None where there are none, or they are not finite."""
         return None
 
     def with_integer_scales(self, blocks, scale: np.ndarray, min: np.ndarray | None = None):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .base import IntegerScales
 
 if TYPE_CHECKING:
     from .base import Codec
@@ -48,6 +51,19 @@ def from_fp16_steps(step: np.ndarray, k: np.ndarray) -> np.ndarray:
     if np.any(k < 0) or np.any(k > FP16_STEPS):
         raise ValueError(f"fp16 scale steps outside [0, {FP16_STEPS}]")
     return (step * k.astype(np.float32)).astype(np.float16)
+
+
+class Fp16ScaleSteps:
+    """Codec methods for blocks with one fp16 scale `d` per group and no min (Q4_0, Q5_0, Q8_0, IQ4_NL): d as k
+    steps of its ulp (fp16_steps), so that a refit moves it over fp16 values as it moves a K-quant's 6-bit scales."""
+
+    def integer_scales(self, blocks) -> IntegerScales | None:
+        steps = fp16_steps(blocks.d)
+        return None if steps is None else IntegerScales(*steps, None, None, 0, FP16_STEPS)
+
+    def with_integer_scales(self, blocks, scale: np.ndarray, min: np.ndarray | None = None):
+        step, _ = fp16_steps(blocks.d)
+        return dataclasses.replace(blocks, d=from_fp16_steps(step, np.asarray(scale).reshape(blocks.d.shape)))
 
 
 def checked_levels(codec: Codec, q: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """IQ4_NL: blocks of 32 weights, one fp16 scale, 4-bit indices into ggml's 16 non-uniform values.
 
-w = d * kvalues[i], kvalues = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113).
+w = d * kvalues[i] (float32), kvalues = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113).
 
 IQ4_NL block, 18 bytes (i_j is the 4-bit table index of weight j):
 
@@ -19,8 +19,8 @@ import dataclasses
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .fields import block_fields, fp16_bytes, fp16_field
-from .iquant_nl import F32, VALUES, TableCodec, importance_weights, indices, pack_halves, sub_block_scales, unpack_halves
+from .fields import Fp16ScaleSteps, block_fields, fp16_bytes, fp16_field
+from .iquant_nl import F32, TableCodec, importance_weights, indices, pack_halves, sub_block_scales, unpack_halves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,9 @@ class NLBlocks:
     q: np.ndarray
 
 
-class IQ4_NL(TableCodec):
+class IQ4_NL(Fp16ScaleSteps, TableCodec):
+    """A refit moves d in steps of its ulp (Fp16ScaleSteps), as for Q4_0."""
+
     qtype = GGMLQuantizationType.IQ4_NL
     block_size = 32
     type_size = 18
@@ -49,9 +51,8 @@ class IQ4_NL(TableCodec):
         d, qs = block_fields(raw, self.type_size, 2, 16)
         return NLBlocks(fp16_field(d), unpack_halves(qs))
 
-    def dequantize(self, blocks: NLBlocks) -> np.ndarray:
-        w = blocks.d.astype(F32)[..., None] * VALUES[blocks.q]
-        return w.reshape(w.shape[0], -1)
+    def group_scales(self, blocks: NLBlocks) -> np.ndarray:
+        return blocks.d.astype(F32)
 
     def with_codes(self, blocks: NLBlocks, q: np.ndarray) -> NLBlocks:
         return NLBlocks(blocks.d, self.checked_indices(q, blocks.q.shape))

@@ -23,8 +23,9 @@ import dataclasses
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from .base import IntegerScales
 from .fields import block_fields, fp16_bytes, fp16_field
-from .iquant_nl import F32, VALUES, TableCodec, importance_weights, indices, pack_halves, sub_block_scales, unpack_halves
+from .iquant_nl import F32, TableCodec, importance_weights, indices, pack_halves, sub_block_scales, unpack_halves
 from .search_symmetric import nearest_int
 
 
@@ -83,10 +84,21 @@ class IQ4_XS(TableCodec):
         low = np.stack([sl & 0xF, sl >> 4], axis=-1).reshape(*sl.shape[:-1], 8)
         return XSBlocks(fp16_field(d), (low | (high.astype(np.uint8) << 4)).astype(np.uint8), unpack_halves(qs))
 
-    def dequantize(self, blocks: XSBlocks) -> np.ndarray:
+    def group_scales(self, blocks: XSBlocks) -> np.ndarray:
         dl = blocks.d.astype(F32)[..., None] * (blocks.scales.astype(F32) - F32(32))
-        w = dl[..., None] * VALUES[blocks.q.reshape(*blocks.scales.shape, 32)]
-        return w.reshape(w.shape[0], -1)
+        return dl.reshape(dl.shape[0], -1)
+
+    def integer_scales(self, blocks: XSBlocks) -> IntegerScales:
+        """The sub-block scales l = ls - 32 in [-32, 31] under their super-block's d (w = (d * l) * kvalues[i])."""
+        rows = blocks.d.shape[0]
+        return IntegerScales(np.repeat(blocks.d.astype(F32), 8, axis=1),
+                             blocks.scales.reshape(rows, -1).astype(np.int32) - 32, None, None, -32, 31)
+
+    def with_integer_scales(self, blocks: XSBlocks, scale: np.ndarray, min: np.ndarray | None = None) -> XSBlocks:
+        scale = np.asarray(scale)
+        if np.any(scale < -32) or np.any(scale > 31):
+            raise ValueError(f"{self.name}: sub-block scales outside [-32, 31]")
+        return dataclasses.replace(blocks, scales=(scale.reshape(blocks.scales.shape) + 32).astype(np.uint8))
 
     def with_codes(self, blocks: XSBlocks, q: np.ndarray) -> XSBlocks:
         return dataclasses.replace(blocks, q=self.checked_indices(q, blocks.q.shape))

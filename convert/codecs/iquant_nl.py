@@ -1,5 +1,5 @@
 """What IQ4_NL and IQ4_XS share: ggml's 16 non-uniform values, the nearest-value lookup, the per-32 scale search
-of `quantize_row_iq4_nl_impl`, and the codec plumbing of a table type (no affine grid).
+of `quantize_row_iq4_nl_impl`, and the codec plumbing of a table type (a grid whose levels are the table).
 
 A weight is w = scale * kvalues[i], i a 4-bit index, kvalues = (-127, ..., 113) taken from gguf-py (`IQ4_NL.kvalues`).
 The scale search, per sub-block of 32 weights with weights `wt` (imatrix * sqrt(sigma2 + x^2), or x^2 without one):
@@ -14,12 +14,13 @@ every float32 operation in ggml's order (sums sequential over the 32 elements, `
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 import numpy as np
 from gguf.quants import IQ4_NL as _GGUF_IQ4_NL
 
-from .base import AffineGrid, Codec
+from .base import AffineGrid, Codec, nearest_index
 from .search_symmetric import GROUP_MAX_EPS, signed_peak, sequential_sum
 
 F32 = np.float32
@@ -30,17 +31,9 @@ NTRY = 7  # quantize_iq4_nl / quantize_iq4_xs search t = -7..7
 
 
 def best_index(x: np.ndarray) -> np.ndarray:
-    """ggml's `best_index_int8(16, kvalues, x)` elementwise (uint8): the nearest table value, a tie going up.
-
-    Below the first / above the last value: 0 / 15; NaN ends its binary search on 15.  Inside, between values
-    v[m-1] <= x < v[m], the lower index wins iff x - v[m-1] < v[m] - x in float32."""
-    x = np.asarray(x, dtype=F32)
-    mu = np.clip(np.searchsorted(VALUES, x, side="right"), 1, 15)  # NaN sorts last: 15, as in ggml
-    with np.errstate(invalid="ignore"):
-        i = np.where(x - VALUES[mu - 1] < VALUES[mu] - x, mu - 1, mu)
-        i = np.where(x >= VALUES[15], 15, i)
-        i = np.where(x <= VALUES[0], 0, i)
-    return i.astype(np.uint8)
+    """ggml's `best_index_int8(16, kvalues, x)` elementwise (uint8): the nearest table value, a tie going up
+    (base.nearest_index on the table)."""
+    return nearest_index(VALUES, x).astype(np.uint8)
 
 
 def importance_weights(x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
@@ -101,19 +94,19 @@ def unpack_halves(raw: np.ndarray) -> np.ndarray:
 
 
 class TableCodec(Codec):
-    """A type whose codes index the fixed non-uniform table: `codes` are indices 0..15, not grid levels.
-
-    There is no AffineGrid: scale * q + offset with q in a range of integers cannot be restricted to the 16 table
-    values, so `grid` raises; `dequantize` reads the table itself."""
+    """A type whose codes index the fixed non-uniform table: `codes` are indices 0..15, their grid's levels the
+    table's values, so w_hat = scale * VALUES[q] + (-0.0) per group of 32 (-0.0: the exact additive identity)."""
 
     qmin: ClassVar[int] = 0
     qmax: ClassVar[int] = 15
-    has_grid: ClassVar[bool] = False
 
     def grid(self, blocks) -> AffineGrid:
-        raise NotImplementedError(
-            f"{self.name}: codes index a non-uniform table (kvalues_iq4nl), which an AffineGrid cannot express; "
-            "GPTQ and refits on this type are not implemented")
+        scale = self.group_scales(blocks)
+        return AffineGrid(scale, np.full_like(scale, -0.0), 32, 0, 15, VALUES)
+
+    @abstractmethod
+    def group_scales(self, blocks) -> np.ndarray:
+        """The float32 scale of each group of 32 weights, (rows, n_per_row // 32), as ggml dequantizes it."""
 
     def codes(self, blocks) -> np.ndarray:
         """Table indices (rows, n_per_row) int32."""

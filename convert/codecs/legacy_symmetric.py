@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import AffineGrid, Codec, IntegerScales
-from .fields import FP16_STEPS, c_to_int8, checked_levels, from_fp16_steps, fp16_steps
+from .base import AffineGrid, Codec
+from .fields import Fp16ScaleSteps, c_to_int8, checked_levels
 from .search_symmetric import make_qx_quants, sequential_sum, signed_peak
 
 F32 = np.float32
@@ -32,8 +32,9 @@ class ScaledBlocks:
     q: np.ndarray
 
 
-class ScaledCodec(Codec):
-    """The 32-weight types with one fp16 scale per block and no offset (Q4_0, Q5_0, Q8_0)."""
+class ScaledCodec(Fp16ScaleSteps, Codec):
+    """The 32-weight types with one fp16 scale per block and no offset (Q4_0, Q5_0, Q8_0); a refit moves the scale
+    in steps of its ulp (Fp16ScaleSteps)."""
 
     block_size: ClassVar[int] = 32
     qmin: ClassVar[int]
@@ -54,15 +55,6 @@ class ScaledCodec(Codec):
 
     def with_codes(self, blocks: ScaledBlocks, q: np.ndarray) -> ScaledBlocks:
         return ScaledBlocks(blocks.d, checked_levels(self, q, blocks.q.shape))
-
-    def integer_scales(self, blocks: ScaledBlocks) -> IntegerScales | None:
-        """The fp16 scale d as k steps of its ulp (fields.fp16_steps), so a refit moves it over fp16 values."""
-        steps = fp16_steps(blocks.d)
-        return None if steps is None else IntegerScales(*steps, None, None, 0, FP16_STEPS)
-
-    def with_integer_scales(self, blocks: ScaledBlocks, scale: np.ndarray, min: np.ndarray | None = None) -> ScaledBlocks:
-        step, _ = fp16_steps(blocks.d)
-        return dataclasses.replace(blocks, d=from_fp16_steps(step, np.asarray(scale).reshape(blocks.d.shape)))
 
 
 class SymmetricLegacy(ScaledCodec):

@@ -2,6 +2,7 @@
 
     f = fit(codec, w, importance)   # w (rows, n) torch; importance (n,) or None
     f.scale, f.offset               # the grid, (rows, n // group) float32 on w's device
+    f.levels                        # the table types' levels (float32 on w's device), None for uniform grids
     f.blocks()                      # the codec's logical Blocks (numpy), ready for codec.pack
     f.dequantize()                  # codec.dequantize(f.blocks()) on w's device
 
@@ -39,7 +40,7 @@ class Fit:
     """A codec's fitted blocks and their grid.
 
     fields: the Blocks dataclass's fields as tensors (same names, dtypes and shapes as the numpy ones; `q` holds the
-    grid levels in every codec); scale, offset: codec.grid(blocks)'s, on the fit's device.
+    codes in every codec); scale, offset, levels: codec.grid(blocks)'s, on the fit's device.
     """
 
     blocks_type: type
@@ -49,6 +50,7 @@ class Fit:
     group: int
     qmin: int
     qmax: int
+    levels: torch.Tensor | None = None
 
     @staticmethod
     def of(codec: Codec, blocks, device: torch.device) -> Fit:
@@ -57,7 +59,8 @@ class Fit:
         fields = {f.name: torch.from_numpy(np.require(getattr(blocks, f.name), requirements="W"))
                   for f in dataclasses.fields(blocks)}
         scale, offset = (torch.from_numpy(a).to(device) for a in (grid.scale, grid.offset))
-        return Fit(type(blocks), fields, scale, offset, grid.group, grid.qmin, grid.qmax)
+        levels = None if grid.levels is None else torch.from_numpy(grid.levels).to(device)
+        return Fit(type(blocks), fields, scale, offset, grid.group, grid.qmin, grid.qmax, levels)
 
     def blocks(self):
         """The codec's numpy Blocks (one host transfer per field)."""
@@ -66,7 +69,7 @@ class Fit:
     def dequantize(self) -> torch.Tensor:
         """codec.dequantize(self.blocks()), bit for bit, on the grid's device."""
         q = self.fields["q"].to(self.scale.device)
-        return dequantized(q.reshape(q.shape[0], -1).float(), self.scale, self.offset)
+        return dequantized(q.reshape(q.shape[0], -1).float(), self.scale, self.offset, self.levels)
 
     @staticmethod
     def concat(parts: list[Fit]) -> Fit:

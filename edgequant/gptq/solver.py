@@ -5,12 +5,13 @@ column i onto the grid, then spreads that column's error over the columns not ye
 upper Cholesky factor U of H⁻¹ (H = 2XᵀX).  Columns are processed in lazy blocks of `block_size`: inside a
 block the updates are rank-1, the rest of the matrix gets one GEMM per block.
 
-The grid is llama.cpp's.  Each codec block (256 columns for K-quants, 32 for Q4_0/Q8_0...) has its scales
-chosen by `codec.fit` exactly when GPTQ reaches its first column, from the weights as updated by the errors
-of all earlier columns, with llama.cpp's imatrix-style importance; its columns are then rounded onto that
-fixed grid.  With `act_order` the columns go by descending diag(H) instead, which GGUF cannot record
-(no g_idx): the grid is then fitted once, up front, from the original weights, and codes are stored back
-in the original column order.
+The grid is llama.cpp's.  Each codec block (256 columns for K-quants and IQ4_XS, 32 for Q4_0/Q8_0/IQ4_NL...) has
+its scales chosen by `codec.fit` exactly when GPTQ reaches its first column, from the weights as updated by the
+errors of all earlier columns, with llama.cpp's imatrix-style importance; its columns are then rounded onto that
+fixed grid: to the nearest level scale·q + offset, or for the table types (IQ4_*) to the nearest of the 16 scaled
+table values scale·levels[q] + offset.  With `act_order` the columns go by descending diag(H) instead, which GGUF
+cannot record (no g_idx): the grid is then fitted once, up front, from the original weights, and codes are stored
+back in the original column order.
 
 Choices (measured in tests/test_gptq_solver.py, scripts/bench_gptq_cpu.py and on bench-a's own H):
   - damping λ = damp · mean(diag H), ×10 (up to 4 times) while a Cholesky fails;
@@ -105,14 +106,14 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     q = Qt[inverse].T.float().contiguous()  # original column order, as the grids of `fitted`
     if not act_order:
         fitted = Fit.concat(fits)
-    scale, offset, blocks = fitted.scale, fitted.offset, fitted.blocks()
+    scale, offset, levels, blocks = fitted.scale, fitted.offset, fitted.levels, fitted.blocks()
     if not bool(torch.isfinite(scale).all() & torch.isfinite(offset).all()):
         raise ValueError(f"{codec.name}: block scales overflow float16 (weights too large for this type)")
     if refine:
         mean = float(H.diagonal().mean())
         blocks, scale, offset = refine_blocks(W, damped(H, max(refine_damp * mean, lam)), codec, blocks, q, scale,
                                               offset, refine, block_size, polish, refit_loop)
-    w_hat = dequantized(q, scale, offset)  # codec.dequantize(blocks) bit for bit, computed where the codes are
+    w_hat = dequantized(q, scale, offset, levels)  # codec.dequantize(blocks) bit for bit, computed where the codes are
     if refine:
         E = w_hat - W
         Losses = ((E @ damped(H, lam)) * E).sum(0).div_(2)
@@ -135,11 +136,12 @@ def damped(H: torch.Tensor, lam: float) -> torch.Tensor:
 class ColumnGrids:
     """The codec's grid as the sweeps read it, on the solver's device: per group, scale and offset transposed to
     (n_groups, rows), so that one column's grid is one contiguous row; `group_of[c]` is the group of the c-th
-    processed column (c // group in order, perm[c] // group with act_order), on the device and as host ints."""
+    processed column (c // group in order, perm[c] // group with act_order), on the device and as host ints;
+    `levels`, the table of a table type (None: the level is the code)."""
 
     def __init__(self, rows: int, cols: int, device, order: torch.Tensor | None = None):
         self.rows, self.cols, self.device, self.order = rows, cols, device, order
-        self.scale = self.offset = self.group_of = self.groups = None
+        self.scale = self.offset = self.group_of = self.groups = self.levels = None
 
     def put(self, first: int, grid: Fit) -> None:
         """The grid fitted for original columns first.. (a codec block, or the whole matrix)."""
@@ -149,7 +151,7 @@ class ColumnGrids:
             order = torch.arange(self.cols) if self.order is None else self.order.cpu()
             self.groups = (order // grid.group).tolist()
             self.group_of = torch.tensor(self.groups, dtype=torch.int32, device=self.device)
-            self.qmin, self.qmax = grid.qmin, grid.qmax
+            self.qmin, self.qmax, self.levels = grid.qmin, grid.qmax, grid.levels
         g = first // grid.group
         self.scale[g:g + grid.scale.shape[1]] = grid.scale.T
         self.offset[g:g + grid.scale.shape[1]] = grid.offset.T
@@ -185,9 +187,9 @@ def torch_sweep(W1, U1, Q1, E1, grids: ColumnGrids, first: int, j0: int, j1: int
     for j in range(j0, j1):
         g = grids.groups[first + j]
         w, s, o = W1[j], grids.scale[g], grids.offset[g]
-        q = nearest_level(w, s, o, grids.qmin, grids.qmax)
+        q, v = nearest_level(w, s, o, grids.qmin, grids.qmax, grids.levels)
         Q1[j] = q
-        E1[j] = (w - (s * q + o)) / U1[j, j]
+        E1[j] = (w - (s * v + o)) / U1[j, j]
         W1[j + 1:].addr_(U1[j, j + 1:], E1[j], alpha=-1)
 
 
@@ -224,10 +226,20 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
     raise ValueError(f"H is not positive definite even with damping {damp / 10:g}")
 
 
-def nearest_level(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """AffineGrid.quantize in torch: rint((w - offset) / scale) clipped to [qmin, qmax], 0 where scale == 0."""
-    q = torch.round((w - offset) / scale)
-    return torch.where(scale == 0, 0.0, q).clamp_(qmin, qmax)
+def nearest_level(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int,
+                  levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """AffineGrid.quantize in torch: the code (float) of the level nearest to x = (w - offset) / scale, x = 0 where
+    scale == 0, and that level.  Uniform grids: rint(x) clipped to [qmin, qmax], the level is the code; a table:
+    nearest_index's rule (a tie goes up)."""
+    x = (w - offset) / scale
+    if levels is None:
+        q = torch.where(scale == 0, 0.0, torch.round(x)).clamp_(qmin, qmax)
+        return q, q
+    x = torch.where(scale == 0, 0.0, x)
+    mu = torch.searchsorted(levels, x, right=True).clamp_(1, len(levels) - 1)
+    lo, hi = levels[mu - 1], levels[mu]
+    below = x - lo < hi - x
+    return torch.where(below, mu - 1, mu).float(), torch.where(below, lo, hi)
 
 
 def concat_blocks(parts: list, axis: int = 1):

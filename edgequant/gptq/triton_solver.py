@@ -50,8 +50,8 @@ def fused_addr(device: torch.device) -> bool:
 
 
 @triton.jit(do_not_specialize=["n", "j0", "j1"])
-def _sweep_kernel(W, U, ld_u, Q, E, SCALE, OFFSET, GROUP, rows, n, j0, j1, qmin, qmax,
-                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FMA: tl.constexpr):
+def _sweep_kernel(W, U, ld_u, Q, E, SCALE, OFFSET, GROUP, LEVELS, rows, n, j0, j1, qmin, qmax,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FMA: tl.constexpr, N_LEVELS: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = tl.arange(0, BLOCK_N)
     in_rows = r < rows
@@ -65,15 +65,28 @@ def _sweep_kernel(W, U, ld_u, Q, E, SCALE, OFFSET, GROUP, rows, n, j0, j1, qmin,
         u = tl.load(U + j * ld_u + k, mask=(k > j) & (k < n), other=0.0)
         u_jj = tl.load(U + j * ld_u + j)
         wj = tl.sum(tl.where(k[:, None] == j, w, 0.0), axis=0)
-        # q = rint((w - offset) / scale), half to even, from floor alone (x - floor(x) is exact in float32);
-        # inline, as the interpreter pays for every call of a jit function
         x = tl.math.div_rn(wj - o, s)
-        f = tl.floor(x)
-        odd = f - 2.0 * tl.floor(f * 0.5)
-        q = f + tl.where(x - f > 0.5, 1.0, tl.where(x - f == 0.5, odd, 0.0))
-        q = tl.where(s == 0, 0.0, q)
-        q = tl.minimum(tl.maximum(q, qmin), qmax)
-        err = tl.math.div_rn(wj - (s * q + o), u_jj)
+        if N_LEVELS == 0:
+            # q = rint((w - offset) / scale), half to even, from floor alone (x - floor(x) is exact in float32);
+            # inline, as the interpreter pays for every call of a jit function
+            f = tl.floor(x)
+            odd = f - 2.0 * tl.floor(f * 0.5)
+            q = f + tl.where(x - f > 0.5, 1.0, tl.where(x - f == 0.5, odd, 0.0))
+            q = tl.where(s == 0, 0.0, q)
+            q = tl.minimum(tl.maximum(q, qmin), qmax)
+            level = q
+        else:
+            # a table: solver.nearest_level's rule, searchsorted as a count of the levels <= x
+            x = tl.where(s == 0, 0.0, x)
+            levels = tl.load(LEVELS + tl.arange(0, N_LEVELS))
+            mu = tl.sum((levels[:, None] <= x[None, :]).to(tl.int32), axis=0)
+            mu = tl.minimum(tl.maximum(mu, 1), N_LEVELS - 1)
+            lo = tl.load(LEVELS + mu - 1)
+            hi = tl.load(LEVELS + mu)
+            below = x - lo < hi - x
+            q = tl.where(below, mu - 1, mu).to(tl.float32)
+            level = tl.where(below, lo, hi)
+        err = tl.math.div_rn(wj - (s * level + o), u_jj)
         tl.store(Q + j * rows + r, q.to(tl.int32), mask=in_rows)
         tl.store(E + j * rows + r, err, mask=in_rows)
         if FMA:  # rounded as torch's addr_ on this device (fused_addr); inline, as the interpreter pays per call
@@ -84,6 +97,14 @@ def _sweep_kernel(W, U, ld_u, Q, E, SCALE, OFFSET, GROUP, rows, n, j0, j1, qmin,
     tl.store(W + tile, w, mask=in_tile & (k[:, None] >= j1))
 
 
+def n_levels(levels: torch.Tensor | None) -> int:
+    """The kernels' N_LEVELS: 0 for a uniform grid, else the table's length (a power of 2, for tl.arange)."""
+    if levels is None:
+        return 0
+    assert len(levels) & (len(levels) - 1) == 0 and levels.is_contiguous(), "a table of 2**k levels"
+    return len(levels)
+
+
 def sweep(W1: torch.Tensor, U1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor, grids, first: int, j0: int,
           j1: int) -> None:
     """solver.torch_sweep's contract: columns j0..j1 of the lazy block W1 = Wt[first:first + n], in place."""
@@ -91,15 +112,17 @@ def sweep(W1: torch.Tensor, U1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor
     assert W1.is_contiguous() and E1.is_contiguous() and Q1.is_contiguous() and U1.stride(1) == 1
     # No fused multiply-adds but the explicit one: scale·q + offset rounds twice, as in torch.
     block_r, warps = tile(rows)
+    levels = grids.levels
     _sweep_kernel[(triton.cdiv(rows, block_r),)](
-        W1, U1, U1.stride(0), Q1, E1, grids.scale, grids.offset, grids.group_of[first:], rows, n, j0, j1,
-        float(grids.qmin), float(grids.qmax), BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps,
-        FMA=fused_addr(W1.device), enable_fp_fusion=False)
+        W1, U1, U1.stride(0), Q1, E1, grids.scale, grids.offset, grids.group_of[first:],
+        grids.scale if levels is None else levels, rows, n, j0, j1, float(grids.qmin), float(grids.qmax),
+        BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps, FMA=fused_addr(W1.device),
+        N_LEVELS=n_levels(levels), enable_fp_fusion=False)
 
 
 @triton.jit(do_not_specialize=["n", "first"])
-def _polish_kernel(G, Q, D, H, ld_h, STEP, rows, n, first, group, qmin, qmax, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, FMA: tl.constexpr):
+def _polish_kernel(G, Q, D, H, ld_h, STEP, LEVELS, rows, n, first, group, qmin, qmax, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr, FMA: tl.constexpr, N_LEVELS: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = tl.arange(0, BLOCK_N)
     in_rows = r < rows
@@ -108,13 +131,24 @@ def _polish_kernel(G, Q, D, H, ld_h, STEP, rows, n, first, group, qmin, qmax, BL
     for j in range(0, n):
         a = tl.load(STEP + ((first + j) // group).to(tl.int64) * rows + r, mask=in_rows, other=0.0)
         h = tl.load(H + j * ld_h + k, mask=(k > j) & (k < n), other=0.0)
-        curv = a * a * tl.load(H + j * ld_h + j)
+        h_jj = tl.load(H + j * ld_h + j)
         gj = tl.sum(tl.where(k[:, None] == j, g, 0.0), axis=0)
         q = tl.load(Q + j * rows + r, mask=in_rows, other=0.0)
-        up = 2.0 * a * gj + curv
-        dq = tl.where((up < 0) & (q < qmax), 1.0, tl.where((2.0 * curv - up < 0) & (q > qmin), -1.0, 0.0))
+        if N_LEVELS == 0:
+            curv = a * a * h_jj
+            up = 2.0 * a * gj + curv
+            dq = tl.where((up < 0) & (q < qmax), 1.0, tl.where((2.0 * curv - up < 0) & (q > qmin), -1.0, 0.0))
+            dw = dq * a
+        else:  # refine.table_move
+            i = q.to(tl.int32)
+            v = tl.load(LEVELS + i)
+            step_up = a * (tl.load(LEVELS + tl.minimum(i + 1, N_LEVELS - 1)) - v)
+            step_down = a * (tl.load(LEVELS + tl.maximum(i - 1, 0)) - v)
+            up = 2.0 * step_up * gj + step_up * step_up * h_jj
+            down = 2.0 * step_down * gj + step_down * step_down * h_jj
+            dq = tl.where(up < 0, 1.0, tl.where(down < 0, -1.0, 0.0))
+            dw = tl.where(up < 0, step_up, tl.where(down < 0, step_down, 0.0))
         tl.store(Q + j * rows + r, q + dq, mask=in_rows)
-        dw = dq * a
         tl.store(D + j * rows + r, dw, mask=in_rows)
         if FMA:  # as in the sweep
             g = tl.fma(h[:, None], dw[None, :], g)
@@ -123,15 +157,15 @@ def _polish_kernel(G, Q, D, H, ld_h, STEP, rows, n, first, group, qmin, qmax, BL
 
 
 def polish(Gt1: torch.Tensor, Qt1: torch.Tensor, Dt1: torch.Tensor, H1: torch.Tensor, St: torch.Tensor, group: int,
-           first: int, qmin: int, qmax: int) -> None:
+           first: int, qmin: int, qmax: int, levels: torch.Tensor | None = None) -> None:
     """refine.torch_polish's contract: the columns of one lazy block, in place, one program per tile of rows."""
     n, rows = Gt1.shape
     assert Gt1.is_contiguous() and Qt1.is_contiguous() and Dt1.is_contiguous() and St.is_contiguous() and H1.stride(1) == 1
     block_r, warps = tile(rows)
     _polish_kernel[(triton.cdiv(rows, block_r),)](
-        Gt1, Qt1, Dt1, H1, H1.stride(0), St, rows, n, first, group, float(qmin), float(qmax),
-        BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps, FMA=fused_addr(Gt1.device),
-        enable_fp_fusion=False)
+        Gt1, Qt1, Dt1, H1, H1.stride(0), St, St if levels is None else levels, rows, n, first, group, float(qmin),
+        float(qmax), BLOCK_N=triton.next_power_of_2(n), BLOCK_R=block_r, num_warps=warps,
+        FMA=fused_addr(Gt1.device), N_LEVELS=n_levels(levels), enable_fp_fusion=False)
 
 
 # refit: rows per program (tl.dot needs at least 16) and warps
