@@ -9,6 +9,7 @@
  *   search_affine.make_qp_quants               search_qp         values >= 0 to scale * L (super-block scales; one set)
  *   search_symmetric.make_qx_quants            search_qx         weighted symmetric scale from 19 trial grids
  *   search_symmetric.make_q3_quants            search_q3         symmetric scale by coordinate descent (one group)
+ *   iquant_nl.sub_block_scales                 search_iq4        weighted scale onto the IQ4 table, 16 trial grids
  *
  * What keeps the bytes equal: sums accumulate element after element from 0 (or from the first term where numpy's
  * in_order_sum(from_zero=False) does), products associate left to right as numpy evaluates them, nearest_int is
@@ -760,6 +761,139 @@ static void fit_q5_1(const float *x, const float *imp, float sigma2, int count, 
     }
 }
 
+/* ---- IQ4_NL / IQ4_XS: 4-bit indices into ggml's 16 non-uniform values (iquant_nl.py) ---- */
+
+#ifndef EQ_IQ4NL_VALUES
+#error "EQ_IQ4NL_VALUES (ggml's kvalues_iq4nl) is passed in by native/build_native.py's COMPILE_ARGS"
+#endif
+/* The table as float constants (exact: small integers), so the vector searches splat them at compile time. */
+static const float IQ4_VALUES[16] = {EQ_IQ4NL_VALUES};
+
+/* iquant_nl.best_index (ggml's best_index_int8): the nearest value's index, a tie going up; at or below the first
+ * value 0, at or above the last 15; NaN falls through the bisection to 15. */
+static inline uint8_t iq4_index(float v) {
+    if (v <= IQ4_VALUES[0]) return 0;
+    if (v >= IQ4_VALUES[15]) return 15;
+    int lo = 0, hi = 15;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (v < IQ4_VALUES[mid])
+            hi = mid;
+        else
+            lo = mid;
+    }
+    return (uint8_t)(v - IQ4_VALUES[hi - 1] < IQ4_VALUES[hi] - v ? hi - 1 : hi);
+}
+
+/* The value iq4_index picks, on every lane: the neighbours below and above v by compares instead of a bisection
+ * (a vector cannot branch per lane), then the same tie test and ends.  A NaN lane compares false everywhere and
+ * keeps the top value, as iq4_index's bisection ends there. */
+VECTOR_INLINE vf iq4_value(vf v) {
+    vf below = vsplat(IQ4_VALUES[0]), above = vsplat(IQ4_VALUES[15]);
+    for (int k = 1; k < 15; ++k) below = vselect(v >= vsplat(IQ4_VALUES[k]), vsplat(IQ4_VALUES[k]), below);
+    for (int k = 14; k >= 1; --k) above = vselect(v < vsplat(IQ4_VALUES[k]), vsplat(IQ4_VALUES[k]), above);
+    vf q = vselect(v - below < above - v, below, above);
+    q = vselect(v >= vsplat(IQ4_VALUES[15]), vsplat(IQ4_VALUES[15]), q);
+    return vselect(v <= vsplat(IQ4_VALUES[0]), vsplat(IQ4_VALUES[0]), q);
+}
+
+/* One trial grid of the search: sum(wt*q*x) and sum(wt*q*q), q the values nearest to iscale*x, (wt*q) first. */
+VECTOR_INLINE void iq4_sums(const float *x, const float *w, vf iscale, vf *sumqx, vf *sumq2) {
+    vf sqx = {0}, sq2 = {0};
+    for (int i = 0; i < 32; ++i) {
+        const vf v = vload(x + i * LANES), q = iq4_value(iscale * v), wq = vload(w + i * LANES) * q;
+        sqx += wq * v;
+        sq2 += wq * q;
+    }
+    *sumqx = sqx;
+    *sumq2 = sq2;
+}
+
+/* iquant_nl.sub_block_scales (quantize_row_iq4_nl_impl's search) on LANES groups of 32 side by side: the first grid
+ * from the peak, then the 15 trial grids (t - 127) / peak, the one with the largest sumqx^2 / sumq2 winning. */
+static void search_iq4(const float *x, const float *w, float *scale_out) {
+    const vf zero = {0};
+    vf amax, peak, sumqx, sumq2;
+    signed_peak_lanes(x, 32, &amax, &peak);
+    vf d = -peak / vsplat(-127.0f);
+    iq4_sums(x, w, vsplat(1.0f) / d, &sumqx, &sumq2);
+    d = vselect(sumq2 > zero, sumqx / sumq2, zero);
+    vf best = d * sumqx;
+    for (int t = -7; t <= 7; ++t) {
+        iq4_sums(x, w, vsplat((float)(t - 127)) / peak, &sumqx, &sumq2);
+        const vi better = (sumq2 > zero) & (sumqx * sumqx > best * sumq2);
+        d = vselect(better, sumqx / sumq2, d);
+        best = vselect(better, d * sumqx, best);
+    }
+    vstore(scale_out, vselect(amax < vsplat(GROUP_MAX_EPS), zero, d)); /* zero groups divided by a zero peak */
+}
+
+/* iquant_nl.indices then pack_halves: 32 indices nearest to x * (1/scale) (1/0 -> 0), two per byte. */
+static inline void iq4_codes(const float *x, float scale, uint8_t qs[16]) {
+    const float inv = scale != 0 ? 1.0f / scale : 0.0f;
+    for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)(iq4_index(inv * x[j]) | iq4_index(inv * x[j + 16]) << 4);
+}
+
+/* wt for LANES groups of 32 side by side: x^2, or importance * sqrt(sigma2 + x^2) with sigma2 = sum(x^2) * 2/n
+ * over each group's super-block of n (iquant_nl.importance_weights; the product 2/n last, as there). */
+static inline void iq4_weights(const float *imp, const float *xt, int count, const float *sigma2, float *wt) {
+    if (!imp) {
+        for (int k = 0; k < 32 * LANES; ++k) wt[k] = xt[k] * xt[k];
+        return;
+    }
+    side_by_side(imp, 32, 32, count, wt);
+    for (int k = 0; k < 32 * LANES; ++k) wt[k] = wt[k] * sqrtf(sigma2[k % LANES] + xt[k] * xt[k]);
+}
+
+/* IQ4_NL (iq4_nl.IQ4_NL.fit), `count` <= LANES blocks: each block is its own super-block, so it weighs by its own
+ * sum of squares, not the row's (the row's sigma2 the legacy fits share is not used). */
+static void fit_iq4_nl(const float *x, const float *imp, float row_sigma2, int count, void *out) {
+    (void)row_sigma2;
+    float xt[32 * LANES], wt[32 * LANES], sigma2[LANES] = {0}, scale[LANES];
+    side_by_side(x, 32, 32, count, xt);
+    if (imp)
+        for (int g = 0; g < count; ++g) sigma2[g] = sum_squares(x + 32 * g, 32) * (2.0f / 32.0f);
+    iq4_weights(imp, xt, count, sigma2, wt);
+    search_iq4(xt, wt, scale);
+    eq_iq4_nl *b = out;
+    for (int k = 0; k < count; ++k) {
+        b[k].d = eq_float_to_half(scale[k]);
+        iq4_codes(x + 32 * k, scale[k], b[k].qs); /* on the unrounded scale, as ggml */
+    }
+}
+
+/* IQ4_XS super-block (iq4_xs.IQ4_XS.fit): the 8 sub-block scales by the search, LANES at a time, then
+ * d = -s/32 for the signed scale s of largest magnitude (NaN never wins) and l = clamp(nearest_int(s_g / d)). */
+static void fit_iq4_xs(const float *x, const float *imp, void *block) {
+    eq_iq4_xs *b = block;
+    float xt[32 * LANES], wt[32 * LANES], scales[8], sigma2[LANES];
+    const float s2 = imp ? sum_squares(x, 256) * (2.0f / 256.0f) : 0.0f;
+    for (int g = 0; g < LANES; ++g) sigma2[g] = s2;
+    for (int j = 0; j < 8; j += LANES) {
+        side_by_side(x + 32 * j, 32, 32, LANES, xt);
+        iq4_weights(imp ? imp + 32 * j : NULL, xt, LANES, sigma2, wt);
+        search_iq4(xt, wt, scales + j);
+    }
+    float amax = 0.0f, peak = 0.0f;
+    for (int g = 0; g < 8; ++g)
+        if (fabsf(scales[g]) > amax) {
+            amax = fabsf(scales[g]);
+            peak = scales[g];
+        }
+    const float d = -peak / 32.0f, inv = d != 0 ? 1.0f / d : 0.0f; /* -(+0)/32: an all-zero super-block stores -0 */
+    uint16_t scales_h = 0;
+    uint8_t ls[8];
+    for (int g = 0; g < 8; ++g) {
+        const int32_t l = clamp_int(nearest_int(inv * scales[g]), -32, 31);
+        ls[g] = (uint8_t)(l + 32);
+        scales_h |= (uint16_t)((ls[g] >> 4) << (2 * g));
+        iq4_codes(x + 32 * g, d * (float)l, b->qs + 16 * g); /* on the unrounded d */
+    }
+    for (int k = 0; k < 4; ++k) b->scales_l[k] = (uint8_t)((ls[2 * k] & 15) | (ls[2 * k + 1] & 15) << 4);
+    b->scales_h = scales_h;
+    b->d = eq_float_to_half(d);
+}
+
 /* ---- rows ---- */
 
 typedef void (*super_block_fit)(const float *x, const float *imp, void *block);
@@ -772,6 +906,7 @@ static super_block_fit super_block_fit_of(int type) {
     case EQ_Q4_K: return fit_q4_k;
     case EQ_Q5_K: return fit_q5_k;
     case EQ_Q6_K: return fit_q6_k;
+    case EQ_IQ4_XS: return fit_iq4_xs;
     default: return NULL;
     }
 }
@@ -783,6 +918,7 @@ static legacy_fit legacy_fit_of(int type) {
     case EQ_Q5_0: return fit_q5_0;
     case EQ_Q5_1: return fit_q5_1;
     case EQ_Q8_0: return fit_q8_0;
+    case EQ_IQ4_NL: return fit_iq4_nl;
     default: return NULL;
     }
 }

@@ -8,6 +8,13 @@ activation row quantized by ggml's own quantizer for that ISA.  Both sides run t
 alternately; the median of `repeat` timings is reported as weight bytes per second.  `bit_exact` compares the
 two outputs bit for bit.  Pairings: isa "avx2" runs against ggml-cpu's dispatched vec_dot (its AVX2 build),
 "scalar" against ggml's exported *_generic functions.
+
+    python scripts/bench_native.py --fits [--types IQ4_NL IQ4_XS] [--rows 512] [--cols 4096] [--repeat 21] [--numpy]
+
+--fits times the block fits instead: edgequant.native.fit.quantize (each ISA's build) against libggml's
+ggml_quantize_chunk (its one-threaded quantizer), plain and with an importance vector, on the same Gaussian rows
+(per-row magnitudes, 1 % outliers), alternately; the median is reported as ns per weight, `bit_exact` compares the
+bytes.  --numpy adds the numpy codec's fit (the specification; timed once, it is slow).
 """
 
 from __future__ import annotations
@@ -126,6 +133,63 @@ def bench_one(ggml: Ggml, qtype, isa: str, rows: int, cols: int, repeat: int, rn
     }
 
 
+def bench_fit(qtype, isa: str, weighted: bool, rows: int, cols: int, repeat: int, with_numpy: bool, rng) -> dict:
+    from edgequant.convert.codecs import codec
+    from edgequant.native import fit
+
+    w = (rng.standard_normal((rows, cols)) * np.exp(rng.standard_normal((rows, 1)))).astype(np.float32)
+    hit = rng.random(w.shape) < 0.01
+    w[hit] *= 40
+    importance = np.exp(2 * rng.standard_normal(cols)).astype(np.float32) if weighted else None
+    outputs = {}
+
+    def ours():
+        outputs["ours"] = fit.quantize(w, qtype, importance, isa=isa)
+
+    def theirs():
+        outputs["ggml"] = ggml_oracle.quantize_chunk(qtype, w, importance)
+
+    times = {ours: [], theirs: []}
+    for _ in range(repeat):
+        for fn in (ours, theirs):
+            t0 = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t0)
+    ns = {fn: statistics.median(t) / w.size * 1e9 for fn, t in times.items()}
+    result = {
+        "type": qtype.name,
+        "isa": isa,
+        "importance": weighted,
+        "bit_exact": bool(np.array_equal(outputs["ours"], outputs["ggml"])),
+        "ours_ns_per_weight": round(ns[ours], 2),
+        "ggml_ns_per_weight": round(ns[theirs], 2),
+        "speedup": round(ns[theirs] / ns[ours], 3),
+    }
+    if with_numpy:
+        t0 = time.perf_counter()
+        codec(qtype).quantize(w, importance)
+        result["numpy_ns_per_weight"] = round((time.perf_counter() - t0) / w.size * 1e9, 1)
+    return result
+
+
+def main_fits(args) -> None:
+    from edgequant.native import fit
+
+    rng = np.random.default_rng(0)
+    types = [GGMLQuantizationType[t] for t in args.types if fit.supports(GGMLQuantizationType[t])]
+    results = [bench_fit(t, isa, weighted, args.rows, args.cols, args.repeat, args.numpy, rng)
+               for isa in args.isas for t in types for weighted in (False, True)]
+    if args.json:
+        print(json.dumps(results))
+        return
+    print(f"{'type':6} {'isa':6} {'imatrix':7} {'exact':5} {'ours ns/w':>9} {'ggml ns/w':>9} {'speedup':>7}"
+          + (f" {'numpy ns/w':>10}" if args.numpy else ""))
+    for r in results:
+        print(f"{r['type']:6} {r['isa']:6} {str(r['importance']):7} {str(r['bit_exact']):5}"
+              f" {r['ours_ns_per_weight']:9.2f} {r['ggml_ns_per_weight']:9.2f} {r['speedup']:7.3f}"
+              + (f" {r['numpy_ns_per_weight']:10.1f}" if args.numpy else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
@@ -134,7 +198,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=21)
+    p.add_argument("--fits", action="store_true", help="time the block fits against ggml_quantize_chunk instead")
+    p.add_argument("--numpy", action="store_true", help="with --fits: also time the numpy codecs' fit")
     args = p.parse_args()
+    if args.fits:
+        main_fits(args)
+        return
 
     ggml = Ggml(compile_loop())
     rng = np.random.default_rng(0)

@@ -101,6 +101,7 @@ def test_worker_count(monkeypatch):
 @pytest.mark.parametrize("qtype, with_importance, numpy_processes", [
     ("Q4_K", False, True), ("Q6_K", True, True), ("Q4_0", True, True),  # numpy scale searches: processes
     ("Q4_0", False, False), ("Q5_1", False, False), ("Q8_0", True, False),  # direct fits (Q8_0 ignores importance)
+    ("IQ4_NL", False, True), ("IQ4_XS", True, True),  # numpy table searches: processes
 ])
 def test_pool_kind(monkeypatch, fits, qtype, with_importance, numpy_processes):
     """C fits always on threads; numpy fits on processes when they search scales."""
@@ -139,7 +140,7 @@ def test_numpy_fallback_for_types_without_a_c_fit(monkeypatch):
     assert kinds == [True]
 
 
-@pytest.mark.parametrize("target", ["Q4_K_M", "Q3_K_S", "Q2_K"])
+@pytest.mark.parametrize("target", ["Q4_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS"])
 def test_gguf_identical_with_c_and_numpy_fits(tiny_llama, tmp_path, monkeypatch, target):
     """A whole RTN build writes the same file through the C fits (2 threads, small chunks) and the numpy codecs."""
     if enc.native_fit is None:

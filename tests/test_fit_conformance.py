@@ -34,6 +34,7 @@ from edgequant.gptq import fitter
 from edgequant.gptq.fitter import Fit, NativeFit, NumpyFit
 from interpreted import run_interpreted
 from test_codecs_affine import adversarial_rows as affine_rows
+from test_codecs_iquant import table_rows
 from test_codecs_symmetric import adversarial_rows as symmetric_rows
 
 try:
@@ -44,7 +45,7 @@ except ImportError:
 F32 = np.float32
 N = 512  # two super-blocks per row
 TYPES = sorted(t.name for t in CODECS)
-C_TYPES = [t for t in TYPES if t not in ("Q8_K", "IQ4_NL", "IQ4_XS")]  # the types native/fit.c writes
+C_TYPES = [t for t in TYPES if t != "Q8_K"]  # the types native/fit.c writes
 KINDS = ["random", "adversarial", "overflowing"]
 WEIGHTINGS = ["plain", "importance"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
@@ -70,14 +71,19 @@ def overflow_rows(rng: np.random.Generator) -> np.ndarray:
     spread = rng.standard_normal(N) * 10.0 ** rng.integers(-40, 38, N)
     bits = rng.integers(0, 2**32, (4, N), dtype=np.uint64).astype(np.uint32).view(F32)
     rows = [g[0] * 1e20, g[1] * 1e37, np.full(N, 3e38), -np.abs(g[2]) * 1e30, spread, *np.where(np.isfinite(bits), bits, 0)]
+    # one weight per 32 whose square is finite but twice it is not: a sum of squares scaled in another order overflows
+    rows.append(np.where(np.arange(N) % 32 == 7, np.float32(1.5e19), g[3]))
     return np.stack(rows).astype(F32)
 
 
 def problem() -> tuple[np.ndarray, dict[str, slice], np.ndarray]:
     """The matrix every backend fits (all kinds of rows, stacked: rows are fitted independently), each kind's rows,
-    and the importance: skewed, with holes and a whole sub-block of zeros."""
+    and the importance: skewed, with holes and a whole sub-block of zeros.  The adversarial rows include ones on and
+    midway between the IQ4 table's values (their tie rule), from a generator of their own so that the other rows
+    stay as they were."""
     rng = np.random.default_rng(2024)
-    parts = {"random": gaussian_rows(rng, 6, N), "adversarial": np.concatenate([affine_rows(rng), symmetric_rows(rng)]),
+    adversarial = [affine_rows, symmetric_rows, lambda _: table_rows(np.random.default_rng(2025))]
+    parts = {"random": gaussian_rows(rng, 6, N), "adversarial": np.concatenate([rows(rng) for rows in adversarial]),
              "overflowing": overflow_rows(rng)}
     ends = np.cumsum([len(p) for p in parts.values()])
     importance = np.exp(3 * rng.standard_normal(N)).astype(F32)
@@ -214,6 +220,8 @@ def test_dispatch():
         assert [b.name for b in fitter.backends("cuda")] == ["triton", *host, "numpy"]
         assert TRITON.covers(codec("Q6_K"), True) and not TRITON.covers(codec("Q6_K"), False)
         assert not TRITON.covers(codec("Q4_0"), True) and not TRITON.covers(codec("Q8_0"), True)
+        for name in ("IQ4_NL", "IQ4_XS"):  # no Triton fit: GPTQ on CUDA fits them in C on the host, if built
+            assert fitter.backend(codec(name), torch.device("cuda"), True).name == (host + ["numpy"])[0]
     w = torch.from_numpy(MATRIX[:3])
     assert fitter.fit(codec("Q8_0"), w).blocks().q.shape == (3, N // 32, 32)
     for backend in HOST_BACKENDS + ([TRITON] if TRITON else []):  # before any kernel runs
