@@ -116,12 +116,7 @@ def bench_one(ggml: Ggml, qtype, isa: str, rows: int, cols: int, repeat: int, rn
         ggml.lib.dot_rows(vec_dot, cols, rows, ffi.cast("char *", w.ctypes.data), w.shape[1],
                           ffi.cast("void *", act.ctypes.data), ffi.cast("float *", ggml_out.ctypes.data))
 
-    times = {ours: [], theirs: []}
-    for _ in range(repeat):
-        for fn in (ours, theirs):
-            t0 = time.perf_counter()
-            fn()
-            times[fn].append(time.perf_counter() - t0)
+    times = interleaved_times((ours, theirs), repeat)
     gbps = {fn: w.nbytes / statistics.median(t) / 1e9 for fn, t in times.items()}
     return {
         "type": qtype.name,
@@ -131,6 +126,17 @@ def bench_one(ggml: Ggml, qtype, isa: str, rows: int, cols: int, repeat: int, rn
         "ggml_gbps": round(gbps[theirs], 3),
         "ratio": round(gbps[ours] / gbps[theirs], 3),
     }
+
+
+def interleaved_times(fns, repeat: int) -> dict:
+    """Each function's run times, the functions taking turns so that a busy machine slows them alike."""
+    times = {fn: [] for fn in fns}
+    for _ in range(repeat):
+        for fn in fns:
+            t0 = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t0)
+    return times
 
 
 def bench_fit(qtype, isa: str, weighted: bool, rows: int, cols: int, repeat: int, with_numpy: bool, rng) -> dict:
@@ -149,12 +155,7 @@ def bench_fit(qtype, isa: str, weighted: bool, rows: int, cols: int, repeat: int
     def theirs():
         outputs["ggml"] = ggml_oracle.quantize_chunk(qtype, w, importance)
 
-    times = {ours: [], theirs: []}
-    for _ in range(repeat):
-        for fn in (ours, theirs):
-            t0 = time.perf_counter()
-            fn()
-            times[fn].append(time.perf_counter() - t0)
+    times = interleaved_times((ours, theirs), repeat)
     ns = {fn: statistics.median(t) / w.size * 1e9 for fn, t in times.items()}
     result = {
         "type": qtype.name,
