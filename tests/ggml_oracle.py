@@ -100,3 +100,16 @@ def assert_codec_bytes_match(c, w: np.ndarray, importance: np.ndarray | None) ->
     assert ours.shape == ref.shape
     differ = (ours.reshape(len(w), -1, c.type_size) != ref.reshape(len(w), -1, c.type_size)).any(-1)
     assert not differ.any(), f"{differ.sum()} of {differ.size} blocks differ, rows {np.nonzero(differ.any(1))[0]}"
+
+def assert_round_trip(c, blocks, reference_dequantize) -> None:
+    """pack -> unpack gives the same fields bit for bit, and the codec dequantizes the bytes exactly as
+    `reference_dequantize(c, raw)` (gguf-py's, or ggml's) does."""
+    raw = c.pack(blocks)
+    again = c.unpack(raw)
+    for field in blocks.__dataclass_fields__:
+        a, b = getattr(blocks, field), getattr(again, field)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), field
+    ours = c.dequantize(again)
+    ref = reference_dequantize(c, raw)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.reshape(ours.shape).view(np.uint32))
