@@ -211,6 +211,20 @@ def test_layout(backend):
     check_layout(backend, "cpu", "Q4_K")
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_0", "IQ4_XS"])
+def test_slabs_and_threads(monkeypatch, name):
+    """Large inputs are fitted in slabs of rows (fitter.fit) and, in C, in row chunks on host threads: the bytes of
+    one call."""
+    monkeypatch.setattr(fitter, "SLAB_ELEMENTS", 7 * N)
+    monkeypatch.setattr(fitter, "THREAD_ELEMENTS", 2 * N)
+    monkeypatch.setattr(fitter, "host_threads", lambda: 3)
+    w, imp = torch.from_numpy(MATRIX), torch.from_numpy(IMPORTANCE)
+    assert len(MATRIX) > 7
+    check(fitter.fit(codec(name), w, imp), name, MATRIX, IMPORTANCE)
+    if fitter.native_fit is not None:
+        check(NativeFit().fit(codec(name), w, imp), name, MATRIX, IMPORTANCE)
+
+
 def test_dispatch():
     """The first backend that covers a codec, device and weighting runs it; the numpy spec covers everything."""
     cpu, host = torch.device("cpu"), ["c"] if fitter.native_fit else []

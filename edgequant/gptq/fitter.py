@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -70,6 +72,14 @@ class Fit:
         """codec.dequantize(self.blocks()), bit for bit, on the grid's device."""
         q = self.fields["q"].to(self.scale.device)
         return dequantized(q.reshape(q.shape[0], -1).float(), self.scale, self.offset, self.levels)
+
+    @staticmethod
+    def stack(parts: list[Fit]) -> Fit:
+        """Fits of consecutive row ranges -> one fit (rows are fitted independently)."""
+        first = parts[0]
+        return dataclasses.replace(
+            first, fields={k: torch.cat([p.fields[k] for p in parts], 0) for k in first.fields},
+            scale=torch.cat([p.scale for p in parts], 0), offset=torch.cat([p.offset for p in parts], 0))
 
     @staticmethod
     def concat(parts: list[Fit]) -> Fit:
@@ -122,8 +132,33 @@ class NativeFit(Backend):
 
     def fit(self, codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
         codec.check_shape(w.shape[1])
-        raw = native_fit.quantize(host(w), codec.qtype, host(importance), isa=self.isa)
+        x, imp = host(w), host(importance)
+        raw = np.empty((len(x), native_fit.row_bytes(codec.qtype, x.shape[1])), dtype=np.uint8)
+        # Rows are independent and the C call releases the GIL: large fits go over the host's cores in row chunks
+        # (a GPU build's host is otherwise idle while it waits for them).
+        step = max(1, THREAD_ELEMENTS // x.shape[1], -(-len(x) // host_threads()))
+
+        def rows(r: int) -> None:
+            native_fit.quantize(x[r:r + step], codec.qtype, imp, out=raw[r:r + step], isa=self.isa)
+
+        starts = range(0, len(x), step)
+        if len(starts) == 1:
+            rows(0)
+        else:
+            list(_host_pool().map(rows, starts))
         return Fit.of(codec, codec.unpack(raw), w.device)
+
+
+THREAD_ELEMENTS = 1 << 18  # the least weights worth a thread of NativeFit
+
+
+def host_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def _host_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(host_threads(), "edgequant-fit")
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +181,16 @@ def backend(codec: Codec, device: torch.device, weighted: bool) -> Backend:
     return next(b for b in backends(device.type) if b.covers(codec, weighted))
 
 
+# Weights per backend call: a fit's temporaries grow with its input (TritonFit's scale search holds several copies of
+# it), and act-order fits a whole matrix at once, so larger matrices are fitted in slabs of rows.
+SLAB_ELEMENTS = 1 << 23
+
+
 @torch.no_grad()
 def fit(codec: Codec, w: torch.Tensor, importance: torch.Tensor | None = None) -> Fit:
     """codec.fit(w, importance) on w's device, by the first backend that covers it (see the module docstring)."""
-    return backend(codec, w.device, importance is not None).fit(codec, w, importance)
+    b = backend(codec, w.device, importance is not None)
+    step = max(1, SLAB_ELEMENTS // w.shape[1])
+    if len(w) <= step:
+        return b.fit(codec, w, importance)
+    return Fit.stack([b.fit(codec, w[r:r + step], importance) for r in range(0, len(w), step)])
