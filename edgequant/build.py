@@ -11,6 +11,7 @@ import glob
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ import gguf
 import numpy as np
 
 from .convert.encode import worker_count
-from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_output_path
+from .convert.gguf_out import GGUFLayout, StreamingGGUF, TensorPlan, atomic_output, check_output_path
 from .convert.recipes import FTYPES, ArchFacts, tensor_type
 from .errors import UserError
 from .metadata import write_metadata
@@ -141,9 +142,7 @@ def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], en
     load = lambda name: packed[name]() if name in packed else m.load(name)  # noqa: E731
     with atomic_output(out) as tmp, pipeline_threads(worker_count() > 1) as (reader, writer):
         loads = deque(reader.submit(load, t.name) for t in plan[:LOAD_AHEAD])
-        gguf_writer = gguf.GGUFWriter(tmp, m.arch.name)
-        write_metadata(gguf_writer, m, FTYPES[ftype])
-        stream = StreamingGGUF(gguf_writer, plan)
+        stream = start_gguf(tmp, m, ftype, plan)
         task = progress.add_task(f"writing {out.name}", total=len(plan))
         written = None
         for i, t in enumerate(plan):
@@ -162,6 +161,23 @@ def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], en
         stream.close()
         if digests is not None:
             verify_digests(tmp, digests)
+
+
+def start_gguf(path: Path, m: SourceModel, ftype: str, plan: list[TensorPlan]) -> StreamingGGUF:
+    """`path` with everything before the tensor data written: the metadata and `plan`'s tensor directory."""
+    writer = gguf.GGUFWriter(path, m.arch.name)
+    write_metadata(writer, m, FTYPES[ftype])
+    return StreamingGGUF(writer, plan)
+
+
+def gguf_layout(m: SourceModel, ftype: str, plan: list[TensorPlan]) -> GGUFLayout:
+    """The header size and alignment of the GGUF `write_gguf` writes for `m` and `plan`'s tensors (in any types):
+    the header is written once by the same code, without tensor data, to a temporary file."""
+    with tempfile.TemporaryDirectory(prefix="edgequant-header-") as d:
+        path = Path(d) / "header.gguf"
+        writer = start_gguf(path, m, ftype, plan).writer
+        writer.close()
+        return GGUFLayout(path.stat().st_size, writer.data_alignment)
 
 
 LOAD_AHEAD = 2  # tensors loaded ahead of the one encoding: a large one (the output head) after small ones is ready
