@@ -10,11 +10,17 @@ from __future__ import annotations
 import ctypes
 
 import gguf
+import numpy as np
 import pytest
 
+from edgequant.build import plan_tensors, write_gguf
 from edgequant.convert.codecs import CODECS
+from edgequant.convert.gguf_out import TensorPlan
 from edgequant.convert.recipes import FTYPES, tensor_type
 from edgequant.convert.type_menu import bytes_per_weight, menu
+from edgequant.methods import rtn_encoder
+from edgequant.model import SourceModel
+from edgequant.progress import Progress
 from test_recipes import ORACLE_MODELS, _write_f16_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -108,3 +114,22 @@ def test_menu_is_what_llama_quantize_keeps(model_name, tmp_path):
         assert types - {Q.F16} <= kept[name], (name, shape)
         if shape[-1] % 256:
             assert kept[name] <= types, (name, shape)
+
+
+@pytest.mark.parametrize("model", ["odd_llama", "tiny_qwen2", "tiny_llama"])
+def test_llama_cpp_runs_every_menu_type(request, model, tmp_path):
+    """Files where each tensor takes, in turn, every type on its menu (tied embeddings too, on tiny-qwen2): llama.cpp
+    loads them and computes finite logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    m = SourceModel(str(request.getfixturevalue(model)))
+    recipe = plan_tensors(m, "Q4_K_M")
+    for shift in range(len(menu("blk.0.ffn_up.weight", (1, 256)))):
+        plan = [TensorPlan(t.name, t.shape, types[(i + shift) % len(types)]) if (types := menu(t.name, t.shape)) else t
+                for i, t in enumerate(recipe)]
+        out = tmp_path / f"{shift}.gguf"
+        write_gguf(out, m, "Q4_K_M", plan, rtn_encoder(), Progress(quiet=True))
+        llm = llama_cpp.Llama(str(out), n_ctx=32, logits_all=True, verbose=False, n_threads=1)
+        llm.eval([1, 5, 9, 13, 17, 21, 25, 29])
+        assert np.isfinite(np.array(llm.scores[:8])).all(), shift
+        llm.close()
+        out.unlink()
