@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 import gguf
 import numpy as np
 
+from .budget import Budget, BudgetSpec, budget_bytes
 from .convert.encode import worker_count
 from .convert.gguf_out import GGUFLayout, StreamingGGUF, TensorPlan, atomic_output, check_output_path
 from .convert.recipes import FTYPES, ArchFacts, tensor_type
@@ -72,12 +73,14 @@ def plan_tensors(m: SourceModel, ftype: str, has_imatrix: bool = False) -> list[
 
 def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibOptions | None = None,
           encoder: Encoder | None = None, verify: bool = False, quiet: bool = False,
-          work_dir: Path | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> BuildResult:
+          work_dir: Path | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+          budget: BudgetSpec | None = None) -> BuildResult:
     """`encoder` overrides `method` (tests use it to inject failures).  `verify`: re-read the written file and check
     that gguf-py dequantizes every GPTQ tensor to exactly the weights the solver produced.  `work_dir` (default
     OUT.work next to the output) keeps GPTQ's finished layers: a killed build run again resumes from them, and
     writes the same bytes; it is removed once the GGUF is written.  `allow_pickle`, `trust_remote_code`: see
-    edgequant.checkpoint."""
+    edgequant.checkpoint.  `budget` (edgequant.budget.budget_request): the file's size, within which the tensors'
+    types are chosen; `target`'s recipe is then only the plan the allocation starts from."""
     with Progress(quiet) as progress:
         t0 = time.perf_counter()
         loading = progress.add_task(f"loading {model}", total=None)
@@ -87,6 +90,10 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             partial.unlink(missing_ok=True)
         m = SourceModel(model, allow_pickle, trust_remote_code)
         plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
+        if budget is not None:  # before anything heavy: a budget out of range fails at once
+            layout = gguf_layout(m, ftype, plan)
+            allowed = budget_bytes(budget, layout, plan, lambda f: plan_tensors(m, f, has_imatrix=method != "rtn"))
+            plan = allocate_plan(m, plan, allowed, layout)
         result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
         calib = calib or CalibOptions()
         work = None
@@ -127,6 +134,12 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
         result.seconds["write"] = time.perf_counter() - t0
     result.peak_memory = peak_memory()
     return result
+
+
+def allocate_plan(m: SourceModel, plan: list[TensorPlan], budget: Budget, layout: GGUFLayout) -> list[TensorPlan]:
+    """`plan` with each tensor's type chosen from its menu (convert.type_menu) so that the file, as `layout` counts
+    it, takes at most budget.total_bytes.  A placeholder until edgequant.allocate lands."""
+    raise UserError(f"{budget.what}: allocation not implemented yet")
 
 
 def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], encoder: Encoder, progress,

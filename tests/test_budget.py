@@ -139,3 +139,29 @@ def test_auto_budget_is_the_recipe_file():
 def test_budget_out_of_range(option, text, message):
     with pytest.raises(UserError, match=message):
         budget(option, text)
+
+
+# --- through `edgequant build` ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [["--target", "auto:Q4_K_M"], ["--target", "auto:IQ4_XS"], ["--size", "2MB"],
+                                     ["--bpw", "6"]])
+def test_build_hands_the_budget_to_the_allocator(tiny_llama, tmp_path, monkeypatch, options):
+    """With the allocation replaced by one that keeps the recipe's plan: the allocator gets the budget and the
+    file's layout, and for auto:FTYPE the file it writes is exactly the budget."""
+    import edgequant.build
+    from edgequant.cli import main
+
+    seen = {}
+
+    def keep_recipe(m, plan, budget, layout):
+        seen.update(budget=budget, layout=layout, plan=plan)
+        return plan
+
+    monkeypatch.setattr(edgequant.build, "allocate_plan", keep_recipe)
+    out = tmp_path / "m.gguf"
+    assert main(["build", str(tiny_llama), *options, "--method", "rtn", "-o", str(out), "--quiet"]) == 0
+    assert seen["budget"].what == " ".join(options)
+    assert seen["layout"].file_bytes(seen["plan"]) == out.stat().st_size
+    if options[0] == "--target":
+        assert out.stat().st_size == seen["budget"].total_bytes
