@@ -36,6 +36,24 @@ class TensorPlan:
         return gguf.quant_shape_to_byte_shape(self.shape, self.qtype)
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """What a GGUF file costs besides its tensors' bytes: gguf-py's GGUFWriter writes the header (magic, metadata,
+    tensor directory), pads it to `alignment`, then each tensor's bytes padded to `alignment` (the last one too).
+    A tensor's type is a fixed-size field of the directory, so for given tensors the header is the same whatever
+    their types."""
+
+    header: int  # bytes before the padding that precedes the first tensor
+    alignment: int
+
+    def padded(self, nbytes: int) -> int:
+        return -(-nbytes // self.alignment) * self.alignment
+
+    def file_bytes(self, plan: list[TensorPlan]) -> int:
+        """The exact size of the file holding `plan`'s tensors (at least one) after this header."""
+        return self.padded(self.header) + sum(self.padded(t.nbytes) for t in plan)
+
+
 def check_output_path(path: Path) -> None:
     parent = path.parent
     if not parent.is_dir():

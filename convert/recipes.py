@@ -209,7 +209,7 @@ def tensor_type(
     (llama.cpp keeps their source type).
     """
     recipe = _recipe(ftype)
-    if not _is_quantizable(name, shape):
+    if not is_quantizable(name, shape):
         return Q.F32
     if recipe.base in _UNQUANTIZED:
         return recipe.base
@@ -231,7 +231,7 @@ def _recipe(ftype: str) -> _Recipe:
         raise UserError(f"unknown target type {ftype!r}; choose one of: {', '.join(_RECIPES)}") from None
 
 
-def _is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """llama.cpp quantizes only weights with >= 2 non-trivial dims (ggml_n_dims), except norms and routers."""
     leading_ones = next((i for i, n in enumerate(shape) if n > 1), len(shape))
     n_dims = max(1, len(shape) - leading_ones)

@@ -11,6 +11,7 @@ import glob
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -21,8 +22,9 @@ from typing import TYPE_CHECKING, Iterator
 import gguf
 import numpy as np
 
+from .budget import Budget, BudgetSpec, budget_bytes
 from .convert.encode import worker_count
-from .convert.gguf_out import StreamingGGUF, TensorPlan, atomic_output, check_output_path
+from .convert.gguf_out import GGUFLayout, StreamingGGUF, TensorPlan, atomic_output, check_output_path
 from .convert.recipes import FTYPES, ArchFacts, tensor_type
 from .errors import UserError
 from .metadata import write_metadata
@@ -71,12 +73,14 @@ def plan_tensors(m: SourceModel, ftype: str, has_imatrix: bool = False) -> list[
 
 def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibOptions | None = None,
           encoder: Encoder | None = None, verify: bool = False, quiet: bool = False,
-          work_dir: Path | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> BuildResult:
+          work_dir: Path | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+          budget: BudgetSpec | None = None) -> BuildResult:
     """`encoder` overrides `method` (tests use it to inject failures).  `verify`: re-read the written file and check
     that gguf-py dequantizes every GPTQ tensor to exactly the weights the solver produced.  `work_dir` (default
     OUT.work next to the output) keeps GPTQ's finished layers: a killed build run again resumes from them, and
     writes the same bytes; it is removed once the GGUF is written.  `allow_pickle`, `trust_remote_code`: see
-    edgequant.checkpoint."""
+    edgequant.checkpoint.  `budget` (edgequant.budget.budget_request): the file's size, within which the tensors'
+    types are chosen; `target`'s recipe is then only the plan the allocation starts from."""
     with Progress(quiet) as progress:
         t0 = time.perf_counter()
         loading = progress.add_task(f"loading {model}", total=None)
@@ -86,6 +90,10 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             partial.unlink(missing_ok=True)
         m = SourceModel(model, allow_pickle, trust_remote_code)
         plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
+        if budget is not None:  # before anything heavy: a budget out of range fails at once
+            layout = gguf_layout(m, ftype, plan)
+            allowed = budget_bytes(budget, layout, plan, lambda f: plan_tensors(m, f, has_imatrix=method != "rtn"))
+            plan = allocate_plan(m, plan, allowed, layout)
         result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
         calib = calib or CalibOptions()
         work = None
@@ -128,6 +136,12 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
     return result
 
 
+def allocate_plan(m: SourceModel, plan: list[TensorPlan], budget: Budget, layout: GGUFLayout) -> list[TensorPlan]:
+    """`plan` with each tensor's type chosen from its menu (convert.type_menu) so that the file, as `layout` counts
+    it, takes at most budget.total_bytes.  A placeholder until edgequant.allocate lands."""
+    raise UserError(f"{budget.what}: allocation not implemented yet")
+
+
 def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], encoder: Encoder, progress,
                digests: dict[str, str] | None = None, packed: Packed | None = None) -> None:
     """Metadata, then each planned tensor as `encoder` makes it (or as `packed` has it, without loading its
@@ -141,9 +155,7 @@ def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], en
     load = lambda name: packed[name]() if name in packed else m.load(name)  # noqa: E731
     with atomic_output(out) as tmp, pipeline_threads(worker_count() > 1) as (reader, writer):
         loads = deque(reader.submit(load, t.name) for t in plan[:LOAD_AHEAD])
-        gguf_writer = gguf.GGUFWriter(tmp, m.arch.name)
-        write_metadata(gguf_writer, m, FTYPES[ftype])
-        stream = StreamingGGUF(gguf_writer, plan)
+        stream = start_gguf(tmp, m, ftype, plan)
         task = progress.add_task(f"writing {out.name}", total=len(plan))
         written = None
         for i, t in enumerate(plan):
@@ -162,6 +174,23 @@ def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], en
         stream.close()
         if digests is not None:
             verify_digests(tmp, digests)
+
+
+def start_gguf(path: Path, m: SourceModel, ftype: str, plan: list[TensorPlan]) -> StreamingGGUF:
+    """`path` with everything before the tensor data written: the metadata and `plan`'s tensor directory."""
+    writer = gguf.GGUFWriter(path, m.arch.name)
+    write_metadata(writer, m, FTYPES[ftype])
+    return StreamingGGUF(writer, plan)
+
+
+def gguf_layout(m: SourceModel, ftype: str, plan: list[TensorPlan]) -> GGUFLayout:
+    """The header size and alignment of the GGUF `write_gguf` writes for `m` and `plan`'s tensors (in any types):
+    the header is written once by the same code, without tensor data, to a temporary file."""
+    with tempfile.TemporaryDirectory(prefix="edgequant-header-") as d:
+        path = Path(d) / "header.gguf"
+        writer = start_gguf(path, m, ftype, plan).writer
+        writer.close()
+        return GGUFLayout(path.stat().st_size, writer.data_alignment)
 
 
 LOAD_AHEAD = 2  # tensors loaded ahead of the one encoding: a large one (the output head) after small ones is ready

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +28,33 @@ def tiny_llama() -> Path:
 def tiny_qwen2() -> Path:
     """Qwen2ForCausalLM, byte-level BPE + ChatML, hidden 320, q/k/v biases, tied, `rope_parameters` config."""
     return FIXTURES / "tiny-qwen2"
+
+
+@pytest.fixture(scope="session")
+def odd_llama(tmp_path_factory, tiny_llama):
+    """tiny-llama's tokenizer on a random one-layer model of three row lengths: 288 (32-blocks), 256 (attn_output:
+    2 heads of 128) and 1000 (ffn_down: F16 only); 1000-row tensors in 18-byte blocks are no multiple of the GGUF
+    alignment."""
+    from safetensors.numpy import save_file
+
+    d = tmp_path_factory.mktemp("odd-llama")
+    for f in tiny_llama.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, d)
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config.update(hidden_size=288, intermediate_size=1000, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, torch_dtype="float16")
+    (d / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (512, 288), "lm_head.weight": (512, 288), "model.norm.weight": (288,),
+              "model.layers.0.input_layernorm.weight": (288,), "model.layers.0.post_attention_layernorm.weight": (288,),
+              "model.layers.0.self_attn.q_proj.weight": (256, 288), "model.layers.0.self_attn.k_proj.weight": (128, 288),
+              "model.layers.0.self_attn.v_proj.weight": (128, 288), "model.layers.0.self_attn.o_proj.weight": (288, 256),
+              "model.layers.0.mlp.gate_proj.weight": (1000, 288), "model.layers.0.mlp.up_proj.weight": (1000, 288),
+              "model.layers.0.mlp.down_proj.weight": (288, 1000)}
+    save_file({n: (0.02 * rng.standard_normal(s)).astype(np.float16) for n, s in shapes.items()},
+              str(d / "model.safetensors"))
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,38 @@ def test_unknown_target(capsys, tmp_path, tiny_llama):
     expect_error(capsys, build_argv(tiny_llama, tmp_path, target="Q9_K"), "unknown --target", "Q4_K_M")
 
 
+# --size / --bpw / --target auto: refused before calibration (the default method, GPTQ, never starts).  tiny-llama's
+# smallest file is about 0.6 MB, its F16 file about 3.7 MB.
+BAD_BUDGETS = [
+    (["--size", "6XB"], "--size 6XB: not a size"),
+    (["--size", "0"], "at least one byte"),
+    (["--size=-5GB"], "at least one byte"),
+    (["--bpw", "abc"], "--bpw abc: not a number"),
+    (["--bpw", "nan"], "not a number"),
+    (["--bpw", "inf"], "not a number"),
+    (["--bpw", "-1"], "more than 0"),
+    (["--bpw", "0"], "more than 0"),
+    (["--target", "auto:NOPE"], "unknown file type 'NOPE'", "Q4_K_M"),
+    (["--size", "100KB"], "less than the smallest file"),
+    (["--bpw", "1"], "less than the smallest file"),
+    (["--size", "1GB"], "more than the F16 file", "--target F16"),
+    (["--bpw", "17"], "more than the F16 file"),
+    (["--target", "auto:F32"], "more than the F16 file"),
+    (["--size", "3MB", "--bpw", "4"], "give only one file size"),
+    (["--size", "3MB", "--target", "auto:Q2_K"], "give only one file size"),
+    (["--bpw", "4", "--target", "auto:Q2_K"], "give only one file size"),
+    (["--size", "3MB", "--target", "Q4_K_M"], "fixes its recipe", "auto:Q4_K_M"),
+    (["--bpw", "4", "--target", "Q2_K"], "fixes its recipe"),
+]
+
+
+@pytest.mark.parametrize(("options", "fragments"), [(b[0], b[1:]) for b in BAD_BUDGETS])
+def test_bad_budget(capsys, tmp_path, tiny_llama, options, fragments):
+    out = tmp_path / "out"
+    out.mkdir()
+    expect_error(capsys, ["build", str(tiny_llama), *options, "-o", str(out / "m.gguf"), "--quiet"], *fragments)
+
+
 def test_output_directory_missing(capsys, tmp_path, tiny_llama):
     argv = ["build", str(tiny_llama), "--target", "F16", "-o", str(tmp_path / "nope" / "m.gguf"), "--quiet"]
     expect_error(capsys, argv, "does not exist")

@@ -12,16 +12,26 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ..budget import UNITS_HELP
 from ..convert.recipes import FTYPES
 from ..errors import UserError
 
 ACT_ORDERS = ("off", "on", "auto")
+DEFAULT_TARGET = "Q4_K_M"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="convert (and quantize) a Hugging Face model to GGUF")
     p.add_argument("model", help="local Hugging Face model directory, or a hub id")
-    p.add_argument("--target", "-t", default="Q4_K_M", metavar="FTYPE", help=f"llama.cpp file type: {', '.join(FTYPES)} (default Q4_K_M)")
+    p.add_argument("--target", "-t", metavar="FTYPE",
+                   help=f"llama.cpp file type: {', '.join(FTYPES)} (default {DEFAULT_TARGET}); auto:FTYPE chooses each "
+                        f"tensor's type for the file size of FTYPE's file")
+    p.add_argument("--size", metavar="SIZE",
+                   help=f"choose each tensor's type for a file of at most SIZE, such as 6GB or 5.5GiB: {UNITS_HELP}, "
+                        f"as GNU ls -h, du and truncate read them (6G is 6 GiB)")
+    p.add_argument("--bpw", metavar="BITS",
+                   help="choose each tensor's type for at most BITS bits per weight, as the summary reports them "
+                        "(tensor bytes over all weights, metadata left out)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output .gguf path")
     p.add_argument("--method", choices=["gptq", "imatrix", "rtn"], default="gptq",
                    help="gptq (default): GPTQ on llama.cpp's grids; imatrix: importance-weighted fit as llama-quantize --imatrix; rtn: as llama-quantize")
@@ -70,23 +80,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..budget import budget_request
     from ..build import build
     from ..convert.gguf_out import check_output_path
 
+    target, budget = budget_request(args.target, args.size, args.bpw, DEFAULT_TARGET)
     if args.report is not None:  # before the build, not after it
         check_output_path(args.report)
         try:
             tempfile.NamedTemporaryFile(dir=args.report.parent).close()
         except OSError as e:
             raise UserError(f"--report: cannot write to {args.report.parent}: {e.strerror}") from None
-    result = build(args.model, args.target, args.output, method=args.method, calib=calib_options(args),
+    result = build(args.model, target, args.output, method=args.method, calib=calib_options(args),
                    verify=args.verify, quiet=args.quiet or args.json, work_dir=args.work_dir,
-                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, budget=budget)
     if args.report is not None:
         from ..report import render
 
         try:
-            args.report.write_text(render(summary(result), f"{args.model} → {args.target} ({args.method})"), encoding="utf-8")
+            args.report.write_text(render(summary(result), f"{args.model} → {budget or target} ({args.method})"), encoding="utf-8")
         except OSError as e:
             raise UserError(f"--report {args.report}: {e.strerror}") from None
     if args.json:
