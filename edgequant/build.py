@@ -90,32 +90,45 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             partial.unlink(missing_ok=True)
         m = SourceModel(model, allow_pickle, trust_remote_code)
         plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
+        allowed = None
         if budget is not None:  # before anything heavy: a budget out of range fails at once
             layout = gguf_layout(m, ftype, plan)
             allowed = budget_bytes(budget, layout, plan, lambda f: plan_tensors(m, f, has_imatrix=method != "rtn"))
-            plan = allocate_plan(m, plan, allowed, layout)
+            if method == "rtn" and encoder is None:
+                raise UserError(f"{allowed.what}: types are chosen by what they cost this model, measured on calibration "
+                                f"text: use --method gptq (the default) or imatrix")
         result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
         calib = calib or CalibOptions()
         work = None
         if encoder is None and method == "gptq" and calibrates(method, plan):
             from .workdir import WorkDir, build_identity  # torch: only GPTQ builds need it
 
-            work = WorkDir(work_dir or out.with_name(out.name + ".work"), build_identity(m, ftype, method, calib))
-        check_free_space(out, result.nbytes, work, calib, m)
+            identity = build_identity(m, ftype if allowed is None else f"{ftype} {allowed.what}", method, calib)
+            work = WorkDir(work_dir or out.with_name(out.name + ".work"), identity)
+        check_free_space(out, result.nbytes if allowed is None else allowed.total_bytes, work, calib, m)
         progress.remove_task(loading)
         result.seconds["load"] = time.perf_counter() - t0
         packed = {}
         try:
+            windows, sampled = None, 0.0
+            if allowed is not None:
+                t0 = time.perf_counter()
+                plan, allocation, windows = allocate_types(m, plan, allowed, layout, calib, work, progress)
+                sampled = sum(p.get("seconds", 0.0) for p in (windows.parts if windows is not None else []))  # self-calibration ran here
+                result.plan, result.seconds["allocation"] = plan, time.perf_counter() - t0 - sampled
             if encoder is None:
                 t0 = time.perf_counter()
-                encoder, result.report, packed = make_encoder(method, m, plan, calib, progress, work, digests=verify)
+                encoder, result.report, packed = make_encoder(method, m, plan, calib, progress, work, digests=verify,
+                                                              windows=windows)
                 if method != "rtn":
                     solve = result.report["gptq"].seconds.get("solve", 0.0) if "gptq" in result.report else 0.0
                     sampling = sum(p.get("seconds", 0.0) for p in result.report.get("calibration", []))
-                    result.seconds["calibration"] = time.perf_counter() - t0 - solve - sampling
+                    result.seconds["calibration"] = time.perf_counter() - t0 - solve - (sampling - sampled)
                     for phase, seconds in (("sampling", sampling), ("solve", solve)):
                         if seconds:
                             result.seconds[phase] = seconds
+            if allowed is not None:
+                result.report["allocation"] = allocation
             t0 = time.perf_counter()
             digests = None
             if verify and "gptq" in result.report:
@@ -136,10 +149,18 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
     return result
 
 
-def allocate_plan(m: SourceModel, plan: list[TensorPlan], budget: Budget, layout: GGUFLayout) -> list[TensorPlan]:
-    """`plan` with each tensor's type chosen from its menu (convert.type_menu) so that the file, as `layout` counts
-    it, takes at most budget.total_bytes.  A placeholder until edgequant.allocate lands."""
-    raise UserError(f"{budget.what}: allocation not implemented yet")
+def allocate_types(m: SourceModel, plan: list[TensorPlan], budget: Budget, layout: GGUFLayout, calib: CalibOptions,
+                   work: WorkDir | None, progress):
+    """(plan with its types chosen within the budget, the edgequant.allocate.Allocation, the calibration windows it
+    measured on: the build's own, kept in `work` for GPTQ)."""
+    from .allocate import allocate_plan
+    from .methods import token_windows
+
+    make = lambda: token_windows(calib, m, progress)  # noqa: E731
+    windows = work.calibration(make) if work is not None else make()
+    plan, allocation = allocate_plan(m, plan, budget.total_bytes, budget.what, layout, windows.ids,
+                                     calib.torch_device(), weighted=True, progress=progress)
+    return plan, allocation, windows
 
 
 def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], encoder: Encoder, progress,

@@ -112,15 +112,16 @@ def calibrates(method: str, plan: list[TensorPlan]) -> bool:
 
 
 def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, progress=None,
-                 work: WorkDir | None = None, digests: bool = False) -> tuple[Encoder, dict, Packed]:
+                 work: WorkDir | None = None, digests: bool = False, windows=None) -> tuple[Encoder, dict, Packed]:
     """The encoder for `method`, after whatever calibration it needs; a report dict for the summary; and the tensors
-    already encoded (GPTQ's: kept in `work`, which a rerun resumes from).  digests: see gptq_layers."""
+    already encoded (GPTQ's: kept in `work`, which a rerun resumes from).  digests: see gptq_layers.  windows: the
+    calibration windows if already drawn (a calibration.Calibration)."""
     if not calibrates(method, plan):
         return rtn_encoder(), {}, {}
     if method == "imatrix":
         if calib.imatrix is not None:
             return rtn_encoder(read_imatrix(calib.imatrix)), {"imatrix": str(calib.imatrix)}, {}
-        windows = token_windows(calib, m, progress)
+        windows = windows if windows is not None else token_windows(calib, m, progress)
         sums = collect_importance(m, windows.ids, calib.torch_device(), progress)
         return (rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}),
                 {"calibration": windows.parts}, {})

@@ -11,7 +11,8 @@ and "llama.cpp".
     python scripts/kld_table.py --model /work/smollm2 --anchors ../shared/anchors/smollm2.tsv --out /tmp/smol \\
         --chunks 100 --llama-tools .cache/llama-tools/bin --imatrix-chunks 128 --variant "default="
 
-Every variant is built with `--json` (its summary, sampling seconds included, lands next to the GGUF) and evaluated on
+In a variant's options "{ftype}" stands for the ftype (e.g. "--target auto:{ftype}": a size-budgeted build of that
+ftype's bytes).  Every variant is built with `--json` (its summary, sampling seconds included, lands next to the GGUF) and evaluated on
 every text; GGUFs already in --out are reused, and so are their evaluations (TAG-FTYPE.TEXT.eval.json).  Prints one JSON line per (variant, ftype, text) and, at the end, a
 Markdown table: KLD per text, and the ratio to llama.cpp+imatrix's (this run's, else the --anchors file's on wiki.test).
 """
@@ -80,7 +81,7 @@ def main() -> int:
             summary = args.out / f"{tag}-{ftype}.json"
             if not gguf.exists():
                 t0 = time.perf_counter()
-                summary.write_text(run(EDGEQUANT + ["build", args.model, "--target", ftype, *shlex.split(options),
+                summary.write_text(run(EDGEQUANT + ["build", args.model, "--target", ftype, *shlex.split(options.replace("{ftype}", ftype)),
                                                     "--json", "-o", str(gguf)]))
                 print(f"# built {gguf.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             s = json.loads(summary.read_text()) if summary.exists() else {}

@@ -150,17 +150,21 @@ def test_build_hands_the_budget_to_the_allocator(tiny_llama, tmp_path, monkeypat
     """With the allocation replaced by one that keeps the recipe's plan: the allocator gets the budget and the
     file's layout, and for auto:FTYPE the file it writes is exactly the budget."""
     import edgequant.build
+    from edgequant.allocate import Allocation
     from edgequant.cli import main
+    from edgequant.methods import rtn_encoder
 
     seen = {}
 
-    def keep_recipe(m, plan, budget, layout):
+    def keep_recipe(m, plan, budget, layout, *_args):
         seen.update(budget=budget, layout=layout, plan=plan)
-        return plan
+        return plan, Allocation(budget.total_bytes, budget.what, layout.file_bytes(plan), 0.0, 0.0,
+                                layout.file_bytes(plan), {}, {}, 0.0), None
 
-    monkeypatch.setattr(edgequant.build, "allocate_plan", keep_recipe)
+    monkeypatch.setattr(edgequant.build, "allocate_types", keep_recipe)
+    monkeypatch.setattr(edgequant.build, "make_encoder", lambda *a, **k: (rtn_encoder(), {}, {}))
     out = tmp_path / "m.gguf"
-    assert main(["build", str(tiny_llama), *options, "--method", "rtn", "-o", str(out), "--quiet"]) == 0
+    assert main(["build", str(tiny_llama), *options, "--method", "imatrix", "-o", str(out), "--quiet"]) == 0
     assert seen["budget"].what == " ".join(options)
     assert seen["layout"].file_bytes(seen["plan"]) == out.stat().st_size
     if options[0] == "--target":

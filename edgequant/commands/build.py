@@ -134,7 +134,8 @@ def summary(r) -> dict:
             "params": r.n_params, "tensor_bytes": r.nbytes, "file_bytes": r.path.stat().st_size,
             "bits_per_weight": round(r.bits_per_weight, 4), "types": dict(by_type),
             "recipe": {t.name: t.qtype.name for t in r.plan}, "calibration": r.report.get("calibration", []),
-            "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "peak_memory": r.peak_memory}
+            "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "peak_memory": r.peak_memory,
+            **({"allocation": r.report["allocation"].summary()} if "allocation" in r.report else {})}
 
 
 def by_layer(tensors: dict[str, dict]) -> dict[str, dict]:
@@ -176,6 +177,11 @@ def show(r) -> None:
         act = sum(v["act_order"] for v in s["gptq"].values())
         if act:
             console.print(f"act-order: {act:.4g} of {len(s['gptq'])} tensors solved in descending-Hessian order")
+    if "allocation" in s:
+        a = s["allocation"]
+        console.print(f"allocation ({a['what']}): {a['file_bytes']:,} of {a['budget']:,} bytes; predicted KLD "
+                      f"{a['predicted_kld']:.4g}, against {a['recipe_predicted_kld']:.4g} for the recipe's types "
+                      f"({a['recipe_bytes']:,} bytes)")
     if s["calibration"]:
         from ..report import describe_calibration
 

@@ -1,0 +1,188 @@
+"""How much each tensor's error moves the model's output distribution, measured on calibration windows.
+
+For a linear y = W x, an error E in W moves output r at token s by δ = (E x_s)_r.  To second order the KL divergence
+of the model's next-token distributions from the full-precision ones is ½ δᵀ F δ, F the Fisher information of those
+distributions with respect to y.  Keeping F's diagonal and taking the gradients' and the activations' magnitudes as
+independent, the mean KL per token is
+
+    ΔKL(E) ≈ ½ Σ_r ḡ_r Σ_j h̄_j E_rj²        ḡ_r = mean over tokens of (∂ log p(y) / ∂ y_r)²
+                                             h̄_j = mean over tokens of x_j²   (llama-imatrix's importance)
+
+with the labels y sampled from the model's own next-token distribution at every position (so that the mean of the
+squared gradient is the Fisher's diagonal, not the empirical Fisher of the text's tokens).  ḡ is what makes the
+estimate end to end: it carries how strongly each layer's outputs reach the logits, measured for this model, not
+assumed the same for every layer.
+
+The embedding table is a linear over one-hot tokens: row v (a token) is used where that token is, so its row weight
+is the token's frequency (estimated with Good-Turing's missing mass for tokens the windows never hold) and its column
+weight ḡ of the first layer's input.  A tied table is both, and its two estimates add.
+
+The pass streams layers as layerwise does: forward over all windows keeping each layer's input on the host, then
+backward from the head, one layer at a time, from the stored inputs.  No weight gradient is formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import SourceModel
+
+
+@dataclass
+class Sensitivity:
+    """ΔKL(E) ≈ ½ Σ_r rows_r Σ_j cols_j E_rj² for an error E of a tensor (GGUF rows, columns)."""
+
+    rows: np.ndarray  # float64 (n_rows,)
+    cols: np.ndarray  # float64 (n_cols,)
+    linear: bool = True  # cols are the mean squared inputs (an importance, as llama-imatrix's); False: a lookup table
+
+    def kl(self, err2: np.ndarray) -> float:
+        """The estimate for a matrix of squared errors (or of a subset of rows: `rows` indexed alike by the caller)."""
+        return 0.5 * float(self.rows @ (err2.astype(np.float64) @ self.cols))
+
+
+WINDOWS = 32  # calibration windows measured: the estimates are means, and 32 x 512 tokens make them steady
+
+
+def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int = 0,
+            progress=None) -> dict[str, list[Sensitivity]]:
+    """GGUF tensor name -> its Sensitivity per use (two for a tied embedding table), from the first WINDOWS windows."""
+    from . import layerwise
+    from .methods import hf_to_gguf
+
+    ids = ids[:WINDOWS].to(device)
+    names = hf_to_gguf(m)
+    model = layerwise.skeleton(m, device)
+    inner = model.model
+    embed_name = "model.embed_tokens.weight"
+    inner.embed_tokens.to_empty(device=device)
+    with torch.no_grad():
+        inner.embed_tokens.weight.copy_(m.checkpoint.load(embed_name))
+    kwargs = layerwise.layer_kwargs(model, ids)
+    batch = max(1, min(8, layerwise.TOKENS_PER_BATCH // ids.shape[1]))
+    layers = inner.layers
+    task = progress.add_task("measuring sensitivities", total=2 * len(layers) + 1) if progress is not None else None
+
+    def advance():
+        if task is not None:
+            progress.advance(task)
+
+    with torch.no_grad():
+        inputs = [inner.embed_tokens(ids).cpu()]
+    for i, layer in enumerate(layers):  # forward: each layer's inputs kept on the host
+        layerwise.materialize(layer, layerwise.load_weights(layer, f"model.layers.{i}.", m), device)
+        with torch.no_grad():
+            x = inputs[-1]
+            out = torch.empty_like(x)
+            for b in range(0, len(x), batch):
+                r = layer(x[b:b + batch].to(device), **kwargs)
+                out[b:b + batch] = (r[0] if isinstance(r, tuple) else r).cpu()
+        inputs.append(out)
+        layer.to("meta")
+        advance()
+
+    found: dict[str, list[Sensitivity]] = {}
+    tokens = ids.numel()
+    head_name = embed_name if m.hp.tied_embeddings else "lm_head.weight"
+    inner.norm.to_empty(device=device)
+    with torch.no_grad():
+        inner.norm.weight.copy_(m.checkpoint.load("model.norm.weight"))
+    head = nn.Linear(m.hp.n_embd, m.hp.n_vocab, bias=False, device=device)
+    with torch.no_grad():
+        head.weight.copy_(m.checkpoint.load(head_name))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums = _Sums()
+    grads = torch.empty_like(inputs[-1])
+    for b in range(0, len(ids), batch):
+        x = inputs[-1][b:b + batch].to(device).requires_grad_()
+        with sums.watching({"head": head}):
+            logits = head(inner.norm(x)).float()
+            logp = torch.log_softmax(logits, -1)
+            y = torch.multinomial(logp.detach().exp().reshape(-1, logits.shape[-1]), 1, generator=gen)
+            logp.reshape(-1, logits.shape[-1]).gather(1, y).sum().backward()
+        grads[b:b + batch] = x.grad.cpu()
+    found.setdefault(names[head_name], []).append(sums.sensitivity("head", tokens))
+    del head
+    advance()
+
+    for i in reversed(range(len(layers))):  # backward: layer i's output gradients -> its input's
+        layer = layers[i]
+        layerwise.materialize(layer, layerwise.load_weights(layer, f"model.layers.{i}.", m), device)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+        sums = _Sums()
+        below = torch.empty_like(grads)
+        for b in range(0, len(ids), batch):
+            x = inputs[i][b:b + batch].to(device).requires_grad_()
+            with sums.watching(linears):
+                r = layer(x, **kwargs)
+                (r[0] if isinstance(r, tuple) else r).backward(grads[b:b + batch].to(device))
+            below[b:b + batch] = x.grad.cpu()
+        for name in linears:
+            found.setdefault(names[f"model.layers.{i}.{name}.weight"], []).append(sums.sensitivity(name, tokens))
+        grads = below
+        layer.to("meta")
+        advance()
+
+    counts = np.bincount(ids.cpu().numpy().ravel(), minlength=m.hp.n_vocab).astype(np.float64)
+    found.setdefault(names[embed_name], []).append(
+        Sensitivity(token_frequencies(counts), (grads.double() ** 2).reshape(-1, grads.shape[-1]).mean(0).numpy(), False))
+    if task is not None:
+        progress.remove_task(task)
+    return found
+
+
+def token_frequencies(counts: np.ndarray) -> np.ndarray:
+    """Each token's share of text like the windows': seen tokens by their counts, scaled down by Good-Turing's
+    estimate of the mass of unseen ones (the share of tokens seen once), which the unseen tokens split evenly."""
+    total = counts.sum()
+    unseen = counts == 0
+    missing = min(float((counts == 1).sum()) / total, 0.5) if unseen.any() else 0.0
+    freq = counts / total * (1 - missing)
+    if unseen.any():
+        freq[unseen] = missing / unseen.sum()
+    return freq
+
+
+class _Sums:
+    """Σ x² per input column and Σ g² per output of watched linears, over the tokens of the passes watched."""
+
+    def __init__(self):
+        self.x2: dict[str, torch.Tensor] = {}
+        self.g2: dict[str, torch.Tensor] = {}
+
+    def watching(self, linears: dict[str, nn.Module]):
+        import contextlib
+
+        hooks = []
+
+        def forward_hook(name):
+            def hook(_module, args, out):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                self.x2[name] = self.x2.get(name, 0) + (x * x).sum(0)
+                out.register_hook(lambda g: self._grad(name, g))
+            return hook
+
+        for name, mod in linears.items():
+            hooks.append(mod.register_forward_hook(forward_hook(name)))
+
+        @contextlib.contextmanager
+        def scope():
+            try:
+                yield
+            finally:
+                for h in hooks:
+                    h.remove()
+        return scope()
+
+    def _grad(self, name: str, g: torch.Tensor) -> None:
+        g = g.detach().reshape(-1, g.shape[-1]).double()
+        self.g2[name] = self.g2.get(name, 0) + (g * g).sum(0)
+
+    def sensitivity(self, name: str, tokens: int) -> Sensitivity:
+        return Sensitivity((self.g2[name] / tokens).cpu().numpy(), (self.x2[name] / tokens).cpu().numpy())
