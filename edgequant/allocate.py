@@ -114,18 +114,51 @@ class Allocation:
     options: dict[str, list[Option]]
     chosen: dict[str, Q]
     seconds: float
+    frontier: list[tuple[int, float]]  # (file bytes, predicted KLD) of allocations at other budgets
+    ftypes: dict[str, tuple[int, float]]  # llama.cpp's recipes on the same estimate: ftype -> (file bytes, KLD)
 
     def summary(self) -> dict:
         return {"budget": self.budget, "what": self.what, "file_bytes": self.file_bytes,
                 "predicted_kld": self.predicted_kl, "recipe_predicted_kld": self.recipe_kl,
                 "recipe_bytes": self.recipe_bytes, "seconds": round(self.seconds, 3),
+                "frontier": self.frontier, "ftypes": self.ftypes,
                 "options": {name: [[o.qtype.name, o.nbytes, o.kl] for o in opts] for name, opts in self.options.items()}}
 
 
+# llama.cpp's ftypes marked on the frontier, where every type of their recipe is on the tensors' menus
+FRONTIER_FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+def frontier(options: dict[str, list[Option]], fixed: int, points: int = 16) -> list[tuple[int, float]]:
+    """(file bytes, least predicted KLD) at `points` budgets from the smallest to the largest file."""
+    lo = fixed + sum(min(o.nbytes for o in opts) for opts in options.values())
+    hi = fixed + sum(max(o.nbytes for o in opts) for opts in options.values())
+    out = []
+    for budget in np.linspace(lo, hi, points).astype(np.int64):
+        picked = choose(options, int(budget) - fixed, resolution=1 << 12)
+        out.append((fixed + sum(o.nbytes for o in picked.values()), sum(o.kl for o in picked.values())))
+    return out
+
+
+def recipe_point(options: dict[str, list[Option]], plan: list[TensorPlan], fixed: int) -> tuple[int, float] | None:
+    """(file bytes, predicted KLD) of a recipe's plan, None if a type it uses is not on a tensor's menu."""
+    size, kl = fixed, 0.0
+    for t in plan:
+        if t.name not in options:
+            continue
+        o = next((o for o in options[t.name] if o.qtype == t.qtype), None)
+        if o is None:
+            return None
+        size, kl = size + o.nbytes, kl + o.kl
+    return size, kl
+
+
 def allocate_plan(m: SourceModel, plan: list[TensorPlan], budget: int, what: str, layout: GGUFLayout,
-                  ids: torch.Tensor, device: torch.device, weighted: bool, progress=None) -> tuple[list[TensorPlan], Allocation]:
+                  ids: torch.Tensor, device: torch.device, weighted: bool, recipe_of=None,
+                  progress=None) -> tuple[list[TensorPlan], Allocation]:
     """`plan` with each allocatable tensor's type chosen within `budget` bytes for the whole file, from sensitivities
-    measured on calibration windows `ids`.  weighted: the method fits with importance (imatrix, GPTQ's grids)."""
+    measured on calibration windows `ids`.  weighted: the method fits with importance (imatrix, GPTQ's grids).
+    recipe_of(ftype): llama.cpp's plan for an ftype, to mark the ftypes on the reported frontier."""
     from . import sensitivity
 
     t0 = time.perf_counter()
@@ -137,11 +170,12 @@ def allocate_plan(m: SourceModel, plan: list[TensorPlan], budget: int, what: str
     except ValueError as e:
         raise UserError(f"{what}: {e}") from None
     new = [dataclasses.replace(t, qtype=chosen[t.name].qtype) if t.name in chosen else t for t in plan]
-    recipe = {t.name: t.qtype for t in plan}
-    recipe_kl = sum(next((o.kl for o in options[n] if o.qtype == recipe[n]), float("nan")) for n in options)
+    recipe_kl = (recipe_point(options, plan, fixed) or (0, float("nan")))[1]
+    ftypes = {f: point for f in FRONTIER_FTYPES if recipe_of is not None
+              and (point := recipe_point(options, recipe_of(f), fixed)) is not None}
     return new, Allocation(budget, what, layout.file_bytes(new), sum(o.kl for o in chosen.values()), recipe_kl,
                            layout.file_bytes(plan), options, {n: o.qtype for n, o in chosen.items()},
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, frontier(options, fixed), ftypes)
 
 
 def measure_options(m: SourceModel, plan: list[TensorPlan], sens: dict[str, list[Sensitivity]], layout: GGUFLayout,

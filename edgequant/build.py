@@ -159,7 +159,8 @@ def allocate_types(m: SourceModel, plan: list[TensorPlan], budget: Budget, layou
     make = lambda: token_windows(calib, m, progress)  # noqa: E731
     windows = work.calibration(make) if work is not None else make()
     plan, allocation = allocate_plan(m, plan, budget.total_bytes, budget.what, layout, windows.ids,
-                                     calib.torch_device(), weighted=True, progress=progress)
+                                     calib.torch_device(), weighted=True, progress=progress,
+                                     recipe_of=lambda f: plan_tensors(m, f, has_imatrix=True))
     return plan, allocation, windows
 
 

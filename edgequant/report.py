@@ -4,6 +4,7 @@ external resources), so it can be archived or mailed and opens the same anywhere
     header            model, target, method, size, bits/weight, time per phase, peak memory
     types             per tensor type: tensors, parameters, MiB, bits/weight
     type map          the recipe: decoder layers (rows) x tensor kinds (columns), each cell colored by its type
+    frontier          a size-budgeted build's: predicted KLD against file size, llama.cpp's ftypes marked
     loss per tensor   GPTQ's calibration loss next to the importance-weighted fit's (log scale), for every GPTQ tensor
 
 It renders the dict of edgequant.commands.build.summary, i.e. exactly what --json prints.
@@ -43,7 +44,15 @@ def render(s: dict, title: str) -> str:
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>", header(s),
              "<h2>Tensor types</h2>", types_table(s, colors),
-             "<h2>Type map (the recipe)</h2>", type_map(s["recipe"], colors)]
+             "<h2>Type map (the recipe)</h2>" if "allocation" not in s else "<h2>Type map (the allocation)</h2>",
+             type_map(s["recipe"], colors)]
+    if "allocation" in s:
+        a = s["allocation"]
+        parts += ["<h2>Size and predicted quality</h2>",
+                  f"<p class='muted'>{escape(a['what'])}: {a['file_bytes']:,} of {a['budget']:,} bytes. The predicted KLD "
+                  "is edgequant.sensitivity's estimate for the importance-weighted fit on each type (GPTQ then lowers "
+                  "the errors); the line is the best allocation at each size, the squares llama.cpp's recipes on the "
+                  "same estimate.</p>", frontier_chart(a, s["params"])]
     if s["gptq"]:
         parts += ["<h2>Calibration loss per tensor: GPTQ vs importance-weighted fit</h2>",
                   "<p class='muted'>½·tr(E H Eᵀ), E = W − Ŵ, H = 2XᵀX over the calibration activations; the fit is "
@@ -157,6 +166,48 @@ def loss_chart(losses: dict[str, dict]) -> str:
                    f"<line x1='{x(g)}' y1='{y}' x2='{x(f)}' y2='{y}' stroke='#bbb' stroke-width='2'/>"
                    f"<circle cx='{x(f)}' cy='{y}' r='4' fill='#999'/><circle cx='{x(g)}' cy='{y}' r='4' fill='#1f5fbf'/>"
                    f"<text x='{left + plot_w + 8}' y='{y + 4}'>{ratio}</text></g>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def frontier_chart(a: dict, params: int) -> str:
+    """Predicted KLD (log) against bits per weight of the file: the frontier, the ftypes, this build."""
+    ftypes = {f: (8 * b / params, k) for f, (b, k) in a["ftypes"].items() if k > 0}
+    here = (8 * a["file_bytes"] / params, a["predicted_kld"])
+    # up to a bit past the largest ftype or this build: beyond, the curve falls to F16's almost nothing
+    right = max([here[0], *(p[0] for p in ftypes.values())]) + 1
+    points = [(8 * b / params, k) for b, k in a["frontier"] if k > 0 and 8 * b / params <= right]
+    everything = points + list(ftypes.values()) + ([here] if here[1] > 0 else [])
+    if not everything:
+        return "<p>nothing to plot</p>"
+    x0, x1 = min(p[0] for p in everything), max(p[0] for p in everything)
+    lo = math.floor(math.log10(min(p[1] for p in everything)))
+    hi = max(math.ceil(math.log10(max(p[1] for p in everything))), lo + 1)
+    left, top, w, h = 60, 20, 700, 320
+
+    def x(v: float) -> float:
+        return left + w * (v - x0) / max(x1 - x0, 1e-9)
+
+    def y(v: float) -> float:
+        return top + h * (hi - math.log10(max(v, 10.0**lo))) / (hi - lo)
+
+    out = [svg_open(left + w + 40, top + h + 40, "predicted KLD against bits per weight")]
+    for e in range(lo, hi + 1):
+        out.append(f"<line x1='{left}' y1='{y(10.0**e)}' x2='{left + w}' y2='{y(10.0**e)}' stroke='#e4e4e4'/>"
+                   f"<text x='{left - 6}' y='{y(10.0**e) + 4}' text-anchor='end'>1e{e}</text>")
+    for b in range(math.ceil(x0), math.floor(x1) + 1):
+        out.append(f"<text x='{x(b)}' y='{top + h + 16}' text-anchor='middle'>{b}</text>")
+    out.append(f"<text x='{left + w / 2}' y='{top + h + 34}' text-anchor='middle'>bits per weight (file)</text>")
+    out.append("<polyline fill='none' stroke='#1f5fbf' stroke-width='2' points='"
+               + " ".join(f"{x(a_):.1f},{y(b_):.1f}" for a_, b_ in points) + "'/>")
+    for i, (f, (a_, b_)) in enumerate(sorted(ftypes.items(), key=lambda t: t[1][0])):
+        dy = -8 if i % 2 else 16  # neighbours' labels above and below
+        out.append(f"<g><title>{escape(f)}: {a_:.3f} bits/weight, predicted KLD {b_:.4g}</title>"
+                   f"<rect x='{x(a_) - 4}' y='{y(b_) - 4}' width='8' height='8' fill='#999'/>"
+                   f"<text x='{x(a_) + 2}' y='{y(b_) + dy}'>{escape(f)}</text></g>")
+    if here[1] > 0:
+        out.append(f"<g><title>this build: {here[0]:.3f} bits/weight, predicted KLD {here[1]:.4g}</title>"
+                   f"<circle cx='{x(here[0])}' cy='{y(here[1])}' r='6' fill='#e4572e'/></g>")
     out.append("</svg>")
     return "".join(out)
 

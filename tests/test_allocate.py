@@ -120,7 +120,9 @@ def test_size_budgeted_build(tiny_llama, tmp_path, method, budget):
 
     out = tmp_path / "m.gguf"
     calib = ["--calib", str(TEXT), "--calib-samples", "8", "--calib-seqlen", "64"]
-    args = ["build", str(tiny_llama), *budget, "--method", method, *calib, "-o", str(out), "--json", "--quiet"]
+    report = tmp_path / "r.html"
+    args = ["build", str(tiny_llama), *budget, "--method", method, *calib, "-o", str(out), "--json", "--quiet",
+            "--report", str(report)]
     if method == "gptq":
         args.append("--verify")
     import contextlib
@@ -146,6 +148,11 @@ def test_size_budgeted_build(tiny_llama, tmp_path, method, budget):
     for name, opts in a["options"].items():  # no single upgrade that lowers the estimate still fits
         now = next(o for o in opts if o[0] == chosen[name])
         assert not any(o[1] - now[1] <= spare and o[2] < now[2] for o in opts), name
+    page = report.read_text()  # the frontier, llama.cpp's ftypes on it (as many as the summary has), this build
+    assert "Size and predicted quality" in page and "<polyline" in page
+    assert len(a["frontier"]) > 8 and {"Q2_K", "Q4_K_M", "Q6_K"} <= set(a["ftypes"])
+    assert all(f"<title>{f}: " in page for f in a["ftypes"] if 8 * a["ftypes"][f][0] / s["params"] <= 8)
+    assert [k for _, k in a["frontier"]] == sorted((k for _, k in a["frontier"]), reverse=True)
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(str(out), n_ctx=32, logits_all=True, verbose=False, n_threads=1)
     llm.eval([1, 5, 9, 13, 17, 21, 25, 29])

@@ -159,7 +159,7 @@ def test_build_hands_the_budget_to_the_allocator(tiny_llama, tmp_path, monkeypat
     def keep_recipe(m, plan, budget, layout, *_args):
         seen.update(budget=budget, layout=layout, plan=plan)
         return plan, Allocation(budget.total_bytes, budget.what, layout.file_bytes(plan), 0.0, 0.0,
-                                layout.file_bytes(plan), {}, {}, 0.0), None
+                                layout.file_bytes(plan), {}, {}, 0.0, [], {}), None
 
     monkeypatch.setattr(edgequant.build, "allocate_types", keep_recipe)
     monkeypatch.setattr(edgequant.build, "make_encoder", lambda *a, **k: (rtn_encoder(), {}, {}))
