@@ -192,9 +192,12 @@ def measure_options(m: SourceModel, plan: list[TensorPlan], sens: dict[str, list
         rows = sample_rows(uses, w.shape)
         w = w[rows].to(device)
         importance = next((torch.from_numpy(u.cols).float().to(device) for u in uses if u.linear), None) if weighted else None
-        options[t.name] = [Option(q, layout.padded(dataclasses.replace(t, qtype=q).nbytes),
-                                  sum(use_kl(u, rows, error2(w, q, importance)) for u in uses))
-                           for q in menu(t.name, t.shape)]
+        cols = [torch.from_numpy(u.cols).to(device) for u in uses]
+        options[t.name] = []
+        for q in menu(t.name, t.shape):
+            e2 = error2(w, q, importance)  # each row's squared errors, weighted per column for each use, on the device
+            kl = sum(use_kl(u, rows, (e2.double() @ c).cpu().numpy()) for u, c in zip(uses, cols))
+            options[t.name].append(Option(q, layout.padded(dataclasses.replace(t, qtype=q).nbytes), kl))
         if task is not None:
             progress.advance(task)
     if task is not None:
@@ -202,18 +205,16 @@ def measure_options(m: SourceModel, plan: list[TensorPlan], sens: dict[str, list
     return options
 
 
-def error2(w: torch.Tensor, q: Q, importance: torch.Tensor | None) -> np.ndarray:
-    """Squared error of w stored as q, as the importance-weighted fit stores it (float64 numpy)."""
+def error2(w: torch.Tensor, q: Q, importance: torch.Tensor | None) -> torch.Tensor:
+    """Squared error of w stored as q, as the importance-weighted fit stores it, on w's device."""
     from .gptq.fitter import fit
 
     if q == Q.F16:
         w_hat = w.half().float()
-    elif q == Q.F32:
-        return np.zeros(tuple(w.shape))
     else:
         with np.errstate(all="ignore"):
             w_hat = fit(codec(q), w, importance).dequantize()
-    return ((w - w_hat).double() ** 2).cpu().numpy()
+    return (w - w_hat) ** 2
 
 
 def sample_rows(uses: list[Sensitivity], shape: tuple[int, ...]) -> np.ndarray:
@@ -229,12 +230,12 @@ def sample_rows(uses: list[Sensitivity], shape: tuple[int, ...]) -> np.ndarray:
     return np.concatenate([top, rest[np.linspace(0, len(rest) - 1, take - len(top)).round().astype(int)]])
 
 
-def use_kl(u: Sensitivity, rows: np.ndarray, err2: np.ndarray) -> float:
-    """u's estimate from the sampled `rows` of the error: the rows with the largest weight exactly, the rest scaled
-    by their share of the row weight (a ratio estimate)."""
+def use_kl(u: Sensitivity, rows: np.ndarray, row_err: np.ndarray) -> float:
+    """u's estimate ½ Σ_r rows_r · row_err_r over the measured `rows` (row_err: each row's squared errors weighted
+    by u.cols): the rows with the largest weight exactly, the rest scaled by their share of the row weight."""
+    per_row = 0.5 * row_err * u.rows[rows]
     if len(rows) == len(u.rows):
-        return u.kl(err2)
-    per_row = 0.5 * (err2.astype(np.float64) @ u.cols) * u.rows[rows]
+        return float(per_row.sum())
     k = len(rows) // 2  # sample_rows' top half
     weight_rest, sampled_rest = u.rows.sum() - u.rows[rows[:k]].sum(), u.rows[rows[k:]].sum()
     return float(per_row[:k].sum() + (per_row[k:].sum() * weight_rest / sampled_rest if sampled_rest > 0 else 0.0))

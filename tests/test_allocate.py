@@ -158,3 +158,30 @@ def test_size_budgeted_build(tiny_llama, tmp_path, method, budget):
     llm.eval([1, 5, 9, 13, 17, 21, 25, 29])
     assert np.isfinite(np.array(llm.scores[:8])).all()
     llm.close()
+
+
+def test_large_tensors_are_measured_on_a_sample_of_rows(tiny_llama, monkeypatch):
+    """Above MEASURED_WEIGHTS a tensor's cost comes from a sample of its rows (the heaviest half exactly, the rest
+    by their share of the row weight): close to the cost over every row."""
+    import edgequant.allocate as allocate
+    from edgequant import sensitivity
+    from edgequant.build import gguf_layout, plan_tensors
+    from edgequant.calibration import calibrate
+    from edgequant.model import SourceModel
+
+    m = SourceModel(str(tiny_llama))
+    plan = plan_tensors(m, "Q4_K_M", has_imatrix=True)
+    ids = calibrate(m, [str(TEXT)], 8, 64, 0, torch.device("cpu")).ids
+    sens = sensitivity.measure(m, ids, torch.device("cpu"))
+    layout = gguf_layout(m, "Q4_K_M", plan)
+    full = allocate.measure_options(m, plan, sens, layout, torch.device("cpu"), True)
+    monkeypatch.setattr(allocate, "MEASURED_WEIGHTS", 64 * 256)
+    sampled = allocate.measure_options(m, plan, sens, layout, torch.device("cpu"), True)
+    big = [n for n, t in ((t.name, t) for t in plan) if n in full and t.shape[0] > 64]
+    assert big
+    for name in big:
+        for a, b in zip(full[name], sampled[name]):
+            assert a.qtype == b.qtype and a.nbytes == b.nbytes
+            assert b.kl == pytest.approx(a.kl, rel=0.3), (name, a.qtype.name)
+        # the ranking of the types, which is what the choice uses, is kept
+        assert np.argsort([o.kl for o in full[name]]).tolist() == np.argsort([o.kl for o in sampled[name]]).tolist()
