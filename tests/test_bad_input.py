@@ -133,6 +133,7 @@ BAD_BUDGETS = [
     (["--bpw", "4", "--target", "auto:Q2_K"], "give only one file size"),
     (["--size", "3MB", "--target", "Q4_K_M"], "fixes its recipe", "auto:Q4_K_M"),
     (["--bpw", "4", "--target", "Q2_K"], "fixes its recipe"),
+    (["--bpw", "4", "--method", "rtn"], "--bpw 4: types are chosen by what they cost", "--method gptq"),
 ]
 
 
