@@ -137,7 +137,7 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
                 if unchecked := len(gptq.loss) - len(digests):
                     print(f"edgequant: --verify: {unchecked} tensors solved by an earlier run without --verify are not "
                           f"checked", file=sys.stderr)
-            write_gguf(out, m, ftype, plan, encoder, progress, digests, packed)
+            write_gguf(out, m, ftype, plan, encoder, progress, digests, packed, mixed=allowed is not None)
         except UserError:  # bad input: what is in the work directory would not help a rerun
             if work is not None:
                 work.remove()
@@ -165,7 +165,7 @@ def allocate_types(m: SourceModel, plan: list[TensorPlan], budget: Budget, layou
 
 
 def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], encoder: Encoder, progress,
-               digests: dict[str, str] | None = None, packed: Packed | None = None) -> None:
+               digests: dict[str, str] | None = None, packed: Packed | None = None, mixed: bool = False) -> None:
     """Metadata, then each planned tensor as `encoder` makes it (or as `packed` has it, without loading its
     weights), into `out` atomically; then, given the solver's digests, check that the file dequantizes to them.
 
@@ -177,7 +177,7 @@ def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], en
     load = lambda name: packed[name]() if name in packed else m.load(name)  # noqa: E731
     with atomic_output(out) as tmp, pipeline_threads(worker_count() > 1) as (reader, writer):
         loads = deque(reader.submit(load, t.name) for t in plan[:LOAD_AHEAD])
-        stream = start_gguf(tmp, m, ftype, plan)
+        stream = start_gguf(tmp, m, ftype, plan, mixed)
         task = progress.add_task(f"writing {out.name}", total=len(plan))
         written = None
         for i, t in enumerate(plan):
@@ -198,10 +198,12 @@ def write_gguf(out: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], en
             verify_digests(tmp, digests)
 
 
-def start_gguf(path: Path, m: SourceModel, ftype: str, plan: list[TensorPlan]) -> StreamingGGUF:
-    """`path` with everything before the tensor data written: the metadata and `plan`'s tensor directory."""
+def start_gguf(path: Path, m: SourceModel, ftype: str, plan: list[TensorPlan], mixed: bool = False) -> StreamingGGUF:
+    """`path` with everything before the tensor data written: the metadata and `plan`'s tensor directory.  mixed:
+    the types are not `ftype`'s recipe (a size budget chose them), so general.file_type carries llama.cpp's
+    "guessed" flag: llama.cpp then names the file "<ftype> (guessed)"."""
     writer = gguf.GGUFWriter(path, m.arch.name)
-    write_metadata(writer, m, FTYPES[ftype])
+    write_metadata(writer, m, FTYPES[ftype] | (gguf.LlamaFileType.GUESSED if mixed else 0))
     return StreamingGGUF(writer, plan)
 
 

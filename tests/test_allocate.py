@@ -135,6 +135,8 @@ def test_size_budgeted_build(tiny_llama, tmp_path, method, budget):
     a = s["allocation"]
     assert out.stat().st_size == a["file_bytes"] <= a["budget"]
     reader = gguf.GGUFReader(out)
+    file_type = int(reader.fields["general.file_type"].parts[-1][0])
+    assert file_type & gguf.LlamaFileType.GUESSED  # not the recipe of the ftype it names
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))
         options = menu(t.name, shape)
