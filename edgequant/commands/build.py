@@ -135,7 +135,19 @@ def summary(r) -> dict:
             "bits_per_weight": round(r.bits_per_weight, 4), "types": dict(by_type),
             "recipe": {t.name: t.qtype.name for t in r.plan}, "calibration": r.report.get("calibration", []),
             "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "peak_memory": r.peak_memory,
-            **({"allocation": r.report["allocation"].summary()} if "allocation" in r.report else {})}
+            **({"allocation": allocation_summary(r.report["allocation"], gptq)} if "allocation" in r.report else {})}
+
+
+def allocation_summary(a, gptq) -> dict:
+    """The allocation's summary; after GPTQ also its prediction with each tensor's estimate scaled by how much GPTQ
+    lowered that tensor's calibration loss below the importance-weighted fit's (the estimate's own error model)."""
+    out = a.summary()
+    if gptq and gptq.loss:
+        kl = {n: next(o.kl for o in a.options[n] if o.qtype == q) for n, q in a.chosen.items()}
+        out["predicted_kld_after_gptq"] = sum(
+            k * (gptq.loss[n] / gptq.fit_loss[n] if gptq.fit_loss.get(n, 0) > 0 and n in gptq.loss else 1.0)
+            for n, k in kl.items())
+    return out
 
 
 def by_layer(tensors: dict[str, dict]) -> dict[str, dict]:
@@ -179,9 +191,10 @@ def show(r) -> None:
             console.print(f"act-order: {act:.4g} of {len(s['gptq'])} tensors solved in descending-Hessian order")
     if "allocation" in s:
         a = s["allocation"]
+        after = f" ({a['predicted_kld_after_gptq']:.4g} after GPTQ)" if "predicted_kld_after_gptq" in a else ""
         console.print(f"allocation ({a['what']}): {a['file_bytes']:,} of {a['budget']:,} bytes; predicted KLD "
-                      f"{a['predicted_kld']:.4g}, against {a['recipe_predicted_kld']:.4g} for the recipe's types "
-                      f"({a['recipe_bytes']:,} bytes)")
+                      f"{a['predicted_kld']:.4g}{after}, against {a['recipe_predicted_kld']:.4g} for the recipe's "
+                      f"types ({a['recipe_bytes']:,} bytes)")
     if s["calibration"]:
         from ..report import describe_calibration
 
