@@ -84,23 +84,6 @@ def choose(options: dict[str, list[Option]], budget: int, resolution: int = 1 <<
         picked[name] = o
 
 
-def hull(opts: list[Option]) -> list[Option]:
-    """The lower convex hull of (nbytes, kl), by increasing bytes: the options some budget price would pick."""
-    front: list[Option] = []
-    for o in sorted(opts, key=lambda o: (o.nbytes, o.kl)):
-        if front and o.kl >= front[-1].kl:
-            continue  # dominated: more bytes, no less KL
-        while len(front) > 1 and slope(front[-2], front[-1]) <= slope(front[-1], o):
-            front.pop()
-        front.append(o)
-    return front
-
-
-def slope(a: Option, b: Option) -> float:
-    """KL saved per byte going from a to b (b larger)."""
-    return (a.kl - b.kl) / (b.nbytes - a.nbytes)
-
-
 @dataclass
 class Allocation:
     """What the allocation chose and why, for the summary and the report."""
