@@ -23,6 +23,7 @@ backward from the head, one layer at a time, from the stored inputs.  No weight 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,8 +158,6 @@ class _Sums:
         self.g2: dict[str, torch.Tensor] = {}
 
     def watching(self, linears: dict[str, nn.Module]):
-        import contextlib
-
         hooks = []
 
         def forward_hook(name):
