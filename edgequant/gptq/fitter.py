@@ -74,20 +74,13 @@ class Fit:
         return dequantized(q.reshape(q.shape[0], -1).float(), self.scale, self.offset, self.levels)
 
     @staticmethod
-    def stack(parts: list[Fit]) -> Fit:
-        """Fits of consecutive row ranges -> one fit (rows are fitted independently)."""
+    def concat(parts: list[Fit], axis: int = 1) -> Fit:
+        """Fits of consecutive column ranges of the same rows (axis 1, along the block axis), or of consecutive row
+        ranges (axis 0: rows are fitted independently) -> one fit."""
         first = parts[0]
         return dataclasses.replace(
-            first, fields={k: torch.cat([p.fields[k] for p in parts], 0) for k in first.fields},
-            scale=torch.cat([p.scale for p in parts], 0), offset=torch.cat([p.offset for p in parts], 0))
-
-    @staticmethod
-    def concat(parts: list[Fit]) -> Fit:
-        """Fits of consecutive column ranges of the same rows -> one fit (along the block axis)."""
-        first = parts[0]
-        return dataclasses.replace(
-            first, fields={k: torch.cat([p.fields[k] for p in parts], 1) for k in first.fields},
-            scale=torch.cat([p.scale for p in parts], 1), offset=torch.cat([p.offset for p in parts], 1))
+            first, fields={k: torch.cat([p.fields[k] for p in parts], axis) for k in first.fields},
+            scale=torch.cat([p.scale for p in parts], axis), offset=torch.cat([p.offset for p in parts], axis))
 
 
 class Backend(ABC):
@@ -193,4 +186,4 @@ def fit(codec: Codec, w: torch.Tensor, importance: torch.Tensor | None = None) -
     step = max(1, SLAB_ELEMENTS // w.shape[1])
     if len(w) <= step:
         return b.fit(codec, w, importance)
-    return Fit.stack([b.fit(codec, w[r:r + step], importance) for r in range(0, len(w), step)])
+    return Fit.concat([b.fit(codec, w[r:r + step], importance) for r in range(0, len(w), step)], axis=0)
