@@ -46,16 +46,22 @@ class Sensitivity:
         return 0.5 * float(self.rows @ (err2.astype(np.float64) @ self.cols))
 
 
-WINDOWS = 32  # calibration windows measured: the estimates are means, and 32 x 512 tokens make them steady
+# Tokens measured, as whole calibration windows: the estimates are means, and 32 windows of 512 make them steady;
+# longer windows are fewer (an 8B-shaped build's 2048-token windows: 8), so that the pass costs what its tokens do.
+TOKENS = 32 * 512
+# Logits computed at once for the head's gradients: (tokens, vocabulary) float32 and its softmax and gradient, so a
+# 128k vocabulary takes 2048 tokens at a time (about 1 GiB each) instead of the layers' batch of windows.
+HEAD_ELEMENTS = 1 << 28
 
 
 def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int = 0,
             progress=None) -> dict[str, list[Sensitivity]]:
-    """GGUF tensor name -> its Sensitivity per use (two for a tied embedding table), from the first WINDOWS windows."""
+    """GGUF tensor name -> its Sensitivity per use (two for a tied embedding table), from the first windows that
+    hold TOKENS tokens (at least one window)."""
     from . import layerwise
     from .methods import hf_to_gguf
 
-    ids = ids[:WINDOWS].to(device)
+    ids = ids[:max(1, -(-TOKENS // ids.shape[1]))].to(device)
     names = hf_to_gguf(m)
     model = layerwise.skeleton(m, device)
     inner = model.model
@@ -97,15 +103,19 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
         head.weight.copy_(m.checkpoint.load(head_name))
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = _Sums()
-    grads = torch.empty_like(inputs[-1])
-    for b in range(0, len(ids), batch):
-        x = inputs[-1][b:b + batch].to(device).requires_grad_()
+    hidden = inputs[-1].reshape(-1, m.hp.n_embd)  # the head and the final norm act on each token alone
+    grads = torch.empty_like(hidden)
+    step = max(1, HEAD_ELEMENTS // m.hp.n_vocab)
+    u = torch.rand(len(hidden), 1, generator=gen, device=device)  # each token's label draw, whatever the chunks
+    for b in range(0, len(hidden), step):
+        x = hidden[b:b + step].to(device).requires_grad_()
         with sums.watching({"head": head}):
-            logits = head(inner.norm(x)).float()
-            logp = torch.log_softmax(logits, -1)
-            y = torch.multinomial(logp.detach().exp().reshape(-1, logits.shape[-1]), 1, generator=gen)
-            logp.reshape(-1, logits.shape[-1]).gather(1, y).sum().backward()
-        grads[b:b + batch] = x.grad.cpu()
+            logp = torch.log_softmax(head(inner.norm(x)).float(), -1)
+            cdf = logp.detach().exp().cumsum(-1)
+            y = torch.searchsorted(cdf, u[b:b + step] * cdf[:, -1:]).clamp_(max=m.hp.n_vocab - 1)
+            logp.gather(1, y).sum().backward()
+        grads[b:b + step] = x.grad.cpu()
+    grads = grads.reshape(inputs[-1].shape)
     found.setdefault(names[head_name], []).append(sums.sensitivity("head", tokens))
     del head
     advance()
@@ -162,8 +172,8 @@ class _Sums:
 
         def forward_hook(name):
             def hook(_module, args, out):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                self.x2[name] = self.x2.get(name, 0) + (x * x).sum(0)
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                self.x2[name] = self.x2.get(name, 0) + x.square().sum(0).double()  # a batch in float32, the total in float64
                 out.register_hook(lambda g: self._grad(name, g))
             return hook
 
@@ -180,8 +190,8 @@ class _Sums:
         return scope()
 
     def _grad(self, name: str, g: torch.Tensor) -> None:
-        g = g.detach().reshape(-1, g.shape[-1]).double()
-        self.g2[name] = self.g2.get(name, 0) + (g * g).sum(0)
+        g = g.detach().reshape(-1, g.shape[-1]).float()
+        self.g2[name] = self.g2.get(name, 0) + g.square().sum(0).double()
 
     def sensitivity(self, name: str, tokens: int) -> Sensitivity:
         return Sensitivity((self.g2[name] / tokens).cpu().numpy(), (self.x2[name] / tokens).cpu().numpy())

@@ -8,6 +8,9 @@
 # as TAG-FTYPE.gguf and evaluated next to the imatrix build i-FTYPE.gguf; KLD_CALIB: calibration options put before
 # every variant's (default: wiki.train.first1MB.txt, 256 windows of 512; set it empty to compare calibrations, e.g.
 # KLD_CALIB= KLD_VARIANTS='w=--calib \$G/wiki.train.first1MB.txt --calib-samples 256 --calib-seqlen 512;s=--calib self');
+# a variant's options may say {ftype} for the ftype it is built for (e.g. 'ga=--target auto:{ftype}');
+# KLD_SWEEP: more builds as "TAG=build options" separated by ';', each built once as TAG.gguf (no --target: for
+# budgets, e.g. 'b4=--bpw 4'), with KLD_CALIB too, evaluated beside the others.
 # KLD_JOBS: builds, and evaluations, run this many side by side (default 1, as the timings in BENCHMARKS.md were taken;
 # bench-a leaves the H200 mostly idle, and 3 keeps a calibration table within the device's 10 minutes per command).
 # llama.cpp's tools and the GGUFs are built once per lent machine (kept in /tmp/w while it stays warm), so a table
@@ -30,17 +33,20 @@ TOOLS=$!
 slot() { while [ $(jobs -rp | grep -vxc "$TOOLS") -ge $JOBS ]; do wait -n; done; }  # a free place for one more job
 cd /tmp
 [ -f $W/a-F16.gguf ] || python3 -m edgequant.cli build /tmp/a --target F16 -o $W/a-F16.gguf -q
-build() {  # TAG=OPTIONS FTYPE
-  local v=$1 t=$2; eval "local opts=($CALIB ${v#*=})"  # options may name the carried texts as \$G/...
-  [ -f $W/${v%%=*}-$t.gguf ] && { log "kept ${v%%=*}-$t.gguf (built by an earlier command on this machine)"; return; }
-  python3 -m edgequant.cli build /tmp/a --target $t "${opts[@]}" --json -o $W/${v%%=*}-$t.gguf > $S/build-${v%%=*}-$t.json 2>>$S/run.log
-  log "gptq built ${v%%=*} $t (${v#*=}): rc $?"
+build() {  # NAME OPTIONS: NAME.gguf built with OPTIONS (after $CALIB)
+  local name=$1 o=$2; eval "local opts=($CALIB $o)"  # options may name the carried texts as \$G/...
+  [ -f $W/$name.gguf ] && { log "kept $name.gguf (built by an earlier command on this machine)"; return; }
+  python3 -m edgequant.cli build /tmp/a "${opts[@]}" --json -o $W/$name.gguf > $S/build-$name.json 2>>$S/run.log
+  log "gptq built $name ($o): rc $?"
 }
+NAMES=
 for v in "${VARIANTS[@]}"; do
   for t in $FTYPES; do
-    slot; build "$v" $t &
+    o=${v#*=}; slot; build ${v%%=*}-$t "--target $t ${o//\{ftype\}/$t}" &
   done
 done
+IFS=';' read -ra SWEEP <<< "${KLD_SWEEP:-}"
+for v in "${SWEEP[@]}"; do slot; build ${v%%=*} "${v#*=}" & NAMES="$NAMES ${v%%=*}"; done
 while [ $(jobs -rp | grep -vxc "$TOOLS") -gt 0 ]; do wait -n; done
 while [ ! -f $W/built ]; do sleep 5; done; log "tools built: $(cat $W/built)"; tail -3 $W/make.log >> $S/run.log
 B=$W/b/bin
@@ -48,13 +54,12 @@ $B/llama-imatrix -m $W/a-F16.gguf -f $G/wiki.train.first1MB.txt -c 512 --chunks 
 for t in $FTYPES; do $B/llama-quantize --imatrix $W/imatrix.gguf $W/a-F16.gguf $W/i-$t.gguf $t 8 > /dev/null 2>&1; done
 log "imatrix builds done"; ls -la $W/*.gguf >> $S/run.log
 for text in $TEXTS; do
-  $B/llama-perplexity -m $W/a-F16.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld > $S/f16-$text.log 2>&1
+  [ -f $W/base-$text.kld ] || $B/llama-perplexity -m $W/a-F16.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld > $S/f16-$text.log 2>&1
   log "base $text: $(grep 'Final estimate' $S/f16-$text.log)"
-  for t in $FTYPES; do
-    for k in $TAGS i; do
-      slot; ( $B/llama-perplexity -m $W/$k-$t.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld --kl-divergence > $S/kld-$k-$t-$text.log 2>&1
-        log "$k $t $text: $(grep -E 'Mean PPL\(Q\)|Mean    KLD|Same top p' $S/kld-$k-$t-$text.log | tr -s ' ' | tr '\n' ' ')" ) &
-    done
+  for f in $(for t in $FTYPES; do for k in $TAGS i; do echo $k-$t; done; done) $NAMES; do
+    grep -q 'Mean    KLD' $S/kld-$f-$text.log 2>/dev/null && continue  # measured by an earlier command here
+    slot; ( $B/llama-perplexity -m $W/$f.gguf -f $G/$text -c 512 --chunks 300 -ngl 999 --kl-divergence-base $W/base-$text.kld --kl-divergence > $S/kld-$f-$text.log 2>&1
+      log "$f $text: $(grep -E 'Mean PPL\(Q\)|Mean    KLD|Same top p' $S/kld-$f-$text.log | tr -s ' ' | tr '\n' ' ')" ) &
   done
   wait
 done

@@ -183,3 +183,22 @@ def test_large_tensors_are_measured_on_a_sample_of_rows(tiny_llama, monkeypatch)
             assert b.kl == pytest.approx(a.kl, rel=0.3), (name, a.qtype.name)
         # the ranking of the types, which is what the choice uses, is kept
         assert np.argsort([o.kl for o in full[name]]).tolist() == np.argsort([o.kl for o in sampled[name]]).tolist()
+
+
+def test_the_head_measured_in_chunks_gives_the_same_sensitivities(tiny_llama, monkeypatch):
+    """The head's gradients are taken a few tokens at a time (HEAD_ELEMENTS): each token's sampled label and its
+    gradient do not depend on the chunks, so every tensor's sensitivity is the same as in one piece."""
+    from edgequant import sensitivity
+    from edgequant.calibration import calibrate
+    from edgequant.model import SourceModel
+
+    m = SourceModel(str(tiny_llama))
+    ids = calibrate(m, [str(TEXT)], 4, 64, 0, torch.device("cpu")).ids
+    whole = sensitivity.measure(m, ids, torch.device("cpu"))
+    monkeypatch.setattr(sensitivity, "HEAD_ELEMENTS", 5 * m.hp.n_vocab)  # 5 tokens a chunk, across windows
+    chunked = sensitivity.measure(m, ids, torch.device("cpu"))
+    assert whole.keys() == chunked.keys()
+    for name, uses in whole.items():
+        for a, b in zip(uses, chunked[name]):
+            np.testing.assert_allclose(b.rows, a.rows, rtol=1e-4, err_msg=name)
+            np.testing.assert_allclose(b.cols, a.cols, rtol=1e-4, err_msg=name)
