@@ -176,3 +176,12 @@ def calibrate(m, sources: list[str], n: int, seqlen: int, seed: int, device: tor
     for i, k in zip([i for i, s in enumerate(sources) if s == SELF], split(left, n_self) if n_self else []):
         parts[i] = self_calibration.self_windows(m, k, seqlen, seed + i, device, progress)
     return Calibration(torch.cat([p[0] for p in parts]), [p[1] for p in parts])
+
+
+def draw(calib, m, progress=None) -> Calibration:
+    """calibrate() for a build's options (settings.CalibOptions), with a progress line while it runs."""
+    task = progress.add_task(f"calibration: {calib.samples} windows", total=None) if progress is not None else None
+    windows = calibrate(m, calib.sources, calib.samples, calib.seqlen, calib.seed, calib.torch_device(), progress)
+    if task is not None:
+        progress.remove_task(task)
+    return windows

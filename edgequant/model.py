@@ -58,3 +58,8 @@ class SourceModel:
         if t.hf_name is None:
             return self._extra[gguf_name]
         return self.arch.to_gguf(t.hf_name, self.checkpoint.load_array(t.hf_name), self.hp, self.tensor_names)[1]
+
+
+def hf_to_gguf(m: SourceModel) -> dict[str, str]:
+    """Checkpoint tensor name -> GGUF tensor name, for the tensors read from the checkpoint."""
+    return {t.hf_name: t.gguf_name for t in m.tensors.values() if t.hf_name is not None}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import SourceModel
+from .model import SourceModel, hf_to_gguf
 
 
 @dataclass
@@ -59,7 +59,6 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
     """GGUF tensor name -> its Sensitivity per use (two for a tied embedding table), from the first windows that
     hold TOKENS tokens (at least one window)."""
     from . import layerwise
-    from .methods import hf_to_gguf
 
     ids = ids[:max(1, -(-TOKENS // ids.shape[1]))].to(device)
     names = hf_to_gguf(m)

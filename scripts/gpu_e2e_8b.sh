@@ -100,7 +100,7 @@ cat > $W/timed_build_body.py <<'EOF'
 """`edgequant build` with a timeline on stderr: wraps the pipeline's functions to time them (the code is unchanged)."""
 import atexit, functools, json, os, resource, sys, time
 import torch
-from edgequant import build as build_mod, layerwise, methods, workdir
+from edgequant import allocate, build as build_mod, layerwise, sensitivity, solve as solve_mod, workdir, write as write_mod
 import edgequant.gptq as gptq_pkg
 from edgequant.convert.codecs import CODECS
 
@@ -196,14 +196,15 @@ wrap(layerwise.Passes, "forward_all", after=lambda dt, ctx, *a, **k: log(f"  for
 wrap(layerwise, "check_finite", after=lambda dt, ctx, x, what: log(f"  finiteness of {tuple(x.shape)}: {dt:.2f}s; {mem()}") if x.dim() > 2 else None)
 wrap(layerwise, "run", lambda *a, **k: log(f"layer pass starts: {tuple(a[1].shape)} token windows; {mem()}"),
      lambda dt, ctx, *a, **k: log(f"layer pass done in {dt:.1f}s; {mem()}"))
-for owner in (gptq_pkg, methods):  # methods imports solve from edgequant.gptq when it runs (or at import)
-    if hasattr(owner, "solve"):
-        wrap(owner, "solve", solve_before, solve_after)
+wrap(gptq_pkg, "solve", solve_before, solve_after)  # edgequant.solve imports it from the package at each call
 wrap(workdir.WorkDir, "save_hidden", after=timed_total("save_hidden_s", lambda dt, s, i, h: f"  saved hidden-{i} ({h.numel() * 4 / 2**30:.2f} GiB) in {dt:.1f}s"))
 wrap(workdir.WorkDir, "save_layer", after=timed_total("save_layer_s"))
-wrap(methods, "encode", after=timed_total("rtn_encode_s", lambda dt, w, q, imp=None: f"  RTN {tuple(w.shape)} {q.name}: {dt:.1f}s", 1.0))
-wrap(methods, "token_windows", lambda *a, **k: log("calibration text: tokenizing"),
+wrap(write_mod, "encode", after=timed_total("rtn_encode_s", lambda dt, w, q, imp=None: f"  RTN {tuple(w.shape)} {q.name}: {dt:.1f}s", 1.0))
+wrap(build_mod, "calibration_windows", lambda *a, **k: log("calibration text: tokenizing"),
      lambda dt, ctx, *a, **k: log(f"calibration text: {dt:.1f}s"))
+wrap(sensitivity, "measure", lambda *a, **k: log(f"allocation: sensitivities; {mem()}"),
+     lambda dt, ctx, *a, **k: log(f"allocation: sensitivities in {dt:.1f}s; {mem()}"))
+wrap(allocate, "measure_options", after=lambda dt, ctx, *a, **k: log(f"allocation: types costed in {dt:.1f}s; {mem()}"))
 wrap(build_mod, "write_gguf", lambda *a, **k: (log("writing the GGUF"), state.update(phase="write")),
      lambda dt, ctx, *a, **k: log(f"written in {dt:.1f}s; {mem()}"))
 
@@ -235,7 +236,7 @@ fi
 # transformers and torch (~6 s of its wall).  As on an installed machine, the build reads a byte-code cache, warmed
 # here by one import of what it imports.
 export PYTHONPYCACHEPREFIX=$W/pycache
-(cd /tmp && python3 -c "import edgequant.cli, edgequant.layerwise, edgequant.methods, edgequant.gptq.triton_solver, transformers
+(cd /tmp && python3 -c "import edgequant.cli, edgequant.layerwise, edgequant.solve, edgequant.gptq.triton_solver, transformers
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM") > /dev/null 2>&1
 T=$(( BUDGET - ($(date +%s) - START) - 30 ))
 [ $T -ge 60 ] || { log "build: only ${T}s left of E2E_BUDGET=${BUDGET}s, not started"; exit 1; }

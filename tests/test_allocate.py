@@ -163,7 +163,8 @@ def test_large_tensors_are_measured_on_a_sample_of_rows(tiny_llama, monkeypatch)
     by their share of the row weight): close to the cost over every row."""
     import edgequant.allocate as allocate
     from edgequant import sensitivity
-    from edgequant.build import gguf_layout, plan_tensors
+    from edgequant.plan import plan_tensors
+    from edgequant.write import gguf_layout
     from edgequant.calibration import calibrate
     from edgequant.model import SourceModel
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from types import SimpleNamespace
 
 import gguf
 import pytest
@@ -152,17 +153,19 @@ def test_build_hands_the_budget_to_the_allocator(tiny_llama, tmp_path, monkeypat
     import edgequant.build
     from edgequant.allocate import Allocation
     from edgequant.cli import main
-    from edgequant.methods import rtn_encoder
+    from edgequant.solve import Solved
+    from edgequant.write import rtn_encoder
 
     seen = {}
 
     def keep_recipe(m, plan, budget, layout, *_args):
         seen.update(budget=budget, layout=layout, plan=plan)
         return plan, Allocation(budget.total_bytes, budget.what, layout.file_bytes(plan), 0.0, 0.0,
-                                layout.file_bytes(plan), {}, {}, 0.0, [], {}), None
+                                layout.file_bytes(plan), {}, {}, 0.0, [], {})
 
+    monkeypatch.setattr(edgequant.build, "calibration_windows", lambda *a: SimpleNamespace(ids=None, parts=[]))
     monkeypatch.setattr(edgequant.build, "allocate_types", keep_recipe)
-    monkeypatch.setattr(edgequant.build, "make_encoder", lambda *a, **k: (rtn_encoder(), {}, {}))
+    monkeypatch.setattr(edgequant.build, "solve_plan", lambda *a, **k: Solved(rtn_encoder()))
     out = tmp_path / "m.gguf"
     assert main(["build", str(tiny_llama), *options, "--method", "imatrix", "-o", str(out), "--quiet"]) == 0
     assert seen["budget"].what == " ".join(options)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import gguf
 import pytest
 
-from edgequant.build import gguf_layout, plan_tensors, write_gguf
+from edgequant.plan import plan_tensors
+from edgequant.write import gguf_layout, write_gguf
 from edgequant.cli import main
 from edgequant.convert.gguf_out import GGUFLayout, TensorPlan
 from edgequant.convert.type_menu import menu
-from edgequant.methods import rtn_encoder
+from edgequant.write import rtn_encoder
 from edgequant.model import SourceModel
 from edgequant.progress import Progress
 

@@ -9,7 +9,8 @@ import gguf
 import pytest
 
 from edgequant.build import build
-from edgequant.methods import CalibOptions, digest
+from edgequant.settings import CalibOptions
+from edgequant.write import digest
 
 Q = gguf.GGMLQuantizationType
 
@@ -118,9 +119,9 @@ def test_gptq_build_is_reproducible_across_thread_counts(tiny_llama, tmp_path, c
 
 def test_rows_solved_in_parts_give_the_same_bytes(tiny_llama, tmp_path, calib, reference_build, monkeypatch):
     """Large matrices are solved a part of their rows at a time (rows are independent given H): the same file."""
-    from edgequant import methods
+    from edgequant import solve
 
-    monkeypatch.setattr(methods, "ROWS_PER_SOLVE", 48)  # tiny-llama's matrices have 64 to 512 rows
+    monkeypatch.setattr(solve, "ROWS_PER_SOLVE", 48)  # tiny-llama's matrices have 64 to 512 rows
     result = build(str(tiny_llama), "Q4_K_M", tmp_path / "m.gguf", method="gptq", calib=calib, quiet=True)
     assert sha256(tmp_path / "m.gguf") == reference_build[1]
     loss = reference_build[0].report["gptq"].loss
@@ -205,7 +206,8 @@ def test_act_order_auto_keeps_each_rows_lower_loss():
     import torch
 
     from edgequant.convert.codecs import codec
-    from edgequant.methods import GptqSettings, row_losses, solve_in_order
+    from edgequant.settings import GptqSettings
+    from edgequant.solve import row_losses, solve_in_order
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((512, 256)).astype(np.float32) * rng.gamma(0.5, 2.0, 256).astype(np.float32)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edgequant.build import build
-from edgequant.methods import CalibOptions
+from edgequant.settings import CalibOptions
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_synthetic_model", REPO / "scripts" / "make_synthetic_model.py")

@@ -13,12 +13,13 @@ import gguf
 import numpy as np
 import pytest
 
-from edgequant.build import plan_tensors, write_gguf
+from edgequant.plan import plan_tensors
+from edgequant.write import write_gguf
 from edgequant.convert.codecs import CODECS
 from edgequant.convert.gguf_out import TensorPlan
 from edgequant.convert.recipes import FTYPES, tensor_type
 from edgequant.convert.type_menu import bytes_per_weight, menu
-from edgequant.methods import rtn_encoder
+from edgequant.write import rtn_encoder
 from edgequant.model import SourceModel
 from edgequant.progress import Progress
 from test_recipes import ORACLE_MODELS, _write_f16_gguf

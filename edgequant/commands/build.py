@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def calib_options(args: argparse.Namespace):
-    from ..methods import CalibOptions, GptqSettings
+    from ..settings import CalibOptions, GptqSettings
 
     if not 0 <= args.asymmetric <= 1:
         raise UserError(f"--asymmetric {args.asymmetric:g}: the strength must be between 0 and 1")

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgequant.commands.eval import _read_text
-    from edgequant.methods import CalibOptions
+    from edgequant.settings import CalibOptions
     from edgequant.progress import Progress
     from edgequant.runners.parity import parity
 

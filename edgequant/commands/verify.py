@@ -116,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
 
 def calibration_inputs(m, args) -> dict[str, np.ndarray]:
     """GGUF name -> the first `rows` input rows of that linear in a full-precision layer-by-layer pass."""
-    from ..methods import CalibOptions, token_windows
+    from ..calibration import draw
+    from ..settings import CalibOptions
 
     calib = CalibOptions(sources=[args.calib], samples=-(-args.rows // args.seqlen), seqlen=args.seqlen, device=args.device)
-    return capture_linear_inputs(m, token_windows(calib, m).ids, args.rows, calib.torch_device())
+    return capture_linear_inputs(m, draw(calib, m).ids, args.rows, calib.torch_device())
 
 
 def capture_linear_inputs(m, ids, rows: int, device) -> dict[str, np.ndarray]:
@@ -128,7 +129,7 @@ def capture_linear_inputs(m, ids, rows: int, device) -> dict[str, np.ndarray]:
     import torch
 
     from .. import layerwise
-    from ..methods import hf_to_gguf
+    from ..model import hf_to_gguf
 
     names = hf_to_gguf(m)
     kept: dict[int, list[torch.Tensor]] = {}

@@ -1,9 +1,14 @@
-"""How block scales and codes are chosen, as encoders for `build`:
+"""The solve stage of a build: how every quantized tensor's block scales and codes are chosen, by method:
 
   rtn      round to nearest, exactly llama-quantize (no calibration)
   imatrix  importance-weighted fitting, exactly llama-quantize --imatrix (importance from --imatrix FILE, or from our
            own calibration pass, defined as llama-imatrix defines it: per input column, mean of squared activations)
   gptq     GPTQ on the tensor's llama.cpp grid, layer by layer with the quantized layers feeding the next
+
+It takes the plan (tensor -> type) and the calibration windows, and hands the writer a Solved: the tensors it
+packed itself (GPTQ's) and an Encoder for the rest.  GPTQ's packed layers are saved to the work directory as each
+layer finishes, because a killed build resumes from them; the writer reads them back from there (the page cache,
+in practice) rather than holding a whole file's bytes in memory beside the layer pass's.
 
 Reproducibility: on the CPU the same inputs and seed give a byte-identical GGUF, even with another thread count.
 Measured with torch's MKL build: its GEMMs (the calibration forward, the Σ xᵀx sums) split the output, not the sum,
@@ -20,148 +25,65 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
-
-import gguf
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .convert.codecs import codec
-from .convert.encode import FLOAT_TYPES, encode
+from .convert.encode import FLOAT_TYPES
 from .convert.gguf_out import TensorPlan
 from .convert.imatrix_file import read_imatrix
 from .errors import UserError
-from .model import SourceModel
+from .model import SourceModel, hf_to_gguf
+from .plan import calibrates
+from .settings import METHODS, CalibOptions, GptqSettings
+from .write import Encoder, Packed, digest, rtn_encoder
 
-# torch, layerwise (torch, transformers) and the calibration text loaders are imported only where a method starts
-# calibrating: an RTN or float build needs none of them, and importing torch alone takes longer than a small RTN build.
+# torch and layerwise (torch, transformers) are imported only where a method starts calibrating: an RTN or float
+# build needs neither, and importing torch alone takes longer than a small RTN build.
 if TYPE_CHECKING:
     import torch
 
+    from .calibration import Calibration
     from .workdir import WorkDir
 
-# Encoder for one tensor: (GGUF name, float32 weights, planned type) -> bytes.
-Encoder = Callable[[str, np.ndarray, gguf.GGMLQuantizationType], np.ndarray]
-# Tensors encoded already (GPTQ's), GGUF name -> a reader of their bytes: written without loading their weights.
-Packed = Mapping[str, Callable[[], np.ndarray]]
-METHODS = ("gptq", "imatrix", "rtn")
+
+@dataclass
+class Solved:
+    """What the solve stage hands the writer: the tensors it packed (GPTQ's, GGUF name -> a reader of their bytes),
+    an Encoder for every other tensor, and its report for the summary (per method: "gptq" a GptqReport,
+    "calibration" the windows' sources, "imatrix" the file used)."""
+
+    encoder: Encoder
+    packed: Packed = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+def solve_plan(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, windows: Calibration | None,
+          work: WorkDir | None = None, progress=None, digests: bool = False) -> Solved:
+    """Solve `plan` by `method` on the calibration `windows` (None where the method needs none: rtn, an imatrix
+    file).  GPTQ needs `work`, where its finished layers stay for a rerun to resume from.  digests: record a digest
+    of each solved Ŵ (for --verify)."""
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if not calibrates(method, plan):
+        return Solved(rtn_encoder())
+    if method == "imatrix":
+        if calib.imatrix is not None:
+            return Solved(rtn_encoder(read_imatrix(calib.imatrix)), report={"imatrix": str(calib.imatrix)})
+        from .importance import collect_importance, mean_importance
+
+        sums = collect_importance(m, windows.ids, calib.torch_device(), progress)
+        return Solved(rtn_encoder(mean_importance(sums)), report={"calibration": windows.parts})
+    report = gptq_layers(m, plan, windows.ids, calib.torch_device(), calib.gptq, work, progress, digests)
+    return Solved(rtn_encoder(), {name: functools.partial(work.packed, name) for name in report.loss},
+                  {"gptq": report, "calibration": windows.parts})
 
 
 # Rows of one matrix solved at a time: rows are independent given H, and a solve holds several float32 copies of its
 # rows.  An 8B's 128256-row head in one piece set the build's GPU peak: 19.25 GiB with the GPU defaults, 17.23 without
 # the second stream; in parts the layers do, at 17.02 and 11.16 GiB.
 ROWS_PER_SOLVE = 32768
-
-
-@dataclass
-class GptqSettings:
-    block_size: int = 128
-    damp: float = 0.01
-    # Column order: "off" (as stored), "on" (descending Hessian diagonal), or "auto": both, per matrix the one whose
-    # Ŵ has the lower calibration loss ½·tr(E H Eᵀ).  auto by default: twice the solves, for what act-order gives a
-    # real model without what it costs bench-a at some ftypes (docs/BENCHMARKS.md, "act-order").
-    act_order: str = "auto"
-    refine: int = 2  # rounds of edgequant.gptq.refine after GPTQ
-    # Calibration forward passes and Hessian sums on a GPU (layerwise.PRECISIONS).  bf16: 2.1x faster than tf32 per 8B
-    # layer with the GPU's defaults, bench-a's KLD the same within noise (docs/BENCHMARKS.md).
-    calib_precision: str = "bf16"
-    # Aiming at the full-precision model (layerwise's docstring): sequential solves a layer's linears group by group,
-    # each on inputs through the quantized ones; asymmetric is the strength of the full-precision target
-    # (gptq.target.asymmetric_target), 0: off.  Both on by default on every device: on a real pretrained model they
-    # take Q4_K_M's KLD to half of plain GPTQ's (docs/BENCHMARKS.md).
-    sequential: bool = True
-    asymmetric: float = 0.5
-
-
-@dataclass
-class CalibOptions:
-    sources: list[str] = field(default_factory=list)  # calibration.calibrate's; empty: its DEFAULT
-    samples: int = 256
-    seqlen: int = 512
-    seed: int = 0
-    imatrix: Path | None = None
-    device: str = "auto"
-    gptq: GptqSettings = field(default_factory=GptqSettings)
-
-    def torch_device(self) -> torch.device:
-        import torch
-
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            return torch.device(self.device)
-        except RuntimeError as e:
-            raise UserError(f"--device {self.device}: {e}") from None
-
-
-def rtn_encoder(importance: dict[str, np.ndarray] | None = None) -> Encoder:
-    """Round-to-nearest fitting as llama-quantize does it, importance-weighted when an imatrix is given."""
-
-    def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-        return encode(w, qtype, None if importance is None else importance.get(name))
-
-    return enc
-
-
-def calibrates(method: str, plan: list[TensorPlan]) -> bool:
-    """Whether `method` needs calibration for `plan`: not for rtn, nor when every tensor stays a float type."""
-    return method != "rtn" and any(t.qtype not in FLOAT_TYPES for t in plan)
-
-
-def make_encoder(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, progress=None,
-                 work: WorkDir | None = None, digests: bool = False, windows=None) -> tuple[Encoder, dict, Packed]:
-    """The encoder for `method`, after whatever calibration it needs; a report dict for the summary; and the tensors
-    already encoded (GPTQ's: kept in `work`, which a rerun resumes from).  digests: see gptq_layers.  windows: the
-    calibration windows if already drawn (a calibration.Calibration)."""
-    if not calibrates(method, plan):
-        return rtn_encoder(), {}, {}
-    if method == "imatrix":
-        if calib.imatrix is not None:
-            return rtn_encoder(read_imatrix(calib.imatrix)), {"imatrix": str(calib.imatrix)}, {}
-        windows = windows if windows is not None else token_windows(calib, m, progress)
-        sums = collect_importance(m, windows.ids, calib.torch_device(), progress)
-        return (rtn_encoder({k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}),
-                {"calibration": windows.parts}, {})
-    if method == "gptq":
-        windows = work.calibration(lambda: token_windows(calib, m, progress))
-        report = gptq_layers(m, plan, windows.ids, calib.torch_device(), calib.gptq, work, progress, digests)
-        return (rtn_encoder(), {"gptq": report, "calibration": windows.parts},
-                {name: functools.partial(work.packed, name) for name in report.loss})
-    raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def token_windows(calib: CalibOptions, m: SourceModel, progress=None):
-    """calibration.calibrate for these options (a Calibration)."""
-    from .calibration import calibrate
-
-    task = progress.add_task(f"calibration: {calib.samples} windows", total=None) if progress is not None else None
-    windows = calibrate(m, calib.sources, calib.samples, calib.seqlen, calib.seed, calib.torch_device(), progress)
-    if task is not None:
-        progress.remove_task(task)
-    return windows
-
-
-def hf_to_gguf(m: SourceModel) -> dict[str, str]:
-    return {t.hf_name: t.gguf_name for t in m.tensors.values() if t.hf_name is not None}
-
-
-def collect_importance(m: SourceModel, ids: torch.Tensor, device: torch.device, progress=None) -> dict[str, tuple[np.ndarray, int]]:
-    """GGUF tensor name -> (Σ x² per input column, number of activation rows), from full-precision activations."""
-    from . import layerwise
-
-    names = hf_to_gguf(m)
-    out: dict[str, tuple[np.ndarray, int]] = {}
-
-    def on_layer(_index, weights):
-        for hf_name, (_w, stats) in weights.items():
-            out[names[hf_name]] = (stats.s.diagonal().double().cpu().numpy(), stats.n)
-        return {}
-
-    layerwise.run(m, ids, on_layer, device, progress=progress)
-    return out
 
 
 @dataclass
@@ -235,10 +157,6 @@ def one_cpu_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def digest(w_hat: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(w_hat, dtype=np.float32).tobytes()).hexdigest()
 
 
 def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, device: torch.device,

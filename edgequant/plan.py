@@ -1,0 +1,29 @@
+"""The first stage of a build: every tensor's type from llama.cpp's recipe for the target ftype (convert.recipes)."""
+
+from __future__ import annotations
+
+from .convert.encode import FLOAT_TYPES
+from .convert.gguf_out import TensorPlan
+from .convert.recipes import FTYPES, ArchFacts, tensor_type
+from .errors import UserError
+from .model import SourceModel, layer_of
+
+
+def parse_target(target: str) -> str:
+    name = target.upper()
+    if name not in FTYPES:
+        raise UserError(f"unknown --target {target!r}; choose one of: {', '.join(FTYPES)}")
+    return name
+
+
+def plan_tensors(m: SourceModel, ftype: str, has_imatrix: bool = False) -> list[TensorPlan]:
+    facts = ArchFacts(n_head=m.hp.n_head, n_head_kv=m.hp.n_head_kv, has_output=not m.hp.tied_embeddings, name=m.arch.name)
+    return [
+        TensorPlan(t.gguf_name, t.shape, tensor_type(t.gguf_name, layer_of(t.gguf_name), m.hp.n_layers, ftype, t.shape, facts, has_imatrix=has_imatrix))
+        for t in m.tensors.values()
+    ]
+
+
+def calibrates(method: str, plan: list[TensorPlan]) -> bool:
+    """Whether `method` needs calibration for `plan`: not for rtn, nor when every tensor stays a float type."""
+    return method != "rtn" and any(t.qtype not in FLOAT_TYPES for t in plan)
