@@ -102,8 +102,10 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             if encoder is None and (allowed is not None or (calibrates(method, plan) and calib.imatrix is None)):
                 t0 = time.perf_counter()
                 windows = calibration_windows(m, calib, work, progress)
-                result.seconds["sampling"] = sum(p.get("seconds", 0.0) for p in windows.parts)  # self-calibration's
-                result.seconds["calibration"] = time.perf_counter() - t0 - result.seconds["sampling"]
+                sampling = sum(p.get("seconds", 0.0) for p in windows.parts)  # self-calibration's generation
+                result.seconds["calibration"] = time.perf_counter() - t0 - sampling
+                if sampling:
+                    result.seconds["sampling"] = sampling
             # allocate
             if allowed is not None:
                 t0 = time.perf_counter()
@@ -124,8 +126,6 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             result.report = solved.report
             if allowed is not None:
                 result.report["allocation"] = allocation
-            if not result.seconds.get("sampling"):
-                result.seconds.pop("sampling", None)
             # write
             t0 = time.perf_counter()
             digests = None

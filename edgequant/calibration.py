@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .settings import CalibOptions
 from .tokens import ReferenceTokenizer
 
 DATASETS = {
@@ -178,8 +179,8 @@ def calibrate(m, sources: list[str], n: int, seqlen: int, seed: int, device: tor
     return Calibration(torch.cat([p[0] for p in parts]), [p[1] for p in parts])
 
 
-def draw(calib, m, progress=None) -> Calibration:
-    """calibrate() for a build's options (settings.CalibOptions), with a progress line while it runs."""
+def draw(calib: CalibOptions, m, progress=None) -> Calibration:
+    """calibrate() for a build's options, with a progress line while it runs."""
     task = progress.add_task(f"calibration: {calib.samples} windows", total=None) if progress is not None else None
     windows = calibrate(m, calib.sources, calib.samples, calib.seqlen, calib.seed, calib.torch_device(), progress)
     if task is not None:

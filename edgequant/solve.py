@@ -60,7 +60,7 @@ class Solved:
 
 
 def solve_plan(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, windows: Calibration | None,
-          work: WorkDir | None = None, progress=None, digests: bool = False) -> Solved:
+               work: WorkDir | None = None, progress=None, digests: bool = False) -> Solved:
     """Solve `plan` by `method` on the calibration `windows` (None where the method needs none: rtn, an imatrix
     file).  GPTQ needs `work`, where its finished layers stay for a rerun to resume from.  digests: record a digest
     of each solved Ŵ (for --verify)."""

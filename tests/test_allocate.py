@@ -203,3 +203,21 @@ def test_the_head_measured_in_chunks_gives_the_same_sensitivities(tiny_llama, mo
         for a, b in zip(uses, chunked[name]):
             np.testing.assert_allclose(b.rows, a.rows, rtol=1e-4, err_msg=name)
             np.testing.assert_allclose(b.cols, a.cols, rtol=1e-4, err_msg=name)
+
+
+def test_sensitivities_are_measured_on_the_first_windows_that_hold_TOKENS(tiny_llama, monkeypatch):
+    """Only ceil(TOKENS / window length) windows are measured: more windows given change nothing."""
+    from edgequant import sensitivity
+    from edgequant.calibration import calibrate
+    from edgequant.model import SourceModel
+
+    m = SourceModel(str(tiny_llama))
+    ids = calibrate(m, [str(TEXT)], 6, 64, 0, torch.device("cpu")).ids
+    monkeypatch.setattr(sensitivity, "TOKENS", 2 * 64 - 1)  # two windows of 64
+    many, two = sensitivity.measure(m, ids, torch.device("cpu")), sensitivity.measure(m, ids[:2], torch.device("cpu"))
+    one = sensitivity.measure(m, ids[:1], torch.device("cpu"))
+    for name, uses in many.items():
+        for a, b in zip(uses, two[name]):
+            np.testing.assert_array_equal(a.rows, b.rows, err_msg=name)
+            np.testing.assert_array_equal(a.cols, b.cols, err_msg=name)
+    assert any(not np.array_equal(a.cols, b.cols) for name, uses in many.items() for a, b in zip(uses, one[name]))
