@@ -234,8 +234,9 @@ def test_dispatch():
         assert [b.name for b in fitter.backends("cuda")] == ["triton", *host, "numpy"]
         assert TRITON.covers(codec("Q6_K"), True) and not TRITON.covers(codec("Q6_K"), False)
         assert not TRITON.covers(codec("Q4_0"), True) and not TRITON.covers(codec("Q8_0"), True)
-        for name in ("IQ4_NL", "IQ4_XS"):  # no Triton fit: GPTQ on CUDA fits them in C on the host, if built
-            assert fitter.backend(codec(name), torch.device("cuda"), True).name == (host + ["numpy"])[0]
+        for name in ("IQ4_NL", "IQ4_XS"):  # the table types, weighted or not
+            for weighted in (True, False):
+                assert fitter.backend(codec(name), torch.device("cuda"), weighted).name == "triton"
     w = torch.from_numpy(MATRIX[:3])
     assert fitter.fit(codec("Q8_0"), w).blocks().q.shape == (3, N // 32, 32)
     for backend in HOST_BACKENDS + ([TRITON] if TRITON else []):  # before any kernel runs
@@ -331,8 +332,9 @@ class _Recorder:
 
 
 # float32 instructions that round once, to nearest (or are exact): anything else (fma, div.full, .approx, .ftz, ...)
-# would break bit-exactness on the GPU.  min/max are exact (Triton 3.6 emits max.f32 for tl.maximum; inputs are finite)
-EXACT_F32 = re.compile(r"(add|sub|mul|div)\.rn\.f32|abs\.f32|(min|max)(\.NaN)?\.f32|setp\.[a-z]+\.f32|selp\.f32"
+# would break bit-exactness on the GPU.  min/max are exact (Triton 3.6 emits max.f32 for tl.maximum; inputs are finite),
+# abs and neg only touch the sign bit.
+EXACT_F32 = re.compile(r"(add|sub|mul|div)\.rn\.f32|(abs|neg)\.f32|(min|max)(\.NaN)?\.f32|setp\.[a-z]+\.f32|selp\.f32"
                        r"|cvt\.rn\.f32\.[su]32")
 
 
@@ -346,12 +348,14 @@ def test_triton_kernels_compile_to_correctly_rounded_ptx(monkeypatch):
     from triton.compiler import ASTSource
 
     launches = []
-    for name in ("_sum_kernel", "_qkx3_kernel", "_qp_kernel", "_qx_kernel"):
+    kernels = ("_sum_kernel", "_qkx3_kernel", "_qp_kernel", "_qx_kernel", "_iq4_scale_kernel", "_iq4_codes_kernel")
+    for name in kernels:
         monkeypatch.setattr(triton_fit, name, _Recorder(getattr(triton_fit, name), launches))
     with np.errstate(all="ignore"):
         for name in TYPES:  # on the CPU: nothing runs, the searches hand back uninitialized memory
-            if TRITON.covers(codec(name), True):
-                TRITON.fit(codec(name), torch.zeros(2, 256), torch.ones(256))
+            for importance in (torch.ones(256), None):
+                if TRITON.covers(codec(name), importance is not None):
+                    TRITON.fit(codec(name), torch.zeros(2, 256), importance)
     types = {torch.float32: "*fp32", torch.uint8: "*u8", int: "i32", float: "fp32"}
     compiled, divisions = set(), 0
     for kernel, args, kwargs in launches:
@@ -371,7 +375,7 @@ def test_triton_kernels_compile_to_correctly_rounded_ptx(monkeypatch):
                    and not EXACT_F32.fullmatch(op)}
         assert not inexact, (key, inexact)
         divisions += ops.count("div.rn.f32")
-    assert {k[0] for k in compiled} == {"_sum_kernel", "_qkx3_kernel", "_qp_kernel", "_qx_kernel"} and divisions
+    assert {k[0] for k in compiled} == set(kernels) and divisions
 
 
 # --- the C backend: what encoding in chunks of rows relies on, the API, the NEON build -------------------------

@@ -9,7 +9,8 @@
 Every backend writes the bytes of the codec's numpy `fit` (the specification, itself ggml_quantize_chunk's); the
 first that covers the codec, the device and the weighting runs it:
 
-    triton  the K-quants' importance-weighted fits on a CUDA device, without host round trips (triton_fit)
+    triton  the K-quants' importance-weighted fits and IQ4_NL/IQ4_XS's on a CUDA device, without host round trips
+            (triton_fit)
     c       every type native/fit.c writes, when the extension is built: on the CPU (from a GPU, through the host)
     numpy   the codec's own `fit`: every type, any device (through the host)
 

@@ -1,13 +1,15 @@
-"""The fitter's Triton backend: the K-quants' importance-weighted fits on a CUDA device, results left there.
+"""The fitter's Triton backend: the K-quants' and IQ4's fits on a CUDA device, results left there.
 
-GPTQ fits a codec block's grid each time its column sweep enters a 256-column super-block; a host round trip per
-fit would stall the GPU, so the K-quants GPTQ writes (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) are fitted here, on the
-device, mirroring step for step
+GPTQ fits a codec block's grid each time its column sweep enters a codec block; a host round trip per fit would
+stall the GPU, so the types GPTQ writes on K-quant and table grids (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K importance-weighted;
+IQ4_NL, IQ4_XS with or without importance) are fitted here, on the device, mirroring step for step
 
     convert/codecs/search_affine.py     make_qkx3_quants, make_qp_quants      (Q2_K, Q4_K, Q5_K)
     convert/codecs/search_symmetric.py  make_qx_quants                        (Q3_K, Q6_K)
     convert/codecs/kquant_scales.py     SixBitScaleMinCodec.fit (importance)  (Q4_K, Q5_K)
     convert/codecs/q2_k.py, q3_k.py, q6_k.py  their fit (importance)
+    convert/codecs/iquant_nl.py         sub_block_scales, indices             (IQ4_NL, IQ4_XS)
+    convert/codecs/iq4_nl.py, iq4_xs.py their fit
 
 (tests/test_fit_conformance.py checks them bit for bit: any change to those searches must be made here too).
 
@@ -56,6 +58,9 @@ import torch
 import triton
 import triton.language as tl
 
+from edgequant.convert.codecs.iq4_nl import IQ4_NL, NLBlocks
+from edgequant.convert.codecs.iq4_xs import IQ4_XS, XSBlocks
+from edgequant.convert.codecs.iquant_nl import NTRY, VALUES
 from edgequant.convert.codecs.kquant_scales import QK_K, ScaleMinBlocks, SixBitScaleMinCodec
 from edgequant.convert.codecs.kquant_symmetric import SuperBlocks
 from edgequant.convert.codecs.q2_k import Q2_K
@@ -80,24 +85,29 @@ GRAPH_ROWS = 16384
 
 
 class TritonFit(Backend):
-    """The importance-weighted fits of Q2_K..Q6_K, on w's device (CUDA; the CPU only under TRITON_INTERPRET=1)."""
+    """The importance-weighted fits of Q2_K..Q6_K and both fits of IQ4_NL/IQ4_XS, on w's device (CUDA; the CPU only
+    under TRITON_INTERPRET=1)."""
 
     name = "triton"
 
     def covers(self, codec, weighted: bool) -> bool:
-        return weighted and _kind(codec) is not None
+        kind = _kind(codec)
+        return kind is not None and (weighted or kind in _PLAIN)
 
     @torch.no_grad()
     def fit(self, codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
         w = w.to(torch.float32)
         rows, n = w.shape
         codec.check_shape(n)
-        importance = importance.to(device=w.device, dtype=torch.float32)
+        if importance is not None:
+            importance = importance.to(device=w.device, dtype=torch.float32)
         fit = _FITS[_kind(codec)]
         if w.device.type == "cuda" and rows <= GRAPH_ROWS:  # the fits are per super-block: one graph per shape
-            return Fit.concat([_replay(fit, codec, w[:, j:j + QK_K], importance[j:j + QK_K]) for j in range(0, n, QK_K)])
+            return Fit.concat([_replay(fit, codec, w[:, j:j + QK_K], None if importance is None else importance[j:j + QK_K])
+                               for j in range(0, n, QK_K)])
         step = max(1, MAX_WEIGHTS // n)  # rows are independent: bound the intermediates (~0.3 KB per weight for Q6_K)
-        parts = [fit(codec, w[r:r + step].contiguous(), importance.contiguous()) for r in range(0, rows, step)]
+        importance = None if importance is None else importance.contiguous()
+        parts = [fit(codec, w[r:r + step].contiguous(), importance) for r in range(0, rows, step)]
         return parts[0] if len(parts) == 1 else dataclasses.replace(
             parts[0], **{k: torch.cat([getattr(p, k) for p in parts]) for k in ("scale", "offset")},
             fields={k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields})
@@ -107,8 +117,8 @@ def _kind(codec):
     return next((k for k in _FITS if isinstance(codec, k)), None)
 
 
-# (codec type, shape, device) -> (graph, its input w, its input importance, its output Fit)
-_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, Fit]] = {}
+# (codec type, shape, device, unweighted) -> (graph, its input w, its input importance or None, its output Fit)
+_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None, Fit]] = {}
 
 
 def _replay(fit, codec, w: torch.Tensor, importance: torch.Tensor) -> Fit:
@@ -118,9 +128,10 @@ def _replay(fit, codec, w: torch.Tensor, importance: torch.Tensor) -> Fit:
     graph by the kernels alone.  Each graph keeps its inputs, outputs and intermediates allocated until
     `release_graphs` (scripts/bench_device_fit.py prints how much).
     """
-    key = (type(codec), tuple(w.shape), w.device)
+    key = (type(codec), tuple(w.shape), w.device, importance is None)
     if key not in _GRAPHS:
-        static_w, static_imp = w.contiguous().clone(), importance.contiguous().clone()
+        static_w = w.contiguous().clone()
+        static_imp = None if importance is None else importance.contiguous().clone()
         with torch.cuda.device(w.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -133,7 +144,8 @@ def _replay(fit, codec, w: torch.Tensor, importance: torch.Tensor) -> Fit:
         _GRAPHS[key] = graph, static_w, static_imp, out
     graph, static_w, static_imp, out = _GRAPHS[key]
     static_w.copy_(w)
-    static_imp.copy_(importance)
+    if importance is not None:
+        static_imp.copy_(importance)
     graph.replay()
     return dataclasses.replace(out, fields={k: v.clone() for k, v in out.fields.items()},
                                scale=out.scale.clone(), offset=out.offset.clone())
@@ -616,4 +628,147 @@ def _fit_q3_k(codec: Q3_K, w, importance) -> Fit:
     return _super_blocks(codec, d, sc, _requantize_symmetric(w, d, sc, codes.T.reshape(rows, nb, 16, 16), 4), 4)
 
 
-_FITS = {SixBitScaleMinCodec: _fit_six_bit, Q2_K: _fit_q2_k, Q3_K: _fit_q3_k, Q6_K: _fit_q6_k}
+# --- the IQ4 table search (iquant_nl.sub_block_scales) --------------------------------------------------------
+
+
+@triton.jit
+def _best_index(v, VALUES):
+    """ggml's best_index_int8 on the 16 ascending table values (int32): ml counts the inner values not above v (its
+    binary search's lower end; for NaN every `v < value` is false, so ml = 14), then the nearer of values ml, ml + 1,
+    a tie going up; v at or below the first value 0, at or above the last 15."""
+    ml = tl.zeros(v.shape, tl.int32)
+    for k in tl.static_range(1, 15):
+        ml += tl.where(v < tl.load(VALUES + k), 0, 1)
+    lower = tl.load(VALUES + ml)
+    upper = tl.load(VALUES + ml + 1)
+    i = tl.where(v - lower < upper - v, ml, ml + 1)
+    i = tl.where(v >= tl.load(VALUES + 15), 15, i)
+    return tl.where(v <= tl.load(VALUES), 0, i)
+
+
+@triton.jit
+def _table_sums(X, W, VALUES, G, g, inside, iscale, N: tl.constexpr):
+    """sum_i (w_i*q_i)*x_i and sum_i (w_i*q_i)*q_i in element order, q the table value nearest to iscale * x_i."""
+    sumqx = tl.zeros_like(iscale)
+    sumq2 = tl.zeros_like(iscale)
+    for i in tl.range(N, loop_unroll_factor=4):
+        x = tl.load(X + i * G + g, mask=inside, other=0.0)
+        w = tl.load(W + i * G + g, mask=inside, other=0.0)
+        q = tl.load(VALUES + _best_index(iscale * x, VALUES))
+        wq = w * q
+        sumqx += wq * x
+        sumq2 += wq * q
+    return sumqx, sumq2
+
+
+@triton.jit(do_not_specialize=["G"])
+def _iq4_scale_kernel(X, W, VALUES, SCALE, G, eps, NTRY: tl.constexpr, N: tl.constexpr, BLOCK_G: tl.constexpr):
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    inside = g < G
+    peak = tl.load(X + g, mask=inside, other=0.0)  # signed_peak: where |x| is largest, first
+    amax = tl.abs(peak)
+    for i in tl.range(1, N, loop_unroll_factor=4):
+        x = tl.load(X + i * G + g, mask=inside, other=0.0)
+        up = tl.abs(x) > amax
+        amax = tl.where(up, tl.abs(x), amax)
+        peak = tl.where(up, x, peak)
+    peak = tl.where(amax > 0, peak, 0.0)
+    d = tl.math.div_rn(-peak, -127.0)
+    sumqx, sumq2 = _table_sums(X, W, VALUES, G, g, inside, tl.math.div_rn(1.0, d), N)
+    d = tl.where(sumq2 > 0, tl.math.div_rn(sumqx, sumq2), 0.0)
+    best = d * sumqx
+    for t in tl.static_range(-NTRY, NTRY + 1):
+        sumqx, sumq2 = _table_sums(X, W, VALUES, G, g, inside, tl.math.div_rn(tl.zeros_like(peak) + (t - 127), peak), N)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = tl.where(better, tl.math.div_rn(sumqx, sumq2), d)
+        best = tl.where(better, d * sumqx, best)
+    tl.store(SCALE + g, tl.where(amax < eps, 0.0, d), mask=inside)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _iq4_codes_kernel(X, SCALE, VALUES, CODES, M, BLOCK: tl.constexpr):
+    """iquant_nl.indices on row-major x, one scale per 32 consecutive weights: x * (1/scale), 1/0 -> 0."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = e < M
+    x = tl.load(X + e, mask=inside, other=0.0)
+    scale = tl.load(SCALE + e // 32, mask=inside, other=0.0)
+    inverse = tl.where(scale != 0, tl.math.div_rn(1.0, scale), 0.0)
+    tl.store(CODES + e, _best_index(inverse * x, VALUES).to(tl.uint8), mask=inside)
+
+
+def table_scales(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """iquant_nl.sub_block_scales on element-major x, weights (32, groups): the float32 scales (groups,)."""
+    x, weights, n, groups = _flat(x, weights)
+    scale = torch.empty(groups, dtype=torch.float32, device=x.device)
+    _iq4_scale_kernel[(triton.cdiv(groups, BLOCK_G),)](
+        x, weights, _values(x.device), scale, groups, _EPS, NTRY=NTRY, N=n, BLOCK_G=BLOCK_G, num_warps=NUM_WARPS,
+        enable_fp_fusion=False)
+    return scale
+
+
+def table_indices(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """iquant_nl.indices: the table indices (uint8, w's shape) of w (rows, n) on one scale per 32 weights."""
+    w, scale = w.contiguous(), scale.contiguous()
+    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    block = 1024
+    if w.numel():
+        _iq4_codes_kernel[(triton.cdiv(w.numel(), block),)](w, scale, _values(w.device), codes, w.numel(), BLOCK=block,
+                                                            num_warps=4, enable_fp_fusion=False)
+    return codes
+
+
+def _values(device: torch.device) -> torch.Tensor:
+    return _table(tuple(float(v) for v in VALUES), device)
+
+
+def _table_weights(w: torch.Tensor, importance: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """iquant_nl.importance_weights for super-blocks of n (32 or 256) weights, element-major by sub-blocks of 32:
+    (x, weights), each (32, rows * cols // 32)."""
+    rows = w.shape[0]
+    x = _element_major(w, 32)
+    x2 = x * x
+    if importance is None:
+        return x, x2
+    sb = _element_major(w, n)
+    sigma2 = in_order_sum(sb * sb) * (2.0 / n)  # a power of two: exact in any precision
+    per_sub = sigma2[:, None].expand(-1, n // 32).reshape(-1)
+    return x, _tiled(importance, 32, rows) * _sqrt(per_sub + x2)
+
+
+def _table_fit(blocks_type, fields: dict, scale: torch.Tensor) -> Fit:
+    return Fit(blocks_type, fields, scale, torch.full_like(scale, -0.0), 32, 0, 15, _values(scale.device))
+
+
+def _fit_iq4_nl(codec: IQ4_NL, w, importance) -> Fit:
+    """IQ4_NL.fit: the scale search per block of 32, d = fp16(scale), indices on the unrounded scale."""
+    rows, n = w.shape
+    scale = table_scales(*_table_weights(w, importance, 32)).reshape(rows, n // 32)
+    d = scale.to(torch.float16)
+    q = table_indices(w, scale).reshape(rows, n // 32, 32)
+    return _table_fit(NLBlocks, dict(d=d, q=q), d.to(torch.float32))
+
+
+def _fit_iq4_xs(codec: IQ4_XS, w, importance) -> Fit:
+    """IQ4_XS.fit: the scale search per sub-block, d = -s/32 for the signed scale s of largest magnitude (a NaN
+    never wins), each sub-block's 6-bit l = clamp(nearest_int(s/d), -32, 31), indices on d*l with d unrounded."""
+    rows, n = w.shape
+    nb = n // QK_K
+    scales = table_scales(*_table_weights(w, importance, QK_K)).reshape(rows, nb, 8)
+    amax = torch.zeros_like(scales[..., 0])
+    peak = torch.zeros_like(amax)
+    for g in range(8):
+        s = scales[..., g]
+        take = s.abs() > amax
+        amax, peak = torch.where(take, s.abs(), amax), torch.where(take, s, peak)
+    d = _div(-peak, 32.0)
+    inverse = torch.where(d != 0, _div(1.0, d), 0.0)
+    l = nearest_int(inverse[..., None] * scales).clamp_(-32, 31)
+    q = table_indices(w, (d[..., None] * l.to(torch.float32)).reshape(rows, -1))
+    d16, ls = d.to(torch.float16), (l + 32).to(torch.uint8)
+    group_scale = d16.to(torch.float32)[..., None] * (ls.to(torch.float32) - 32.0)
+    return _table_fit(XSBlocks, dict(d=d16, scales=ls, q=q.reshape(rows, nb, QK_K)), group_scale.reshape(rows, -1))
+
+
+_FITS = {SixBitScaleMinCodec: _fit_six_bit, Q2_K: _fit_q2_k, Q3_K: _fit_q3_k, Q6_K: _fit_q6_k,
+         IQ4_NL: _fit_iq4_nl, IQ4_XS: _fit_iq4_xs}
+_PLAIN = (IQ4_NL, IQ4_XS)  # the types fitted here without importance too (their plain weights are x^2)
