@@ -5,6 +5,8 @@ Everything is generated here, deterministically, so the fixtures carry no third-
     tests/fixtures/text/{train,eval}.txt   English-like text from a small probabilistic grammar (WikiText-like lines)
     tests/fixtures/tiny-llama/             LlamaForCausalLM + Llama-2-style SentencePiece BPE (byte fallback)
     tests/fixtures/tiny-qwen2/             Qwen2ForCausalLM + Qwen2-style byte-level BPE (tokenizers library)
+    tests/fixtures/tiny-phi3/              Phi3ForCausalLM (fused qkv/gate_up, partial LongRoPE) + Phi-3's
+                                           Llama-2-style SentencePiece with its added chat tokens
 
 The two models deliberately differ where converters tend to break:
 
@@ -18,10 +20,16 @@ The two models deliberately differ where converters tend to break:
     | tokenizer             | SentencePiece BPE, BOS added     | byte-level BPE, no BOS, ChatML      |
     | RoPE theta            | 500000, classic top-level key    | 1e6, in `rope_parameters` (HF v5)   |
 
+tiny-phi3 has Phi-3's config shape where converters break: fused qkv_proj (q 256 + k/v 2 x 128 rows: GQA as Phi-3-medium
+and Phi-4-mini) and gate_up_proj (2 x 512 rows), Phi-4-mini's partial rotary (3/4 of each head) with Phi-3-128k's
+LongRoPE (short/long factor lists, 8192 positions over an original 2048), a sliding window, no BOS added, and the
+chat tokens after the SentencePiece vocabulary with the embedding padded past them (as Phi-3's 32064).
+
 Each model is trained for a few hundred AdamW steps on 128-token windows of train.txt (CPU, single thread, fixed
 seeds), saved in bf16, and its train/eval loss written to TRAINING.txt. Run from the repository root:
 
     python scripts/make_fixtures.py            # about two CPU-minutes (training runs on one thread)
+    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3)
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -88,6 +98,11 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
 
@@ -313,15 +328,11 @@ def write_texts() -> tuple[Path, Path]:
 # Tokenizers
 # --------------------------------------------------------------------------------------------------------------------
 
-def make_llama_tokenizer(train: Path, out: Path):
-    """SentencePiece BPE with Llama-2's trainer settings; tokenizer.json converted from it by transformers.
-
-    Note: transformers' conversion uses a Metaspace pre-tokenizer that skips the dummy prefix when a text already
-    starts with a space, so for such lines tokenizer.json gives one "▁" fewer than tokenizer.model (as in bench-a).
-    """
+def train_sentencepiece(train: Path, out: Path, vocab_size: int) -> None:
+    """SentencePiece BPE with Llama-2's trainer settings (also Phi-3's tokenizer) -> out/tokenizer.model."""
     prefix = out / "sp"
     spm.SentencePieceTrainer.train(
-        input=str(train), model_prefix=str(prefix), model_type="bpe", vocab_size=512,
+        input=str(train), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.9995,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
@@ -329,6 +340,39 @@ def make_llama_tokenizer(train: Path, out: Path):
     )
     (out / "sp.vocab").unlink()
     (out / "sp.model").rename(out / "tokenizer.model")
+
+
+def make_phi3_tokenizer(train: Path, out: Path):
+    """Phi-3's tokenizer: Llama-2's SentencePiece, its chat tokens added after the vocabulary (<|endoftext|> first,
+    the end-of-text and padding token), no BOS added (tokenizer_config.json as Phi-3-mini's)."""
+    train_sentencepiece(train, out, 480)
+    tok = LlamaTokenizer.from_pretrained(out, add_bos_token=False, add_eos_token=False, legacy=False,
+                                         model_max_length=8192, chat_template=PHI3_CHAT_TEMPLATE)
+    tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                            "additional_special_tokens": ["<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]})
+    tok.save_pretrained(out, save_jinja_files=False)
+
+    def phi3(cfg: dict) -> None:
+        """Phi-3-mini's tokenizer_config.json: every added token listed (converters read them from here)."""
+        cfg.update(add_bos_token=False, add_eos_token=False, tokenizer_class="LlamaTokenizer")
+        cfg["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(tok.added_tokens_decoder.items())}
+        cfg.pop("is_local", None)
+        cfg.pop("local_files_only", None)
+
+    rewrite_json(out / "tokenizer_config.json", phi3)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def make_llama_tokenizer(train: Path, out: Path):
+    """SentencePiece BPE with Llama-2's trainer settings; tokenizer.json converted from it by transformers.
+
+    Note: transformers' conversion uses a Metaspace pre-tokenizer that skips the dummy prefix when a text already
+    starts with a space, so for such lines tokenizer.json gives one "▁" fewer than tokenizer.model (as in bench-a).
+    """
+    train_sentencepiece(train, out, 512)
     tok = LlamaTokenizer.from_pretrained(out, add_bos_token=True, add_eos_token=False, model_max_length=2048,
                                          chat_template=LLAMA_CHAT_TEMPLATE)
     tok.save_pretrained(out, save_jinja_files=False)  # chat template inside tokenizer_config.json
@@ -489,6 +533,38 @@ def make_llama(train_path: Path, eval_path: Path) -> None:
     rewrite_json(out / "config.json", classic)
 
 
+def make_phi3(train_path: Path, eval_path: Path) -> None:
+    out = fresh_dir(FIXTURES / "tiny-phi3")
+    tok = make_phi3_tokenizer(train_path, out)
+    torch.manual_seed(3)
+    head_dim, partial = 64, 0.75
+    n_factors = int(head_dim * partial) // 2
+    # LongRoPE's searched factors: short ones near 1, long ones growing towards the low frequencies
+    short = [round(1.0 + 0.05 * i / n_factors, 4) for i in range(n_factors)]
+    long = [round(1.0 + 15.0 * (i / (n_factors - 1)) ** 2, 4) for i in range(n_factors)]
+    config = Phi3Config(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, original_max_position_embeddings=2048,
+        rms_norm_eps=1e-5, sliding_window=2047, tie_word_embeddings=False, partial_rotary_factor=partial,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
+                         "original_max_position_embeddings": 2048, "partial_rotary_factor": partial},
+        bos_token_id=1, eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    train_and_save("phi3", Phi3ForCausalLM(config), tok, out, train_path, eval_path, bos=None, seed=33)
+
+    def classic(cfg: dict) -> None:
+        """Phi-3-128k's published layout: rope_theta, partial_rotary_factor and original_max_position_embeddings at
+        the top level, rope_scaling {type, long_factor, short_factor}."""
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg["rope_scaling"] = {"type": rope["rope_type"], "long_factor": rope["long_factor"],
+                               "short_factor": rope["short_factor"]}
+        cfg["torch_dtype"] = cfg.pop("dtype")
+
+    rewrite_json(out / "config.json", classic)
+
+
 def make_qwen2(train_path: Path, eval_path: Path) -> None:
     out = fresh_dir(FIXTURES / "tiny-qwen2")
     tok = make_qwen2_tokenizer(train_path, out)
@@ -503,15 +579,23 @@ def make_qwen2(train_path: Path, eval_path: Path) -> None:
     rewrite_json(out / "config.json", lambda cfg: None)  # only normalises key order/indentation
 
 
+MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "phi3": make_phi3}
+
+
 def main() -> None:
+    import sys
+
+    names = sys.argv[1:] or list(MAKERS)
+    unknown = [n for n in names if n not in MAKERS]
+    if unknown:
+        sys.exit(f"unknown fixture {unknown[0]!r}; choose from {', '.join(MAKERS)}")
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     started = time.time()
     train_path, eval_path = write_texts()
-    make_llama(train_path, eval_path)
-    print(f"tiny-llama done after {time.time() - started:.0f} s")
-    make_qwen2(train_path, eval_path)
-    print(f"tiny-qwen2 done after {time.time() - started:.0f} s")
+    for name in names:
+        MAKERS[name](train_path, eval_path)
+        print(f"tiny-{name} done after {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ def tiny_qwen2() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_phi3() -> Path:
+    """Phi3ForCausalLM: fused qkv_proj/gate_up_proj, GQA, partial rotary with LongRoPE, Phi-3's SentencePiece tokenizer
+    with its chat tokens, no BOS, untied, classic config layout."""
+    return FIXTURES / "tiny-phi3"
+
+
+@pytest.fixture(scope="session")
 def odd_llama(tmp_path_factory, tiny_llama):
     """tiny-llama's tokenizer on a random one-layer model of three row lengths: 288 (32-blocks), 256 (attn_output:
     2 heads of 128) and 1000 (ffn_down: F16 only); 1000-row tensors in 18-byte blocks are no multiple of the GGUF

@@ -47,7 +47,7 @@ def unigram_entropy(ids: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-@pytest.mark.parametrize("name,bos", [("tiny_llama", 1), ("tiny_qwen2", None)])
+@pytest.mark.parametrize("name,bos", [("tiny_llama", 1), ("tiny_qwen2", None), ("tiny_phi3", None)])
 def test_model_is_trained_and_matches_its_record(name, bos, request, fixture_text):
     model_dir = request.getfixturevalue(name)
     model, tok = load(model_dir)
@@ -135,3 +135,25 @@ def test_texts_have_the_line_shapes_tokenizer_tests_need(fixture_text):
     assert any(line and not line[0].isspace() for line in lines)
     text = "\n".join(lines)
     assert all(s in text for s in ("café", "naïve", "—", "'s")) and any(c.isdigit() for c in text)
+
+
+def test_phi3_shapes(tiny_phi3):
+    """Phi-3's published config layout and fused tensors; the tokenizer's chat tokens after the SentencePiece pieces."""
+    raw = json.loads((tiny_phi3 / "config.json").read_text())
+    assert raw["rope_scaling"]["type"] == "longrope" and "rope_parameters" not in raw  # as Phi-3-128k ships it
+    assert raw["max_position_embeddings"] > raw["original_max_position_embeddings"]
+    model, tok = load(tiny_phi3)
+    cfg = model.config
+    assert cfg.model_type == "phi3" and cfg.num_key_value_heads < cfg.num_attention_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    rotated = int(head_dim * cfg.partial_rotary_factor)
+    assert rotated < head_dim and len(raw["rope_scaling"]["long_factor"]) == rotated // 2
+    shapes = tensor_shapes(tiny_phi3)
+    q_rows, kv_rows = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == (q_rows + 2 * kv_rows, cfg.hidden_size)
+    assert shapes["model.layers.0.mlp.gate_up_proj.weight"] == (2 * cfg.intermediate_size, cfg.hidden_size)
+    assert "lm_head.weight" in shapes and not any(n.endswith(".bias") for n in shapes)
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_phi3 / "tokenizer.model"))
+    chat = tok.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"])
+    assert chat == list(range(sp.vocab_size(), sp.vocab_size() + 5)) and len(tok) < cfg.vocab_size
+    assert tok("x")["input_ids"][0] != sp.bos_id() and tok.eos_token == "<|endoftext|>"  # no BOS added

@@ -199,7 +199,6 @@ def test_reduced_precision_calibration_stays_close_to_fp32(tiny_llama, precision
 
 MATERIALIZE = layerwise.materialize
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SEQUENTIAL_GROUPS = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
 
 def trace(model_dir, monkeypatch, budget, shrink=0.9, **options):
@@ -251,12 +250,12 @@ def spec(model_dir, sequential, asymmetric, shrink=0.9):
         return {n: x.reshape(-1, x.shape[-1]) for n, x in got.items()}
 
     sums = {}
-    groups = SEQUENTIAL_GROUPS if sequential else [list(LINEARS)]
-    names = {n.rpartition(".")[2]: n for n, mod in model.model.layers[0].named_modules()
-             if isinstance(mod, torch.nn.Linear)}
+    m = SourceModel(str(model_dir))  # the adapter's input groups are what --sequential means
+    linears = [n for n, mod in model.model.layers[0].named_modules() if isinstance(mod, torch.nn.Linear)]
+    groups = [list(g) for g in m.arch.input_groups] if sequential else [linears]
     for i in range(len(model.model.layers)):
         for group in groups:
-            modules = [f"model.layers.{i}.{names[g]}" for g in group]
+            modules = [f"model.layers.{i}.{g}" for g in group]
             x, x_fp = inputs(model, modules), inputs(untouched, modules)
             for n in modules:
                 sums[n + ".weight"] = (x[n].T @ x[n], x_fp[n].T @ x[n] if asymmetric else None, len(x[n]))
@@ -295,7 +294,7 @@ def assert_close_sums(got, want):
 BIG = 1 << 40
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_phi3"])
 @pytest.mark.parametrize("sequential, asymmetric", [(False, False), (False, True), (True, False), (True, True)])
 def test_passes_collect_what_transformers_computes(model, sequential, asymmetric, monkeypatch, request):
     """Every Stats and every layer output against transformers' own forward of the model as it is changed, with
