@@ -157,7 +157,15 @@ def skeleton_of(config, device: torch.device, trust_remote_code: bool = False, a
         rotary = model.get_submodule(path)
         with device:
             setattr(model.get_submodule(parent), name, type(rotary)(config=model.config))
+    set_buffers(model, arch, arch.hparams(config.to_dict()), device)
     return model.eval()
+
+
+def set_buffers(model: nn.Module, arch: Arch, hp, device: torch.device) -> None:
+    """The scalar buffers the model computed at init (Gemma's embedding scale), which the meta device lost."""
+    for path, value in arch.buffers(hp).items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, torch.tensor(value, dtype=torch.float32, device=device))
 
 
 def layer_kwargs(model: nn.Module, ids: torch.Tensor, arch: Arch | None = None) -> list[dict]:

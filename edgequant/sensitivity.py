@@ -90,6 +90,7 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
     found: dict[str, list[Sensitivity]] = {}
     tokens = ids.numel()
     head_name = arch.head_weight(m.hp)
+    cap = arch.logit_softcap(m.hp)
     norm = model.get_submodule(layout.norm)
     layerwise.materialize(norm, layerwise.load_weights(norm, f"{layout.norm}.", m), device)
     head = nn.Linear(m.hp.n_embd, m.hp.n_vocab, bias=False, device=device)
@@ -104,7 +105,10 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
     for b in range(0, len(hidden), step):
         x = hidden[b:b + step].to(device).requires_grad_()
         with sums.watching({"head": head}):
-            logp = torch.log_softmax(head(norm(x)).float(), -1)
+            logits = head(norm(x)).float()
+            if cap is not None:  # the model's final soft-capping (Gemma)
+                logits = cap * torch.tanh(logits / cap)
+            logp = torch.log_softmax(logits, -1)
             cdf = logp.detach().exp().cumsum(-1)
             y = torch.searchsorted(cdf, u[b:b + step] * cdf[:, -1:]).clamp_(max=m.hp.n_vocab - 1)
             logp.gather(1, y).sum().backward()

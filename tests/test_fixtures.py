@@ -47,7 +47,8 @@ def unigram_entropy(ids: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-@pytest.mark.parametrize("name,bos", [("tiny_llama", 1), ("tiny_qwen2", None), ("tiny_phi3", None)])
+@pytest.mark.parametrize("name,bos", [("tiny_llama", 1), ("tiny_qwen2", None), ("tiny_phi3", None),
+                                           ("tiny_gemma2", 2), ("tiny_gemma3", 2)])
 def test_model_is_trained_and_matches_its_record(name, bos, request, fixture_text):
     model_dir = request.getfixturevalue(name)
     model, tok = load(model_dir)
@@ -157,3 +158,30 @@ def test_phi3_shapes(tiny_phi3):
     chat = tok.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"])
     assert chat == list(range(sp.vocab_size(), sp.vocab_size() + 5)) and len(tok) < cfg.vocab_size
     assert tok("x")["input_ids"][0] != sp.bos_id() and tok.eos_token == "<|endoftext|>"  # no BOS added
+
+
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])
+def test_gemma_shapes(name, request):
+    """Gemma's layer structure and published config layout; a sliding window a test window crosses, with sliding and
+    global layers; Gemma's SentencePiece (no dummy prefix, specials at 0-3, BOS added)."""
+    model_dir = request.getfixturevalue(name)
+    raw = json.loads((model_dir / "config.json").read_text())
+    assert "rope_theta" in raw and "rope_parameters" not in raw and "layer_types" not in raw
+    model, tok = load(model_dir)
+    cfg = model.config
+    assert cfg.sliding_window < WINDOW
+    assert {"sliding_attention", "full_attention"} == set(cfg.layer_types)
+    assert "head_dim" in raw and cfg.query_pre_attn_scalar == cfg.head_dim
+    shapes = tensor_shapes(model_dir)
+    assert "lm_head.weight" not in shapes and model.lm_head.weight is model.model.embed_tokens.weight
+    norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    assert all(f"model.layers.0.{n}.weight" in shapes for n in norms)
+    assert (f"model.layers.0.self_attn.q_norm.weight" in shapes) == (cfg.model_type == "gemma3_text")
+    if cfg.model_type == "gemma2":
+        assert cfg.attn_logit_softcapping and cfg.final_logit_softcapping
+    else:
+        assert raw["rope_local_base_freq"] != raw["rope_theta"] and cfg.hidden_size % 256 != 0
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    assert [sp.IdToPiece(i) for i in range(4)] == ["<pad>", "<eos>", "<bos>", "<unk>"]
+    assert not sp.EncodeAsPieces("a")[0].startswith("\u2581")  # no dummy prefix
+    assert tok("x")["input_ids"][0] == sp.bos_id() == 2

@@ -7,7 +7,7 @@ architecture's GGUF metadata.
 
 from __future__ import annotations
 
-from . import llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (each registers its adapters)
+from . import gemma, llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (each registers its adapters)
 from .base import ARCHES, Arch, Hparams, Layout, for_class, permute_rotary, read_hparams, register, unpermute_rotary
 
 __all__ = ["ARCHES", "Arch", "Hparams", "Layout", "for_class", "permute_rotary", "read_hparams", "register",

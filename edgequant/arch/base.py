@@ -169,6 +169,14 @@ class Arch:
     def embedding_scale(self, hp: Hparams) -> float:
         return math.sqrt(hp.n_embd) if self.embed_scale else 1.0
 
+    def buffers(self, hp: Hparams) -> dict[str, float]:
+        """Scalar buffers the model computes at init, by module path (built on the meta device, they are set after)."""
+        return {}
+
+    def logit_softcap(self, hp: Hparams) -> float | None:
+        """The model's final logits are cap·tanh(logits/cap) (Gemma's final soft-capping), or None."""
+        return None
+
 
 def read_hparams(c: dict) -> Hparams:
     """Both config styles: classic (`rope_theta`/`rope_scaling` at top level) and `rope_parameters` (transformers 5)."""
