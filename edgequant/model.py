@@ -33,6 +33,7 @@ class SourceModel:
         self.checkpoint = Checkpoint(self.dir, allow_pickle, trust_remote_code)
         self.arch = archs.for_class(self.checkpoint.architecture)
         self.hp = self.arch.hparams(self.checkpoint.config)
+        self.arch.check(self.hp)
         if not ((self.dir / "tokenizer.model").is_file() or (self.dir / "tokenizer.json").is_file()):
             raise UserError(f"{self.dir}: no tokenizer (neither tokenizer.model nor tokenizer.json)")
         self.name = self.dir.name

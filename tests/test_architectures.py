@@ -109,3 +109,54 @@ def test_gptq_build_verifies_and_passes_parity(model, request, tmp_path, fixture
                    "--threads", "2", "--device", "cpu", "--json"])
     r = json.loads(report.getvalue())
     assert rc == 0 and r["pass"], r["checks"]
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_sensitivities_are_transformers_gradients(model, request, monkeypatch):
+    """The streamed Fisher pass (edgequant.sensitivity: layer by layer, its own head, the adapter's embedding scale
+    and logit soft-capping) against autograd through transformers' whole model, with the same sampled labels: the
+    same mean squared output gradient and input of every linear, the head and the embedding rows."""
+    from transformers import AutoModelForCausalLM
+
+    from edgequant import sensitivity
+    from edgequant.model import SourceModel, hf_to_gguf
+
+    model_dir = request.getfixturevalue(model)
+    m = SourceModel(str(model_dir))
+    ids = torch.from_numpy(np.random.default_rng(0).integers(3, 400, (3, 40)))
+    found = sensitivity.measure(m, ids, torch.device("cpu"), seed=0)
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows, grads, inputs = [], {}, {}
+    embedding = torch.nn.Embedding.forward
+
+    def raw_rows(self, x):  # the embedding rows before the model scales them (Gemma): their gradient is the table's
+        out = embedding(self, x)
+        out.retain_grad()
+        rows.append(out)
+        return out
+
+    monkeypatch.setattr(torch.nn.Embedding, "forward", raw_rows)
+    for name, mod in hf.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(_m, a, out, name=name):
+                inputs[name] = a[0].detach().reshape(-1, a[0].shape[-1]).double()
+                out.register_hook(lambda g: grads.__setitem__(name, g.reshape(-1, g.shape[-1]).double()))
+            mod.register_forward_hook(hook)
+    logits = hf(ids, use_cache=False).logits.reshape(-1, m.hp.n_vocab).float()
+    logp = torch.log_softmax(logits, -1)
+    cdf = logp.detach().exp().cumsum(-1)
+    u = torch.rand(len(logp), 1, generator=torch.Generator().manual_seed(0))
+    y = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=m.hp.n_vocab - 1)
+    logp.gather(1, y).sum().backward()
+
+    names = hf_to_gguf(m)
+    n = ids.numel()
+    for name in grads:
+        weight = f"{name}.weight" if name != "lm_head" else m.arch.head_weight(m.hp)
+        got = found[names[weight]][0]
+        np.testing.assert_allclose(got.rows, (grads[name] ** 2).sum(0).numpy() / n, rtol=2e-3, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got.cols, (inputs[name] ** 2).sum(0).numpy() / n, rtol=2e-3, err_msg=name)
+    embedding_rows = found[names[f"{m.arch.layout.embed}.weight"]][-1].cols
+    g = rows[0].grad.reshape(-1, m.hp.n_embd).double()
+    np.testing.assert_allclose(embedding_rows, (g ** 2).mean(0).numpy(), rtol=2e-3, atol=1e-12)

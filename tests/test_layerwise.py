@@ -362,3 +362,18 @@ def test_a_module_that_does_more_after_its_last_linear_is_recomputed(tiny_llama,
     for got, want in zip(hidden, want_hidden, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert windows["gate_proj"] == 2 * (1 + 3 * 3) and windows["o_proj"] == 2 * (1 + 3 * 2), windows
+
+
+def test_sequential_groups_are_the_adapters_and_checked_against_the_forward(tiny_phi3, tiny_llama):
+    """Phi-3's fused projections are one group each (one Hessian per fused matrix); an adapter that is wrong about
+    which linears share an input is refused rather than solving linears on inputs they never see."""
+    import dataclasses
+
+    calls, _ = collect(tiny_phi3, sequential=True)
+    assert calls[:4] == [(0, ["qkv_proj"]), (0, ["o_proj"]), (0, ["gate_up_proj"]), (0, ["down_proj"])]
+    m = SourceModel(str(tiny_llama))
+    m.arch = dataclasses.replace(m.arch, input_groups=(("self_attn.q_proj",), ("self_attn.k_proj", "self_attn.v_proj"),
+                                                       ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
+                                                       ("mlp.down_proj",)))
+    with pytest.raises(RuntimeError, match="input groups"):
+        layerwise.run(m, token_ids(), lambda i, w: {}, torch.device("cpu"), batch=2, sequential=True)

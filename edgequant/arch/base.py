@@ -148,6 +148,9 @@ class Arch:
     def transform(self, hf_name: str) -> Transform:
         return next((t for pattern, t in self.transforms if fnmatch.fnmatchcase(hf_name, pattern)), IDENTITY)
 
+    def check(self, hp: Hparams) -> None:
+        """UserError for a config llama.cpp would run differently from transformers (before any work is done)."""
+
     def extra_tensors(self, hp: Hparams) -> list[tuple[str, np.ndarray]]:
         """Tensors llama.cpp needs that the checkpoint does not store (rope_freqs, LongRoPE factors)."""
         return []

@@ -22,12 +22,15 @@ from .base import Arch, Hparams, Offset, read_hparams, register
 @dataclass(frozen=True)
 class GemmaArch(Arch):
     swa_pattern: int = 2  # llama.cpp's default interleaving: layer i slides unless i % pattern == pattern - 1
+    layers_27b: int = 46  # llama.cpp takes a model with this many layers for the 27B (its queries scaled apart)
+    # what transformers' config class assumes for keys a config.json leaves out (tie_word_embeddings among them)
+    defaults: tuple[tuple[str, object], ...] = ()
 
     def hparams(self, config: dict) -> Hparams:
-        # Gemma configs leave tie_word_embeddings out: transformers' Gemma configs default it to True.  transformers 5
-        # writes Gemma 3's rope per layer type ({"full_attention": {...}, "sliding_attention": {...}}): the global
-        # layers' is the model's rope, the local layers' base is metadata of its own.
-        read = {"tie_word_embeddings": True, **config}
+        # transformers 5 writes Gemma 3's rope per layer type ({"full_attention": {...}, "sliding_attention": {...}}):
+        # the global layers' is the model's rope, the local layers' base is metadata of its own
+        config = {**dict(self.defaults), **config}
+        read = dict(config)
         rope = read.get("rope_parameters")
         if isinstance(rope, dict) and "full_attention" in rope:
             read["rope_parameters"] = rope["full_attention"]
@@ -46,13 +49,17 @@ class GemmaArch(Arch):
         pattern = c.get("sliding_window_pattern", self.swa_pattern)
         return [bool((i + 1) % pattern) for i in range(hp.n_layers)]  # transformers' default layer_types
 
+    def check(self, hp: Hparams) -> None:
+        c = hp.config
+        # llama.cpp scales queries by 1/sqrt(head_dim), the 27B's (known by its layer count) by 1/sqrt(hidden/heads),
+        # whatever the config says
+        assumed = hp.n_embd // hp.n_head if hp.n_layers == self.layers_27b else hp.head_dim
+        if c.get("query_pre_attn_scalar", assumed) != assumed:
+            raise UserError(f"config.json: query_pre_attn_scalar {c['query_pre_attn_scalar']} is not {assumed}, "
+                            f"which llama.cpp assumes for this model")
+
     def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
         c = hp.config
-        if c.get("query_pre_attn_scalar", hp.head_dim) != hp.head_dim:
-            # llama.cpp scales queries by 1/sqrt(head_dim) (27B-sized models by 1/sqrt(hidden/heads)) whatever the
-            # config says
-            raise UserError(f"config.json: query_pre_attn_scalar {c['query_pre_attn_scalar']} is not head_dim "
-                            f"{hp.head_dim}, which llama.cpp assumes")
         sliding = self.sliding_layers(hp)
         if any(sliding):
             w.add_sliding_window(c["sliding_window"])
@@ -64,6 +71,15 @@ class GemmaArch(Arch):
 
 @dataclass(frozen=True)
 class Gemma2Arch(GemmaArch):
+    defaults: tuple[tuple[str, object], ...] = (
+        ("tie_word_embeddings", True), ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0),
+        ("query_pre_attn_scalar", 256), ("sliding_window", 4096))
+
+    def check(self, hp: Hparams) -> None:
+        super().check(hp)
+        if not hp.config.get("attn_logit_softcapping"):
+            raise UserError("config.json: Gemma 2 without attention soft-capping, which llama.cpp's GEMMA2 always does")
+
     def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
         super().metadata(w, hp)
         w.add_attn_logit_softcapping(hp.config["attn_logit_softcapping"])
@@ -72,12 +88,19 @@ class Gemma2Arch(GemmaArch):
 @dataclass(frozen=True)
 class Gemma3Arch(GemmaArch):
     swa_pattern: int = 6
+    layers_27b: int = 62
+    defaults: tuple[tuple[str, object], ...] = (
+        ("tie_word_embeddings", True), ("query_pre_attn_scalar", 256), ("sliding_window", 4096),
+        ("rope_local_base_freq", 10000.0), ("rope_theta", 1000000.0))
+
+    def check(self, hp: Hparams) -> None:
+        super().check(hp)
+        if hp.config.get("attn_logit_softcapping"):
+            raise UserError("config.json: Gemma 3 with attention soft-capping, which llama.cpp's GEMMA3 does not do")
 
     def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
         super().metadata(w, hp)
         c = hp.config
-        if c.get("attn_logit_softcapping"):
-            raise UserError("config.json: Gemma 3 with attention soft-capping, which llama.cpp's GEMMA3 does not do")
         rope = c.get("rope_parameters") or {}
         local = (rope.get("sliding_attention") or {}).get("rope_theta", c.get("rope_local_base_freq"))
         if local is not None and any(self.sliding_layers(hp)):

@@ -14,6 +14,10 @@ from .base import Arch, Hparams, register
 
 @dataclass(frozen=True)
 class Phi3Arch(Arch):
+    def check(self, hp: Hparams) -> None:
+        if hp.rope_scaling.get("long_factor"):
+            longrope_attention_factor(hp, original_positions(hp) or hp.n_ctx)  # refuses scalings it does not know
+
     def extra_tensors(self, hp: Hparams) -> list[tuple[str, np.ndarray]]:
         s = hp.rope_scaling
         if not s.get("long_factor"):
@@ -30,12 +34,16 @@ class Phi3Arch(Arch):
     def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
         w.add_rope_dimension_count(hp.rope_dim)
         w.add_sliding_window(hp.config.get("sliding_window") or 0)  # 0: llama.cpp tells Phi-4 from Phi-3 by it
-        original = hp.rope_scaling.get("original_max_position_embeddings",
-                                       hp.config.get("original_max_position_embeddings"))
+        original = original_positions(hp)
         if original is not None:
             w.add_rope_scaling_orig_ctx_len(original)
         if hp.rope_scaling.get("long_factor"):
             w.add_rope_scaling_attn_factors(longrope_attention_factor(hp, original or hp.n_ctx))
+
+
+def original_positions(hp: Hparams) -> int | None:
+    """The context the model was pretrained on before LongRoPE stretched it (either config layout)."""
+    return hp.rope_scaling.get("original_max_position_embeddings", hp.config.get("original_max_position_embeddings"))
 
 
 def longrope_attention_factor(hp: Hparams, original: int) -> float:
