@@ -6,9 +6,11 @@
     after the last layer: final norm ─► S for the output head ─► on_layer again
 
 Only one decoder layer's weights (plus the embeddings/head when they are used) and the activations are in memory at
-a time; the rest of the model stays on the meta device.  q/k/v share one input and gate/up another, so they share
-one S.  The attention mask and rotary embeddings are captured from transformers' own forward (a pre-hook on
-layer 0), so any architecture transformers runs is handled without re-implementing it.
+a time; the rest of the model stays on the meta device.  Where the layers, embeddings, final norm and head are, and
+which linears read one input (q/k/v, gate/up: they share one S), is the architecture adapter's (edgequant.arch).
+What each decoder layer gets besides its hidden states (attention mask, sliding-window mask, rotary embeddings)
+is captured from transformers' own forward, per layer, so any architecture transformers runs is handled without
+re-implementing it.
 
 Two options make each linear see what it will see in the quantized model, and aim at what the full-precision
 model computes:
@@ -35,6 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .arch import Arch, for_class
 from .errors import UserError
 from .model import SourceModel
 
@@ -130,45 +133,76 @@ def sdpa_heads_repeated(module, query, key, value, *args, **kwargs):
 
 
 def skeleton(m: SourceModel, device: torch.device) -> nn.Module:
-    """The HF model with every parameter on the meta device, except the rotary embedding (computed at init); its
-    attention is sdpa_heads_repeated."""
+    """The HF model with every parameter on the meta device, except the rotary embeddings (computed at init); its
+    attention is sdpa_heads_repeated (or the adapter's, where SDPA cannot compute the model)."""
     from transformers import AutoConfig
 
     trust = m.checkpoint.trust_remote_code  # False: transformers' own classes only (auto_map refused by Checkpoint)
-    return skeleton_of(AutoConfig.from_pretrained(m.dir, trust_remote_code=trust), device, trust)
+    return skeleton_of(AutoConfig.from_pretrained(m.dir, trust_remote_code=trust), device, trust, m.arch)
 
 
-def skeleton_of(config, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
-    """skeleton() of a transformers config."""
+def skeleton_of(config, device: torch.device, trust_remote_code: bool = False, arch: Arch | None = None) -> nn.Module:
+    """skeleton() of a transformers config (arch: its adapter; by default the one of config.architectures[0])."""
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    arch = arch or for_class((config.architectures or ["LlamaForCausalLM"])[0])
     AttentionInterface.register(ATTENTION, sdpa_heads_repeated)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # masks exactly as for "sdpa"
-    config._attn_implementation = ATTENTION
+    config._attn_implementation = ATTENTION if arch.attention == "sdpa" else arch.attention
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    rotary = model.model.rotary_emb
-    with device:
-        model.model.rotary_emb = type(rotary)(config=model.config)
+    for path in arch.layout.rotary:
+        parent, _, name = path.rpartition(".")
+        rotary = model.get_submodule(path)
+        with device:
+            setattr(model.get_submodule(parent), name, type(rotary)(config=model.config))
+    set_buffers(model, arch, arch.hparams(config.to_dict()), device)
     return model.eval()
 
 
-def layer_kwargs(model: nn.Module, ids: torch.Tensor) -> dict:
-    """What the model's forward passes its decoder layers besides the hidden states (attention mask, rotary
-    embeddings, ...) for windows like ids, captured by a pre-hook on layer 0 (its embeddings must be materialized)."""
+def set_buffers(model: nn.Module, arch: Arch, hp, device: torch.device) -> None:
+    """The scalar buffers the model computed at init (Gemma's embedding scale), which the meta device lost."""
+    for path, value in arch.buffers(hp).items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, torch.tensor(value, dtype=torch.float32, device=device))
 
-    def capture(_module, _args, kwargs):
-        raise _Captured(kwargs)
 
-    hook = model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+def layer_kwargs(model: nn.Module, ids: torch.Tensor, arch: Arch | None = None) -> list[dict]:
+    """What the model's forward passes each decoder layer besides its hidden states (attention or sliding-window
+    mask, rotary embeddings, ...) for windows like ids: the model runs on zero embeddings of their shape (masks and
+    positions depend on nothing else) with every decoder layer replaced by one that records its arguments."""
+    arch = arch or for_class((model.config.architectures or ["LlamaForCausalLM"])[0])
+    layers = model.get_submodule(arch.layout.layers)
+    got: list[dict] = []
+
+    def record(hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder layers are called with positional arguments besides the hidden states")
+        got.append(kwargs)
+        if len(got) == len(layers):
+            raise _Captured(got)
+        return hidden_states
+
+    for layer in layers:
+        layer.forward = record
+    embeds = torch.zeros(1, ids.shape[1], model.config.hidden_size, device=ids.device)
     try:
-        model(ids[:1], use_cache=False)
+        model(inputs_embeds=embeds, use_cache=False)
     except _Captured as c:
-        return {k: v for k, v in c.kwargs.items() if k != "hidden_states"}
+        return c.kwargs
     finally:
-        hook.remove()
-    raise RuntimeError("the model's forward never reached its first decoder layer")
+        for layer in layers:
+            del layer.forward
+    raise RuntimeError("the model's forward never reached its last decoder layer")
+
+
+def embed(m: SourceModel, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's input: embedding rows, scaled as the adapter says (Gemma: by sqrt(hidden), in the weights'
+    dtype, as transformers' scaled embedding module)."""
+    x = nn.functional.embedding(ids, weight)
+    scale = m.arch.embedding_scale(m.hp)
+    return x if scale == 1.0 else x * torch.tensor(scale, dtype=torch.float32).to(weight.dtype)
 
 
 def load_weights(module: nn.Module, prefix: str, m: SourceModel) -> dict[str, torch.Tensor]:
@@ -213,31 +247,26 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
     precision = precision if device.type == "cuda" else "fp32"  # CPUs: float32 (and builds reproduce bit for bit)
     requantize = requantize or sequential or asymmetric
     model = skeleton(m, device)
-    inner = model.model
-    embed_name = "model.embed_tokens.weight"
-    inner.embed_tokens.to_empty(device=device)
-    inner.embed_tokens.weight.copy_(m.checkpoint.load(embed_name))
-    kwargs = layer_kwargs(model, ids.to(device))
+    arch, layout = m.arch, m.arch.layout
+    kwargs = layer_kwargs(model, ids.to(device), arch)
     if start == 0:
-        hidden = inner.embed_tokens(ids.to(device))  # (n, L, d)
+        hidden = embed(m, m.checkpoint.load(f"{layout.embed}.weight").to(device), ids.to(device))  # (n, L, d)
         hidden = torch.stack([hidden, hidden]) if asymmetric else hidden
     else:
         hidden = hidden.to(device)
-    if not m.hp.tied_embeddings:
-        inner.embed_tokens.to("meta")
-    task = progress.add_task("calibrating", total=len(inner.layers) + 1, completed=start) if progress is not None else None
-    passes = Passes(kwargs, batch, seconds, precision)
-    layers = inner.layers
-    head_name = embed_name if m.hp.tied_embeddings else "lm_head.weight"
+    layers = model.get_submodule(layout.layers)
+    task = progress.add_task("calibrating", total=len(layers) + 1, completed=start) if progress is not None else None
+    passes = Passes(kwargs, batch, seconds, precision, arch.input_groups)
+    head_name = arch.head_weight(m.hp)
     reader = ThreadPoolExecutor(max_workers=1)  # reads layer i + 1 (after the last layer, the head) while i is solved
     with reader:
-        upcoming = reader.submit(load_weights, layers[start], f"model.layers.{start}.", m) if start < len(layers) else None
+        upcoming = reader.submit(load_weights, layers[start], arch.layer_prefix(start), m) if start < len(layers) else None
         head = reader.submit(m.checkpoint.load, head_name) if start == len(layers) else None
         for i in range(start, len(layers)):
-            layer, prefix = layers[i], f"model.layers.{i}."
+            layer, prefix = layers[i], arch.layer_prefix(i)
             weights = upcoming.result()
             if i + 1 < len(layers):
-                upcoming = reader.submit(load_weights, layers[i + 1], f"model.layers.{i + 1}.", m)
+                upcoming = reader.submit(load_weights, layers[i + 1], arch.layer_prefix(i + 1), m)
             else:
                 head = reader.submit(m.checkpoint.load, head_name)
             materialize(layer, weights, device)
@@ -251,16 +280,16 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
             if task is not None:
                 progress.advance(task)
 
-    inner.norm.to_empty(device=device)
-    inner.norm.weight.copy_(m.checkpoint.load("model.norm.weight"))
+    norm = model.get_submodule(layout.norm)
+    materialize(norm, load_weights(norm, f"{layout.norm}.", m), device)
     t0 = time.perf_counter()
     stats = Stats(m.hp.n_embd, device, passes.gemm_dtype)
     with passes.precise():
         for b in range(0, hidden.shape[-3], batch):
             if asymmetric:
-                stats.add(inner.norm(hidden[0, b : b + batch]), inner.norm(hidden[1, b : b + batch]))
+                stats.add(norm(hidden[0, b : b + batch]), norm(hidden[1, b : b + batch]))
             else:
-                stats.add(inner.norm(hidden[b : b + batch]))
+                stats.add(norm(hidden[b : b + batch]))
     check_finite(stats.s, f"the calibration activations entering {head_name}")
     del hidden  # the head's solve needs the memory more (an 8B's activations: 4 GiB per stream)
     if device.type == "cuda":  # and the layers' cached blocks would stay reserved beside its own (24 GiB for 17)
@@ -302,10 +331,12 @@ class _Stop(Exception):
 class Passes:
     """The forward passes over one decoder layer, batch by batch."""
 
-    kwargs: dict
+    layer_kwargs: list[dict]  # per decoder layer (layer_kwargs())
     batch: int
     seconds: dict[str, float]
     mode: str  # PRECISIONS
+    groups: tuple[tuple[str, ...], ...] = ()  # the adapter's input groups (Arch.input_groups)
+    kwargs: dict | None = None  # the layer's being run
 
     def precise(self):
         return matmuls_in(self.mode)
@@ -317,6 +348,7 @@ class Passes:
     def layer(self, layer, prefix, hidden, on_layer, index, requantize: bool, sequential: bool, asymmetric: bool):
         """Collect, solve (on_layer) and step one layer: its outputs, the next layer's inputs (written over `hidden`
         when requantize)."""
+        self.kwargs = self.layer_kwargs[index]
         linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
         ours, full = (hidden[0], hidden[1]) if asymmetric else (hidden, None)
         reference = copy.deepcopy(layer) if asymmetric else None  # keeps the full-precision weights
@@ -349,8 +381,8 @@ class Passes:
         return check_finite(hidden, f"the output of layer {index} with its quantized weights")
 
     def input_groups(self, layer, linears: dict[str, nn.Module], x: torch.Tensor):
-        """The linears in forward order, those fed the same tensor in one group: [[q, k, v], [o], [gate, up], [down]];
-        and the tails {group index: (module, linear, arity)} for _Replay: the groups whose input feeds a linear that
+        """The linears in forward order, those fed the same tensor in one group: [[q, k, v], [o], [gate, up], [down]]
+        (the adapter's Arch.input_groups, checked against the layer's forward); and the tails {group index: (module, linear, arity)} for _Replay: the groups whose input feeds a linear that
         is the last op of its parent module, the module returning that linear's output as it is (arity 0) or first
         in a tuple of `arity` items, the others None (self_attn and o_proj, mlp and down_proj), and its input
         contiguous (as the saved copy will be: the same GEMM).  No tails when a linear or such a module runs more
@@ -368,12 +400,17 @@ class Passes:
         finally:
             for h in handles:
                 h.remove()
-        groups: list[list[str]] = []
+        found: list[list[str]] = []
         for k, (name, x_in) in enumerate(seen):
             if k and x_in is seen[k - 1][1]:
-                groups[-1].append(name)
+                found[-1].append(name)
             else:
-                groups.append([name])
+                found.append([name])
+        # the groups are the adapter's; the forward only confirms them (an adapter that is wrong about the model
+        # would solve linears on inputs they never see)
+        groups = [list(g) for g in self.groups] or found
+        if groups != found:
+            raise RuntimeError(f"the adapter's input groups {groups} are not the layer's: its forward reads {found}")
         tails: dict[int, tuple[str, str, int]] = {}
         if any(len(o) > 1 for o in outputs.values()):
             return groups, tails

@@ -31,9 +31,7 @@ def write_metadata(w: gguf.GGUFWriter, m: SourceModel, file_type: gguf.LlamaFile
     if hp.explicit_head_dim:
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)
-    if m.arch.write_vocab_size:
-        w.add_vocab_size(hp.n_vocab)
-        w.add_rope_dimension_count(hp.head_dim)
+    m.arch.metadata(w, hp)
     kind = hp.rope_scaling.get("rope_type", hp.rope_scaling.get("type"))
     if kind in ("linear", "yarn"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)

@@ -33,31 +33,36 @@ class SourceModel:
         self.checkpoint = Checkpoint(self.dir, allow_pickle, trust_remote_code)
         self.arch = archs.for_class(self.checkpoint.architecture)
         self.hp = self.arch.hparams(self.checkpoint.config)
+        self.arch.check(self.hp)
         if not ((self.dir / "tokenizer.model").is_file() or (self.dir / "tokenizer.json").is_file()):
             raise UserError(f"{self.dir}: no tokenizer (neither tokenizer.model nor tokenizer.json)")
         self.name = self.dir.name
         self._extra = dict(self.arch.extra_tensors(self.hp))
-        names = self.arch.tensor_map(self.hp.n_layers)
+        self.tensor_names = self.arch.tensor_map(self.hp.n_layers)
         self.tensors: dict[str, SourceTensor] = {n: SourceTensor(n, None, a.shape) for n, a in self._extra.items()}
         for hf_name, entry in self.checkpoint.tensors.items():
-            mapped = self.arch.to_gguf(hf_name, np.empty(0), self.hp, names) if not self._skips(hf_name) else None
-            if mapped is not None:
-                self.tensors[mapped[0]] = SourceTensor(mapped[0], hf_name, entry.shape)
-        self.tensor_names = names
+            if not self.arch.skips(hf_name, self.hp):
+                name = self.arch.gguf_name(hf_name, self.tensor_names)
+                self.tensors[name] = SourceTensor(name, hf_name, entry.shape)
 
     @property
     def n_params(self) -> int:
         return sum(int(np.prod(t.shape)) for t in self.tensors.values() if t.hf_name is not None)
 
-    def _skips(self, hf_name: str) -> bool:
-        return hf_name.endswith("rotary_emb.inv_freq") or (self.hp.tied_embeddings and hf_name == "lm_head.weight")
-
     def load(self, gguf_name: str) -> np.ndarray:
-        """float32 array of one tensor, laid out as llama.cpp expects (Q/K permuted where the arch says so)."""
+        """float32 array of one tensor, laid out as llama.cpp expects (the adapter's transform applied)."""
         t = self.tensors[gguf_name]
         if t.hf_name is None:
             return self._extra[gguf_name]
-        return self.arch.to_gguf(t.hf_name, self.checkpoint.load_array(t.hf_name), self.hp, self.tensor_names)[1]
+        return self.to_gguf(t.hf_name, self.checkpoint.load_array(t.hf_name))
+
+    def to_gguf(self, hf_name: str, w):
+        """A checkpoint tensor (numpy or torch) as llama.cpp stores it."""
+        return self.arch.transform(hf_name).to_gguf(w, self.hp)
+
+    def from_gguf(self, gguf_name: str, w):
+        """Undo to_gguf for the tensor stored as `gguf_name` (GGUF weights back into the HF model)."""
+        return self.arch.transform(self.tensors[gguf_name].hf_name).from_gguf(w, self.hp)
 
 
 def hf_to_gguf(m: SourceModel) -> dict[str, str]:

@@ -82,18 +82,26 @@ def fits(m: SourceModel, n: int, length: int, device: torch.device) -> tuple[boo
 
 def load_model(m: SourceModel, device: torch.device, dtype: torch.dtype):
     """The whole HF model on `device` in `dtype`, weights from the checkpoint (the layer pass's skeleton)."""
-    from .layerwise import skeleton
+    from .layerwise import set_buffers, skeleton
 
     model = skeleton(m, device).to(dtype)
     # transformers' own SDPA: it reads grouped key/value heads as they are, where the layer pass's attention would
-    # copy the whole preallocated cache into repeated heads at every step
-    model.config._attn_implementation = "sdpa"
-    rotary = model.model.rotary_emb  # computed at init, on the device: to_empty would drop its buffers
-    model.model.rotary_emb = None
+    # copy the whole preallocated cache into repeated heads at every step (unless the adapter says SDPA cannot
+    # compute the model: Gemma 2's soft-capped attention stays eager)
+    if m.arch.attention == "sdpa":
+        model.config._attn_implementation = "sdpa"
+    layout = m.arch.layout
+    rotary = {path: model.get_submodule(path) for path in layout.rotary}  # computed at init, on the device:
+    for path in rotary:  # to_empty would drop their buffers
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, None)
     model.to_empty(device=device)
-    model.model.rotary_emb = rotary
+    for path, module in rotary.items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, module)
+    set_buffers(model, m.arch, m.hp, device)
     if m.hp.tied_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.get_submodule(layout.head).weight = model.get_submodule(layout.embed).weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(m.checkpoint.load(name))

@@ -63,14 +63,10 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
     ids = ids[:max(1, -(-TOKENS // ids.shape[1]))].to(device)
     names = hf_to_gguf(m)
     model = layerwise.skeleton(m, device)
-    inner = model.model
-    embed_name = "model.embed_tokens.weight"
-    inner.embed_tokens.to_empty(device=device)
-    with torch.no_grad():
-        inner.embed_tokens.weight.copy_(m.checkpoint.load(embed_name))
-    kwargs = layerwise.layer_kwargs(model, ids)
+    arch, layout = m.arch, m.arch.layout
+    kwargs = layerwise.layer_kwargs(model, ids, arch)
     batch = max(1, min(8, layerwise.TOKENS_PER_BATCH // ids.shape[1]))
-    layers = inner.layers
+    layers = model.get_submodule(layout.layers)
     task = progress.add_task("measuring sensitivities", total=2 * len(layers) + 1) if progress is not None else None
 
     def advance():
@@ -78,14 +74,14 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
             progress.advance(task)
 
     with torch.no_grad():
-        inputs = [inner.embed_tokens(ids).cpu()]
+        inputs = [layerwise.embed(m, m.checkpoint.load(f"{layout.embed}.weight").to(device), ids).cpu()]
     for i, layer in enumerate(layers):  # forward: each layer's inputs kept on the host
-        layerwise.materialize(layer, layerwise.load_weights(layer, f"model.layers.{i}.", m), device)
+        layerwise.materialize(layer, layerwise.load_weights(layer, arch.layer_prefix(i), m), device)
         with torch.no_grad():
             x = inputs[-1]
             out = torch.empty_like(x)
             for b in range(0, len(x), batch):
-                r = layer(x[b:b + batch].to(device), **kwargs)
+                r = layer(x[b:b + batch].to(device), **kwargs[i])
                 out[b:b + batch] = (r[0] if isinstance(r, tuple) else r).cpu()
         inputs.append(out)
         layer.to("meta")
@@ -93,10 +89,10 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
 
     found: dict[str, list[Sensitivity]] = {}
     tokens = ids.numel()
-    head_name = embed_name if m.hp.tied_embeddings else "lm_head.weight"
-    inner.norm.to_empty(device=device)
-    with torch.no_grad():
-        inner.norm.weight.copy_(m.checkpoint.load("model.norm.weight"))
+    head_name = arch.head_weight(m.hp)
+    cap = arch.logit_softcap(m.hp)
+    norm = model.get_submodule(layout.norm)
+    layerwise.materialize(norm, layerwise.load_weights(norm, f"{layout.norm}.", m), device)
     head = nn.Linear(m.hp.n_embd, m.hp.n_vocab, bias=False, device=device)
     with torch.no_grad():
         head.weight.copy_(m.checkpoint.load(head_name))
@@ -109,7 +105,10 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
     for b in range(0, len(hidden), step):
         x = hidden[b:b + step].to(device).requires_grad_()
         with sums.watching({"head": head}):
-            logp = torch.log_softmax(head(inner.norm(x)).float(), -1)
+            logits = head(norm(x)).float()
+            if cap is not None:  # the model's final soft-capping (Gemma)
+                logits = cap * torch.tanh(logits / cap)
+            logp = torch.log_softmax(logits, -1)
             cdf = logp.detach().exp().cumsum(-1)
             y = torch.searchsorted(cdf, u[b:b + step] * cdf[:, -1:]).clamp_(max=m.hp.n_vocab - 1)
             logp.gather(1, y).sum().backward()
@@ -121,7 +120,7 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
 
     for i in reversed(range(len(layers))):  # backward: layer i's output gradients -> its input's
         layer = layers[i]
-        layerwise.materialize(layer, layerwise.load_weights(layer, f"model.layers.{i}.", m), device)
+        layerwise.materialize(layer, layerwise.load_weights(layer, arch.layer_prefix(i), m), device)
         for p in layer.parameters():
             p.requires_grad_(False)
         linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
@@ -130,18 +129,19 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
         for b in range(0, len(ids), batch):
             x = inputs[i][b:b + batch].to(device).requires_grad_()
             with sums.watching(linears):
-                r = layer(x, **kwargs)
+                r = layer(x, **kwargs[i])
                 (r[0] if isinstance(r, tuple) else r).backward(grads[b:b + batch].to(device))
             below[b:b + batch] = x.grad.cpu()
         for name in linears:
-            found.setdefault(names[f"model.layers.{i}.{name}.weight"], []).append(sums.sensitivity(name, tokens))
+            found.setdefault(names[f"{arch.layer_prefix(i)}{name}.weight"], []).append(sums.sensitivity(name, tokens))
         grads = below
         layer.to("meta")
         advance()
 
     counts = np.bincount(ids.cpu().numpy().ravel(), minlength=m.hp.n_vocab).astype(np.float64)
-    found.setdefault(names[embed_name], []).append(
-        Sensitivity(token_frequencies(counts), (grads.double() ** 2).reshape(-1, grads.shape[-1]).mean(0).numpy(), False))
+    grads = grads.double() * arch.embedding_scale(m.hp)  # the gradient of the rows, where the model scales them
+    found.setdefault(names[f"{layout.embed}.weight"], []).append(
+        Sensitivity(token_frequencies(counts), (grads ** 2).reshape(-1, grads.shape[-1]).mean(0).numpy(), False))
     if task is not None:
         progress.remove_task(task)
     return found

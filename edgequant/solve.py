@@ -184,7 +184,7 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
             if qtype in FLOAT_TYPES:
                 continue
             c = codec(qtype)
-            w_here = m.arch.to_gguf(hf_name, w.detach().float(), m.hp, m.tensor_names)[1].contiguous()  # on the device
+            w_here = m.to_gguf(hf_name, w.detach().float()).contiguous()  # on the device
             h = stats.hessian
             w_hat, parts, loss, fit_loss, act_ordered = torch.empty_like(w_here), [], 0.0, 0.0, 0
             for r in range(0, len(w_here), ROWS_PER_SOLVE):
@@ -212,7 +212,7 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
                                                 "act_order": act_ordered / len(w_here)}
             if digests:  # Ŵ to the host only for --verify
                 entry["digest"] = host.submit(digest, w_hat.cpu().numpy())
-            new[hf_name] = m.arch.from_gguf(name, w_hat, m.hp)
+            new[hf_name] = m.from_gguf(name, w_hat)
         return new
 
     def on_done(index):

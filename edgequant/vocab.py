@@ -34,6 +34,8 @@ def add_vocab(writer: gguf.GGUFWriter, directory: Path, n_vocab: int) -> str:
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_scores(scores)
+        if not adds_dummy_prefix(directory):  # Gemma's: llama.cpp's SentencePiece tokenizer prefixes a space unless told
+            writer.add_add_space_prefix(False)
         kind, merges = "spm", False
     elif (directory / "tokenizer.json").is_file():
         tokens, types, pre = bpe_vocab(directory, n_vocab)
@@ -73,6 +75,16 @@ def sentencepiece_vocab(directory: Path, n_vocab: int) -> tuple[list[bytes], lis
             tokens[i], scores[i] = content.encode(), -1000.0
             types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
     return tokens, scores, types
+
+
+def adds_dummy_prefix(directory: Path) -> bool:
+    """Whether the SentencePiece model prefixes text with a space ("▁") before tokenizing (its normalizer's
+    add_dummy_prefix, seen in what it does: the proto needs protobuf)."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(directory / "tokenizer.model"))
+    return sp.EncodeAsPieces("a")[0].startswith("\u2581")
 
 
 def bpe_vocab(directory: Path, n_vocab: int) -> tuple[list[bytes], list[int], str]:

@@ -141,7 +141,7 @@ def gguf_weights(m: SourceModel, reader: gguf.GGUFReader) -> tuple[dict[str, tor
         w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
         src = m.load(name)
         errors[name] = float(np.linalg.norm(w - src) / max(float(np.linalg.norm(src)), np.finfo(np.float32).tiny))
-        weights[m.tensors[name].hf_name] = torch.from_numpy(np.ascontiguousarray(m.arch.from_gguf(name, w, m.hp)))
+        weights[m.tensors[name].hf_name] = torch.from_numpy(np.ascontiguousarray(m.from_gguf(name, w)))
     return weights, errors
 
 
@@ -151,7 +151,7 @@ def linear_roundings(m: SourceModel, reader: gguf.GGUFReader) -> dict[str, Round
     types = {t.name: t.tensor_type for t in reader.tensors}
     out = {t.hf_name: activation_rounding(types[n]) for n, t in m.tensors.items() if t.hf_name and n in types}
     if m.hp.tied_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        out[f"{m.arch.layout.head}.weight"] = out[f"{m.arch.layout.embed}.weight"]
     return out
 
 

@@ -55,14 +55,11 @@ def main() -> None:
 
     m = SourceModel(args.model)
     model = layerwise.skeleton(m, device)
-    embed = model.model.embed_tokens
-    embed.to_empty(device=device)
-    embed.weight.copy_(m.checkpoint.load("model.embed_tokens.weight"))
     ids = torch.randint(3, m.hp.n_vocab, (args.windows, args.seqlen), generator=torch.Generator().manual_seed(0))
-    kwargs = layerwise.layer_kwargs(model, ids.to(device))
-    inputs = embed(ids.to(device))
-    layer = model.model.layers[args.layer]
-    layerwise.materialize(layer, layerwise.load_weights(layer, f"model.layers.{args.layer}.", m), device)
+    kwargs = layerwise.layer_kwargs(model, ids.to(device), m.arch)
+    inputs = layerwise.embed(m, m.checkpoint.load(f"{m.arch.layout.embed}.weight").to(device), ids.to(device))
+    layer = model.get_submodule(m.arch.layout.layers)[args.layer]
+    layerwise.materialize(layer, layerwise.load_weights(layer, m.arch.layer_prefix(args.layer), m), device)
     batch = max(1, min(8, layerwise.TOKENS_PER_BATCH // args.seqlen))
     impls = {args.rev: layerwise_at(args.rev), "working tree": layerwise}
 
@@ -78,8 +75,9 @@ def main() -> None:
         seconds = {"calibration forward": 0.0, "solve": 0.0}
         sync()
         t0 = time.perf_counter()
-        impl.Passes(kwargs, batch, seconds, args.precision).layer(work, "", hidden, stand_in, 0, True, sequential,
-                                                                  asymmetric)
+        kw = kwargs[args.layer]  # revisions before the adapters own the model take one layer's dict
+        impl.Passes([kw] if hasattr(impl, "embed") else kw, batch, seconds, args.precision).layer(
+            work, "", hidden, stand_in, 0, True, sequential, asymmetric)
         sync()
         return time.perf_counter() - t0, hidden, sums
 

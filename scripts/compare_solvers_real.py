@@ -43,7 +43,7 @@ def main() -> int:
 
     def on_layer(_index, weights):
         for hf_name, (w, stats) in weights.items():
-            w = m.arch.to_gguf(hf_name, w.detach().float(), m.hp, m.tensor_names)[1].contiguous()
+            w = m.to_gguf(hf_name, w.detach().float()).contiguous()
             h = stats.hessian
             for name in args.types:
                 c = codec(name)

@@ -68,7 +68,7 @@ def main() -> int:
             name = names[hf_name]
             if name not in a or name not in b:
                 continue
-            w = torch.from_numpy(m.arch.to_gguf(hf_name, w.detach().float().numpy(), m.hp, m.tensor_names)[1])
+            w = torch.from_numpy(m.to_gguf(hf_name, w.detach().float().numpy()))
             s = stats.s.double()
             err = [float((((w - torch.from_numpy(x)).double() @ s) * (w - torch.from_numpy(x)).double()).sum()) for x in (a[name], b[name])]
             ref = float(((w.double() @ s) * w.double()).sum())

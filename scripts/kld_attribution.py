@@ -51,7 +51,7 @@ def hf_weights(path: Path, m: SourceModel) -> dict[str, torch.Tensor]:
         shape = [int(d) for d in reversed(t.shape)]
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
         rows = np.broadcast_to(np.arange(shape[0], dtype=np.float64)[:, None], shape).copy()
-        _, moved = m.arch.to_gguf(to_hf[t.name], rows, m.hp, m.tensor_names)
+        moved = m.to_gguf(to_hf[t.name], rows)
         order = moved[:, 0].astype(np.int64)
         if not (moved == moved[:, :1]).all() or sorted(order) != list(range(shape[0])):
             sys.exit(f"{t.name}: the converter's transform is not a row permutation; not supported here")

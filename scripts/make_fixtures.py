@@ -5,6 +5,10 @@ Everything is generated here, deterministically, so the fixtures carry no third-
     tests/fixtures/text/{train,eval}.txt   English-like text from a small probabilistic grammar (WikiText-like lines)
     tests/fixtures/tiny-llama/             LlamaForCausalLM + Llama-2-style SentencePiece BPE (byte fallback)
     tests/fixtures/tiny-qwen2/             Qwen2ForCausalLM + Qwen2-style byte-level BPE (tokenizers library)
+    tests/fixtures/tiny-phi3/              Phi3ForCausalLM (fused qkv/gate_up, partial LongRoPE) + Phi-3's
+                                           Llama-2-style SentencePiece with its added chat tokens
+    tests/fixtures/tiny-gemma2/            Gemma2ForCausalLM + Gemma-style SentencePiece (no dummy prefix)
+    tests/fixtures/tiny-gemma3/            Gemma3ForCausalLM (text) + the same tokenizer
 
 The two models deliberately differ where converters tend to break:
 
@@ -18,10 +22,25 @@ The two models deliberately differ where converters tend to break:
     | tokenizer             | SentencePiece BPE, BOS added     | byte-level BPE, no BOS, ChatML      |
     | RoPE theta            | 500000, classic top-level key    | 1e6, in `rope_parameters` (HF v5)   |
 
+tiny-phi3 has Phi-3's config shape where converters break: fused qkv_proj (q 256 + k/v 2 x 128 rows: GQA as Phi-3-medium
+and Phi-4-mini) and gate_up_proj (2 x 512 rows), Phi-4-mini's partial rotary (3/4 of each head) with Phi-3-128k's
+LongRoPE (short/long factor lists, 8192 positions over an original 2048), a sliding window, no BOS added, and the
+chat tokens after the SentencePiece vocabulary with the embedding padded past them (as Phi-3's 32064).
+
+tiny-gemma2 and tiny-gemma3 have their families' layer structure (norms before and after attention and the FFN,
+GELU-tanh, embeddings scaled by sqrt(hidden) and tied, head_dim given in the config) with a 32-token sliding
+window, so that a 128-token test window crosses it: Gemma 2 alternates sliding and global layers and soft-caps
+attention scores and final logits (at 10 and 15 rather than 50 and 30, so that the caps bite in a tiny model);
+Gemma 3 has six layers (five sliding, one global, its local layers on their own rope base), QK-norm, hidden 288,
+not a multiple of 256 (as Gemma-3-1B's 1152: 32-wide fallback types), and q 128 wide (2 heads of 64).  Their
+SentencePiece follows Gemma's: no dummy prefix, <pad>/<eos>/<bos>/<unk> as ids 0-3, the chat turn markers as
+user-defined pieces.
+
 Each model is trained for a few hundred AdamW steps on 128-token windows of train.txt (CPU, single thread, fixed
 seeds), saved in bf16, and its train/eval loss written to TRAINING.txt. Run from the repository root:
 
     python scripts/make_fixtures.py            # about two CPU-minutes (training runs on one thread)
+    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, gemma2, gemma3)
 """
 
 from __future__ import annotations
@@ -56,6 +75,13 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaTokenizer,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -88,6 +114,17 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 
@@ -313,22 +350,76 @@ def write_texts() -> tuple[Path, Path]:
 # Tokenizers
 # --------------------------------------------------------------------------------------------------------------------
 
+def train_sentencepiece(train: Path, out: Path, vocab_size: int, **settings) -> None:
+    """SentencePiece BPE with Llama-2's trainer settings (also Phi-3's tokenizer), changed by `settings`,
+    -> out/tokenizer.model."""
+    prefix = out / "sp"
+    spm.SentencePieceTrainer.train(**{
+        **dict(input=str(train), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
+               byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
+               remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.9995,
+               unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
+               max_sentence_length=16384, num_threads=1, minloglevel=2),
+        **settings})
+    (out / "sp.vocab").unlink()
+    (out / "sp.model").rename(out / "tokenizer.model")
+
+
+def make_phi3_tokenizer(train: Path, out: Path):
+    """Phi-3's tokenizer: Llama-2's SentencePiece, its chat tokens added after the vocabulary (<|endoftext|> first,
+    the end-of-text and padding token), no BOS added (tokenizer_config.json as Phi-3-mini's)."""
+    train_sentencepiece(train, out, 480)
+    tok = LlamaTokenizer.from_pretrained(out, add_bos_token=False, add_eos_token=False, legacy=False,
+                                         model_max_length=8192, chat_template=PHI3_CHAT_TEMPLATE)
+    tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                            "additional_special_tokens": ["<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]})
+    tok.save_pretrained(out, save_jinja_files=False)
+
+    def phi3(cfg: dict) -> None:
+        """Phi-3-mini's tokenizer_config.json: every added token listed (converters read them from here)."""
+        cfg.update(add_bos_token=False, add_eos_token=False, tokenizer_class="LlamaTokenizer")
+        cfg["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(tok.added_tokens_decoder.items())}
+        cfg.pop("is_local", None)
+        cfg.pop("local_files_only", None)
+
+    rewrite_json(out / "tokenizer_config.json", phi3)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def make_gemma_tokenizer(train: Path, out: Path):
+    """Gemma's SentencePiece layout: no dummy prefix, <pad> <eos> <bos> <unk> as ids 0-3, the chat turn markers as
+    user-defined pieces; BOS added; tokenizer_config.json lists the added tokens (as Gemma's does)."""
+    train_sentencepiece(train, out, 512, add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+                        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+    tok = GemmaTokenizer.from_pretrained(out, add_bos_token=True, add_eos_token=False, model_max_length=8192,
+                                         chat_template=GEMMA_CHAT_TEMPLATE,
+                                         additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.save_pretrained(out, save_jinja_files=False)
+
+    def gemma(cfg: dict) -> None:
+        cfg.update(add_bos_token=True, add_eos_token=False, tokenizer_class="GemmaTokenizer")
+        cfg["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(tok.added_tokens_decoder.items())}
+        cfg.pop("is_local", None)
+        cfg.pop("local_files_only", None)
+
+    rewrite_json(out / "tokenizer_config.json", gemma)
+    return AutoTokenizer.from_pretrained(out)
+
+
 def make_llama_tokenizer(train: Path, out: Path):
     """SentencePiece BPE with Llama-2's trainer settings; tokenizer.json converted from it by transformers.
 
     Note: transformers' conversion uses a Metaspace pre-tokenizer that skips the dummy prefix when a text already
     starts with a space, so for such lines tokenizer.json gives one "▁" fewer than tokenizer.model (as in bench-a).
     """
-    prefix = out / "sp"
-    spm.SentencePieceTrainer.train(
-        input=str(train), model_prefix=str(prefix), model_type="bpe", vocab_size=512,
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.9995,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
-        max_sentence_length=16384, num_threads=1, minloglevel=2,
-    )
-    (out / "sp.vocab").unlink()
-    (out / "sp.model").rename(out / "tokenizer.model")
+    train_sentencepiece(train, out, 512)
     tok = LlamaTokenizer.from_pretrained(out, add_bos_token=True, add_eos_token=False, model_max_length=2048,
                                          chat_template=LLAMA_CHAT_TEMPLATE)
     tok.save_pretrained(out, save_jinja_files=False)  # chat template inside tokenizer_config.json
@@ -489,6 +580,90 @@ def make_llama(train_path: Path, eval_path: Path) -> None:
     rewrite_json(out / "config.json", classic)
 
 
+def make_phi3(train_path: Path, eval_path: Path) -> None:
+    out = fresh_dir(FIXTURES / "tiny-phi3")
+    tok = make_phi3_tokenizer(train_path, out)
+    torch.manual_seed(3)
+    head_dim, partial = 64, 0.75
+    n_factors = int(head_dim * partial) // 2
+    # LongRoPE's searched factors: short ones near 1, long ones growing towards the low frequencies
+    short = [round(1.0 + 0.05 * i / n_factors, 4) for i in range(n_factors)]
+    long = [round(1.0 + 15.0 * (i / (n_factors - 1)) ** 2, 4) for i in range(n_factors)]
+    config = Phi3Config(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, original_max_position_embeddings=2048,
+        rms_norm_eps=1e-5, sliding_window=2047, tie_word_embeddings=False, partial_rotary_factor=partial,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
+                         "original_max_position_embeddings": 2048, "partial_rotary_factor": partial},
+        bos_token_id=1, eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    train_and_save("phi3", Phi3ForCausalLM(config), tok, out, train_path, eval_path, bos=None, seed=33)
+
+    def classic(cfg: dict) -> None:
+        """Phi-3-128k's published layout: rope_theta, partial_rotary_factor and original_max_position_embeddings at
+        the top level, rope_scaling {type, long_factor, short_factor}."""
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg["rope_scaling"] = {"type": rope["rope_type"], "long_factor": rope["long_factor"],
+                               "short_factor": rope["short_factor"]}
+        cfg["torch_dtype"] = cfg.pop("dtype")
+
+    rewrite_json(out / "config.json", classic)
+
+
+GEMMA_SHAPE = dict(vocab_size=512, max_position_embeddings=8192, rms_norm_eps=1e-6, sliding_window=32,
+                   hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+                   bos_token_id=2)
+
+
+def make_gemma2(train_path: Path, eval_path: Path) -> None:
+    out = fresh_dir(FIXTURES / "tiny-gemma2")
+    tok = make_gemma_tokenizer(train_path, out)
+    torch.manual_seed(4)
+    config = Gemma2Config(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, query_pre_attn_scalar=64, rope_theta=10000.0, attn_logit_softcapping=10.0,
+        final_logit_softcapping=15.0, **GEMMA_SHAPE)
+    config._attn_implementation = "eager"  # transformers' Gemma 2 default: SDPA cannot soft-cap
+    train_and_save("gemma2", Gemma2ForCausalLM(config), tok, out, train_path, eval_path, bos=2, seed=44)
+
+    def classic(cfg: dict) -> None:
+        """Gemma-2's published layout: rope_theta at the top level, no layer_types."""
+        cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+        cfg.pop("layer_types", None)
+        cfg["torch_dtype"] = cfg.pop("dtype")
+
+    rewrite_json(out / "config.json", classic)
+
+
+def make_gemma3(train_path: Path, eval_path: Path) -> None:
+    out = fresh_dir(FIXTURES / "tiny-gemma3")
+    tok = make_gemma_tokenizer(train_path, out)
+    torch.manual_seed(5)
+    config = Gemma3TextConfig(
+        hidden_size=288, intermediate_size=256, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=64, query_pre_attn_scalar=64, sliding_window_pattern=6, final_logit_softcapping=None,
+        attn_logit_softcapping=None, rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        **GEMMA_SHAPE)
+    config.architectures = ["Gemma3ForCausalLM"]
+    train_and_save("gemma3", Gemma3ForCausalLM(config), tok, out, train_path, eval_path, bos=2, seed=55)
+
+    def classic(cfg: dict) -> None:
+        """Gemma-3-1B's published layout: rope_theta and rope_local_base_freq, sliding_window_pattern."""
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope["full_attention"]["rope_theta"]
+        cfg["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        cfg["rope_scaling"] = None
+        cfg["sliding_window_pattern"] = 6
+        cfg.pop("layer_types", None)
+        cfg["torch_dtype"] = cfg.pop("dtype")
+
+    rewrite_json(out / "config.json", classic)
+
+
 def make_qwen2(train_path: Path, eval_path: Path) -> None:
     out = fresh_dir(FIXTURES / "tiny-qwen2")
     tok = make_qwen2_tokenizer(train_path, out)
@@ -503,15 +678,23 @@ def make_qwen2(train_path: Path, eval_path: Path) -> None:
     rewrite_json(out / "config.json", lambda cfg: None)  # only normalises key order/indentation
 
 
+MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "phi3": make_phi3, "gemma2": make_gemma2, "gemma3": make_gemma3}
+
+
 def main() -> None:
+    import sys
+
+    names = sys.argv[1:] or list(MAKERS)
+    unknown = [n for n in names if n not in MAKERS]
+    if unknown:
+        sys.exit(f"unknown fixture {unknown[0]!r}; choose from {', '.join(MAKERS)}")
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     started = time.time()
     train_path, eval_path = write_texts()
-    make_llama(train_path, eval_path)
-    print(f"tiny-llama done after {time.time() - started:.0f} s")
-    make_qwen2(train_path, eval_path)
-    print(f"tiny-qwen2 done after {time.time() - started:.0f} s")
+    for name in names:
+        MAKERS[name](train_path, eval_path)
+        print(f"tiny-{name} done after {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ def main() -> None:
 
     config = synthetic_config()
     model = layerwise.skeleton_of(config, device)
-    model.model.embed_tokens.to_empty(device=device)
     layer = model.model.layers[0]
     layer.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
@@ -70,7 +69,7 @@ def main() -> None:
         for name, p in layer.named_parameters():
             p.copy_(torch.randn(p.shape, device=device, generator=g) * 0.02 if p.dim() == 2 else torch.ones_like(p))
     ids = torch.zeros(1, args.seqlen, dtype=torch.long, device=device)
-    kwargs = layerwise.layer_kwargs(model, ids)
+    kwargs = layerwise.layer_kwargs(model, ids)[0]
     batch = max(1, min(8, layerwise.TOKENS_PER_BATCH // args.seqlen))
     gram_rows = layerwise.GRAM_ROWS
 
@@ -95,7 +94,7 @@ def main() -> None:
         def one(hidden):
             seconds.clear()
             seconds.update({"calibration forward": 0.0, "solve": 0.0})
-            passes = layerwise.Passes(kwargs, batch, seconds, mode)
+            passes = layerwise.Passes([kwargs], batch, seconds, mode)
             sync()
             t0 = time.perf_counter()
             with torch.no_grad():

@@ -31,6 +31,27 @@ def tiny_qwen2() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_phi3() -> Path:
+    """Phi3ForCausalLM: fused qkv_proj/gate_up_proj, GQA, partial rotary with LongRoPE, Phi-3's SentencePiece tokenizer
+    with its chat tokens, no BOS, untied, classic config layout."""
+    return FIXTURES / "tiny-phi3"
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2() -> Path:
+    """Gemma2ForCausalLM: pre/post norms, soft-capped attention and logits, alternating 32-token sliding window,
+    scaled tied embeddings; Gemma's SentencePiece (no dummy prefix)."""
+    return FIXTURES / "tiny-gemma2"
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3() -> Path:
+    """Gemma3ForCausalLM: six layers (five sliding, one global on its own rope base), QK-norm, hidden 288; Gemma's
+    SentencePiece."""
+    return FIXTURES / "tiny-gemma3"
+
+
+@pytest.fixture(scope="session")
 def odd_llama(tmp_path_factory, tiny_llama):
     """tiny-llama's tokenizer on a random one-layer model of three row lengths: 288 (32-blocks), 256 (attn_output:
     2 heads of 128) and 1000 (ffn_down: F16 only); 1000-row tensors in 18-byte blocks are no multiple of the GGUF

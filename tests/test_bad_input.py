@@ -295,3 +295,21 @@ def test_not_enough_disk_space(capsys, tmp_path, tiny_llama, monkeypatch):
 def test_report_not_writable(capsys, tmp_path, tiny_llama):
     """Refused before the build starts: no output file either."""
     expect_error(capsys, build_argv(tiny_llama, tmp_path) + ["--report", "/proc/r.html"], "/proc")
+
+
+@pytest.mark.parametrize("model,edit,fragment", [
+    # llama.cpp scales Gemma's queries by 1/sqrt(head_dim) whatever query_pre_attn_scalar says
+    ("tiny_gemma2", {"query_pre_attn_scalar": 100}, "query_pre_attn_scalar 100"),
+    ("tiny_gemma2", {"attn_logit_softcapping": None}, "soft-capping"),
+    ("tiny_gemma3", {"attn_logit_softcapping": 50.0}, "soft-capping"),
+    ("tiny_phi3", {"rope_scaling": {"type": "dynamic", "long_factor": [1.0] * 24, "short_factor": [1.0] * 24}},
+     "'dynamic' is not supported"),
+    ("tiny_phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 3, "short_factor": [1.0] * 3}},
+     "24 values"),
+])
+def test_configs_llama_cpp_would_run_differently(capsys, tmp_path, request, model, edit, fragment):
+    """Refused before any work, not after a GPTQ solve."""
+    d = copy_model(request.getfixturevalue(model), tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, **edit}))
+    expect_error(capsys, build_argv(d, tmp_path, "Q4_K_M"), fragment)

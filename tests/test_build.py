@@ -45,7 +45,7 @@ def test_float_targets_store_the_checkpoint(tiny_llama, tmp_path, target, dtype)
     assert len(reader.tensors) == len(hf)
     for t in reader.tensors:
         got = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-        got = m.arch.from_gguf(t.name, got, m.hp)
+        got = m.from_gguf(t.name, got)
         src = hf[m.tensors[t.name].hf_name].float()
         if got.ndim == 1:
             assert t.tensor_type == Q.F32

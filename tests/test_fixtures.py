@@ -47,7 +47,8 @@ def unigram_entropy(ids: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-@pytest.mark.parametrize("name,bos", [("tiny_llama", 1), ("tiny_qwen2", None)])
+@pytest.mark.parametrize("name,bos", [("tiny_llama", 1), ("tiny_qwen2", None), ("tiny_phi3", None),
+                                           ("tiny_gemma2", 2), ("tiny_gemma3", 2)])
 def test_model_is_trained_and_matches_its_record(name, bos, request, fixture_text):
     model_dir = request.getfixturevalue(name)
     model, tok = load(model_dir)
@@ -135,3 +136,52 @@ def test_texts_have_the_line_shapes_tokenizer_tests_need(fixture_text):
     assert any(line and not line[0].isspace() for line in lines)
     text = "\n".join(lines)
     assert all(s in text for s in ("café", "naïve", "—", "'s")) and any(c.isdigit() for c in text)
+
+
+def test_phi3_shapes(tiny_phi3):
+    """Phi-3's published config layout and fused tensors; the tokenizer's chat tokens after the SentencePiece pieces."""
+    raw = json.loads((tiny_phi3 / "config.json").read_text())
+    assert raw["rope_scaling"]["type"] == "longrope" and "rope_parameters" not in raw  # as Phi-3-128k ships it
+    assert raw["max_position_embeddings"] > raw["original_max_position_embeddings"]
+    model, tok = load(tiny_phi3)
+    cfg = model.config
+    assert cfg.model_type == "phi3" and cfg.num_key_value_heads < cfg.num_attention_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    rotated = int(head_dim * cfg.partial_rotary_factor)
+    assert rotated < head_dim and len(raw["rope_scaling"]["long_factor"]) == rotated // 2
+    shapes = tensor_shapes(tiny_phi3)
+    q_rows, kv_rows = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == (q_rows + 2 * kv_rows, cfg.hidden_size)
+    assert shapes["model.layers.0.mlp.gate_up_proj.weight"] == (2 * cfg.intermediate_size, cfg.hidden_size)
+    assert "lm_head.weight" in shapes and not any(n.endswith(".bias") for n in shapes)
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_phi3 / "tokenizer.model"))
+    chat = tok.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"])
+    assert chat == list(range(sp.vocab_size(), sp.vocab_size() + 5)) and len(tok) < cfg.vocab_size
+    assert tok("x")["input_ids"][0] != sp.bos_id() and tok.eos_token == "<|endoftext|>"  # no BOS added
+
+
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])
+def test_gemma_shapes(name, request):
+    """Gemma's layer structure and published config layout; a sliding window a test window crosses, with sliding and
+    global layers; Gemma's SentencePiece (no dummy prefix, specials at 0-3, BOS added)."""
+    model_dir = request.getfixturevalue(name)
+    raw = json.loads((model_dir / "config.json").read_text())
+    assert "rope_theta" in raw and "rope_parameters" not in raw and "layer_types" not in raw
+    model, tok = load(model_dir)
+    cfg = model.config
+    assert cfg.sliding_window < WINDOW
+    assert {"sliding_attention", "full_attention"} == set(cfg.layer_types)
+    assert "head_dim" in raw and cfg.query_pre_attn_scalar == cfg.head_dim
+    shapes = tensor_shapes(model_dir)
+    assert "lm_head.weight" not in shapes and model.lm_head.weight is model.model.embed_tokens.weight
+    norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    assert all(f"model.layers.0.{n}.weight" in shapes for n in norms)
+    assert (f"model.layers.0.self_attn.q_norm.weight" in shapes) == (cfg.model_type == "gemma3_text")
+    if cfg.model_type == "gemma2":
+        assert cfg.attn_logit_softcapping and cfg.final_logit_softcapping
+    else:
+        assert raw["rope_local_base_freq"] != raw["rope_theta"] and cfg.hidden_size % 256 != 0
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    assert [sp.IdToPiece(i) for i in range(4)] == ["<pad>", "<eos>", "<bos>", "<unk>"]
+    assert not sp.EncodeAsPieces("a")[0].startswith("\u2581")  # no dummy prefix
+    assert tok("x")["input_ids"][0] == sp.bos_id() == 2

@@ -199,7 +199,6 @@ def test_reduced_precision_calibration_stays_close_to_fp32(tiny_llama, precision
 
 MATERIALIZE = layerwise.materialize
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SEQUENTIAL_GROUPS = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
 
 def trace(model_dir, monkeypatch, budget, shrink=0.9, **options):
@@ -236,7 +235,10 @@ def spec(model_dir, sequential, asymmetric, shrink=0.9):
 
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    except ValueError:  # a model SDPA cannot compute (Gemma 2's soft-capping): transformers' own default
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     untouched = copy.deepcopy(model)
     ids = token_ids()
 
@@ -251,12 +253,12 @@ def spec(model_dir, sequential, asymmetric, shrink=0.9):
         return {n: x.reshape(-1, x.shape[-1]) for n, x in got.items()}
 
     sums = {}
-    groups = SEQUENTIAL_GROUPS if sequential else [list(LINEARS)]
-    names = {n.rpartition(".")[2]: n for n, mod in model.model.layers[0].named_modules()
-             if isinstance(mod, torch.nn.Linear)}
+    m = SourceModel(str(model_dir))  # the adapter's input groups are what --sequential means
+    linears = [n for n, mod in model.model.layers[0].named_modules() if isinstance(mod, torch.nn.Linear)]
+    groups = [list(g) for g in m.arch.input_groups] if sequential else [linears]
     for i in range(len(model.model.layers)):
         for group in groups:
-            modules = [f"model.layers.{i}.{names[g]}" for g in group]
+            modules = [f"model.layers.{i}.{g}" for g in group]
             x, x_fp = inputs(model, modules), inputs(untouched, modules)
             for n in modules:
                 sums[n + ".weight"] = (x[n].T @ x[n], x_fp[n].T @ x[n] if asymmetric else None, len(x[n]))
@@ -295,7 +297,7 @@ def assert_close_sums(got, want):
 BIG = 1 << 40
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_phi3", "tiny_gemma2", "tiny_gemma3"])
 @pytest.mark.parametrize("sequential, asymmetric", [(False, False), (False, True), (True, False), (True, True)])
 def test_passes_collect_what_transformers_computes(model, sequential, asymmetric, monkeypatch, request):
     """Every Stats and every layer output against transformers' own forward of the model as it is changed, with
@@ -360,3 +362,18 @@ def test_a_module_that_does_more_after_its_last_linear_is_recomputed(tiny_llama,
     for got, want in zip(hidden, want_hidden, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert windows["gate_proj"] == 2 * (1 + 3 * 3) and windows["o_proj"] == 2 * (1 + 3 * 2), windows
+
+
+def test_sequential_groups_are_the_adapters_and_checked_against_the_forward(tiny_phi3, tiny_llama):
+    """Phi-3's fused projections are one group each (one Hessian per fused matrix); an adapter that is wrong about
+    which linears share an input is refused rather than solving linears on inputs they never see."""
+    import dataclasses
+
+    calls, _ = collect(tiny_phi3, sequential=True)
+    assert calls[:4] == [(0, ["qkv_proj"]), (0, ["o_proj"]), (0, ["gate_up_proj"]), (0, ["down_proj"])]
+    m = SourceModel(str(tiny_llama))
+    m.arch = dataclasses.replace(m.arch, input_groups=(("self_attn.q_proj",), ("self_attn.k_proj", "self_attn.v_proj"),
+                                                       ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
+                                                       ("mlp.down_proj",)))
+    with pytest.raises(RuntimeError, match="input groups"):
+        layerwise.run(m, token_ids(), lambda i, w: {}, torch.device("cpu"), batch=2, sequential=True)

@@ -1,9 +1,22 @@
-"""What every architecture adapter is made of (Arch, Hparams, the rotary permutation), and the registry the
-adapters add themselves to by HF class name."""
+"""What every architecture adapter is made of, and the registry the adapters add themselves to by HF class name.
+
+An adapter (Arch) owns what the rest of edgequant must not guess about a model family:
+  * where the parts are in transformers' module tree, which is also the checkpoint's naming (Layout): the decoder
+    layers, the embeddings, the final norm, the head, the rotary embeddings;
+  * the GGUF name of each checkpoint tensor (gguf-py's TensorNameMap for the GGUF architecture) and, apart from it,
+    the data transform llama.cpp wants (Transform: the LLaMA rotary row permutation, Gemma's norm offset, ...);
+  * which linears of a decoder layer read the same input, in forward order (`--sequential` solves them group by
+    group, and one Hessian serves each group);
+  * the architecture's own GGUF metadata and the tensors llama.cpp needs that the checkpoint does not store;
+  * what the calibration forward pass needs beyond transformers' decoder layers (the embedding scale).
+So a new dense architecture is one small declarative file.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import math
+from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
@@ -26,14 +39,87 @@ class Hparams:
     rope_scaling: dict  # {} or the HF rope-scaling dict ("rope_type", "factor", ...)
     tied_embeddings: bool
     explicit_head_dim: bool  # config sets head_dim (llama.cpp then reads key/value lengths from the GGUF)
+    rope_dim: int  # rotated dimensions per head (partial_rotary_factor · head_dim)
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # config.json as read (for adapters)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the parts of a causal LM are, as module paths of transformers' model (the checkpoint's names are these
+    plus ".weight")."""
+
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    norm: str = "model.norm"
+    head: str = "lm_head"
+    rotary: tuple[str, ...] = ("model.rotary_emb",)  # computed at init from the config, never loaded
+
+
+class Transform:
+    """A checkpoint tensor -> the array llama.cpp expects, and back.  Works on numpy arrays and torch tensors."""
+
+    def to_gguf(self, w, hp: Hparams):
+        return w
+
+    def from_gguf(self, w, hp: Hparams):
+        return w
+
+
+IDENTITY = Transform()
+
+
+@dataclass(frozen=True)
+class RotaryPermute(Transform):
+    """HF LLaMA stores each head's rotary halves [x0..x(d/2-1), y0..]; llama.cpp's LLaMA rope rotates interleaved
+    pairs [x0, y0, x1, y1, ...]."""
+
+    heads: str  # "n_head" (Q) or "n_head_kv" (K)
+
+    def to_gguf(self, w, hp):
+        return permute_rotary(w, getattr(hp, self.heads))
+
+    def from_gguf(self, w, hp):
+        return unpermute_rotary(w, getattr(hp, self.heads))
+
+
+@dataclass(frozen=True)
+class Offset(Transform):
+    """Norms that compute x·(offset + w) (Gemma's): llama.cpp multiplies by the stored weight, so it stores w + offset."""
+
+    offset: float
+
+    def to_gguf(self, w, hp):
+        return w + self.offset
+
+    def from_gguf(self, w, hp):
+        return w - self.offset
+
+
+def permute_rotary(w, n_head: int):
+    """Per head, rows [x0..x(d/2-1), y0..] (HF's rotate_half layout) -> [x0, y0, x1, y1, ...] (llama.cpp's)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rotary(w, n_head: int):
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# A decoder layer's linears by the input they read, in forward order (the LLaMA family's).
+LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
 @dataclass(frozen=True)
 class Arch:
     hf_classes: tuple[str, ...]
     gguf_arch: gguf.MODEL_ARCH
-    permute_qk: bool  # HF LLaMA stores rotary halves; llama.cpp's LLaMA rope wants interleaved pairs
-    write_vocab_size: bool = False  # llama.cpp's LLaMA loader reads <arch>.vocab_size
+    layout: Layout = Layout()
+    # (glob on the checkpoint name, Transform): the first match applies, else the tensor is stored as it is
+    transforms: tuple[tuple[str, Transform], ...] = ()
+    input_groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS
+    skip: tuple[str, ...] = ("*rotary_emb.inv_freq",)  # checkpoint tensors llama.cpp does not use (globs)
+    embed_scale: bool = False  # the model multiplies the embeddings by sqrt(hidden size) before layer 0 (Gemma)
+    attention: str = "sdpa"  # "eager" where SDPA cannot compute what the model does (Gemma 2's soft-capping)
 
     @property
     def name(self) -> str:
@@ -42,38 +128,57 @@ class Arch:
     def hparams(self, config: dict) -> Hparams:
         return read_hparams(config)
 
+    # --- tensors -----------------------------------------------------------------------------------------------
+
     def tensor_map(self, n_layers: int) -> gguf.TensorNameMap:
         return gguf.get_tensor_name_map(self.gguf_arch, n_layers)
 
-    def to_gguf(self, hf_name: str, tensor: np.ndarray, hp: Hparams, names: gguf.TensorNameMap) -> tuple[str, np.ndarray] | None:
-        """HF tensor -> (GGUF name, array as llama.cpp expects it), or None for tensors llama.cpp does not use."""
-        if hf_name.endswith("rotary_emb.inv_freq") or (hp.tied_embeddings and hf_name == "lm_head.weight"):
-            return None
+    def skips(self, hf_name: str, hp: Hparams) -> bool:
+        """Checkpoint tensors llama.cpp does not use: the skip globs, and the head when it is the embeddings."""
+        if hp.tied_embeddings and hf_name == f"{self.layout.head}.weight":
+            return True
+        return any(fnmatch.fnmatchcase(hf_name, p) for p in self.skip)
+
+    def gguf_name(self, hf_name: str, names: gguf.TensorNameMap) -> str:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"tensor {hf_name} has no GGUF name for architecture {self.name}")
-        if self.permute_qk and tensor.size and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            tensor = permute_rotary(tensor, hp.n_head if "q_proj" in hf_name else hp.n_head_kv)
-        return name, tensor
+        return name
+
+    def transform(self, hf_name: str) -> Transform:
+        return next((t for pattern, t in self.transforms if fnmatch.fnmatchcase(hf_name, pattern)), IDENTITY)
+
+    def check(self, hp: Hparams) -> None:
+        """UserError for a config llama.cpp would run differently from transformers (before any work is done)."""
 
     def extra_tensors(self, hp: Hparams) -> list[tuple[str, np.ndarray]]:
-        """Tensors llama.cpp needs that the checkpoint does not store (e.g. rope_freqs)."""
+        """Tensors llama.cpp needs that the checkpoint does not store (rope_freqs, LongRoPE factors)."""
         return []
 
-    def from_gguf(self, gguf_name: str, tensor: np.ndarray, hp: Hparams) -> np.ndarray:
-        """Undo `to_gguf`'s layout change for one tensor (used to load GGUF weights back into the HF model)."""
-        if self.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-            return unpermute_rotary(tensor, hp.n_head if "attn_q" in gguf_name else hp.n_head_kv)
-        return tensor
+    # --- metadata ----------------------------------------------------------------------------------------------
 
+    def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
+        """Keys this architecture's llama.cpp loader reads beyond the common ones (edgequant.metadata)."""
 
-def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Per head, rows [x0..x(d/2-1), y0..] (HF's rotate_half layout) -> [x0, y0, x1, y1, ...] (llama.cpp's)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    # --- the model's structure ---------------------------------------------------------------------------------
 
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.layout.layers}.{i}."
 
-def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    def head_weight(self, hp: Hparams) -> str:
+        """The checkpoint tensor the output head multiplies with: the embeddings when they are tied."""
+        return f"{self.layout.embed if hp.tied_embeddings else self.layout.head}.weight"
+
+    def embedding_scale(self, hp: Hparams) -> float:
+        return math.sqrt(hp.n_embd) if self.embed_scale else 1.0
+
+    def buffers(self, hp: Hparams) -> dict[str, float]:
+        """Scalar buffers the model computes at init, by module path (built on the meta device, they are set after)."""
+        return {}
+
+    def logit_softcap(self, hp: Hparams) -> float | None:
+        """The model's final logits are cap·tanh(logits/cap) (Gemma's final soft-capping), or None."""
+        return None
 
 
 def read_hparams(c: dict) -> Hparams:
@@ -82,15 +187,17 @@ def read_hparams(c: dict) -> Hparams:
         n_head = c["num_attention_heads"]
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
+        partial = rope.pop("partial_rotary_factor", None) or c.get("partial_rotary_factor") or 1.0
         if rope.get("rope_type", rope.get("type", "default")) == "default":
             rope = {}
+        head_dim = c.get("head_dim") or c["hidden_size"] // n_head
         return Hparams(
             n_layers=c["num_hidden_layers"],
             n_embd=c["hidden_size"],
             n_ff=c["intermediate_size"],
             n_head=n_head,
             n_head_kv=c.get("num_key_value_heads") or n_head,
-            head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+            head_dim=head_dim,
             n_vocab=c["vocab_size"],
             n_ctx=c.get("max_position_embeddings", 2048),
             rms_eps=c.get("rms_norm_eps", 1e-6),
@@ -98,6 +205,8 @@ def read_hparams(c: dict) -> Hparams:
             rope_scaling=rope,
             tied_embeddings=bool(c.get("tie_word_embeddings", False)),
             explicit_head_dim="head_dim" in c,
+            rope_dim=int(partial * head_dim),
+            config=c,
         )
     except KeyError as e:
         raise UserError(f"config.json lacks {e.args[0]!r}, which llama.cpp needs") from None

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from .base import Arch, Hparams, register
+from .base import Arch, Hparams, RotaryPermute, register
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,10 @@ class LlamaArch(Arch):
         if hp.rope_scaling.get("rope_type", hp.rope_scaling.get("type")) != "llama3":
             return []
         return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(hp))]
+
+    def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
+        w.add_vocab_size(hp.n_vocab)  # llama.cpp's LLaMA loader reads <arch>.vocab_size
+        w.add_rope_dimension_count(hp.head_dim)
 
 
 def llama3_rope_factors(hp: Hparams) -> np.ndarray:
@@ -31,4 +35,9 @@ def llama3_rope_factors(hp: Hparams) -> np.ndarray:
     return out.astype(np.float32)
 
 
-LLAMA = register(LlamaArch(hf_classes=("LlamaForCausalLM",), gguf_arch=gguf.MODEL_ARCH.LLAMA, permute_qk=True, write_vocab_size=True))
+# HF stores rotary halves per head; llama.cpp's LLaMA rope wants interleaved pairs
+LLAMA = register(LlamaArch(
+    hf_classes=("LlamaForCausalLM",), gguf_arch=gguf.MODEL_ARCH.LLAMA,
+    transforms=(("*.self_attn.q_proj.weight", RotaryPermute("n_head")),
+                ("*.self_attn.k_proj.weight", RotaryPermute("n_head_kv"))),
+))

@@ -4,4 +4,4 @@ import gguf
 
 from .base import Arch, register
 
-QWEN2 = register(Arch(hf_classes=("Qwen2ForCausalLM",), gguf_arch=gguf.MODEL_ARCH.QWEN2, permute_qk=False))
+QWEN2 = register(Arch(hf_classes=("Qwen2ForCausalLM",), gguf_arch=gguf.MODEL_ARCH.QWEN2))

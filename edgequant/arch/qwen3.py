@@ -4,4 +4,4 @@ import gguf
 
 from .base import Arch, register
 
-QWEN3 = register(Arch(hf_classes=("Qwen3ForCausalLM",), gguf_arch=gguf.MODEL_ARCH.QWEN3, permute_qk=False))
+QWEN3 = register(Arch(hf_classes=("Qwen3ForCausalLM",), gguf_arch=gguf.MODEL_ARCH.QWEN3))
