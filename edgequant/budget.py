@@ -60,6 +60,7 @@ class BudgetSpec:
 class Budget:
     total_bytes: int  # the whole file may take at most this many bytes
     what: str  # what the user asked for, for messages: "--size 6GB"
+    ftype: str | None = None  # --target auto:FTYPE's FTYPE
 
 
 def parse_size(text: str) -> int:
@@ -148,4 +149,4 @@ def budget_bytes(spec: BudgetSpec, layout: GGUFLayout, plan: list[TensorPlan],
     if total > f16:
         raise UserError(f"{spec}: {describe(total)} is more than the F16 file, {describe(f16)}; "
                         f"build that with --target F16 (or F32)")
-    return Budget(total, str(spec))
+    return Budget(total, str(spec), spec.ftype)

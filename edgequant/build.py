@@ -61,13 +61,14 @@ class BuildResult:
 def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibOptions | None = None,
           encoder: Encoder | None = None, verify: bool = False, quiet: bool = False,
           work_dir: Path | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-          budget: BudgetSpec | None = None) -> BuildResult:
+          budget: BudgetSpec | None = None, speed_floor: float = 0.95) -> BuildResult:
     """`encoder` overrides `method` (tests use it to inject failures).  `verify`: re-read the written file and check
     that gguf-py dequantizes every GPTQ tensor to exactly the weights the solver produced.  `work_dir` (default
     OUT.work next to the output) keeps GPTQ's finished layers: a killed build run again resumes from them, and
     writes the same bytes; it is removed once the GGUF is written.  `allow_pickle`, `trust_remote_code`: see
     edgequant.checkpoint.  `budget` (edgequant.budget.budget_request): the file's size, within which the tensors'
-    types are chosen; `target`'s recipe is then only the plan the allocation starts from."""
+    types are chosen; `target`'s recipe is then only the plan the allocation starts from.  `speed_floor`: with a
+    budget, the least predicted speed in llama.cpp against the recipe of that size (edgequant.allocate; 0: none)."""
     with Progress(quiet) as progress:
         t0 = time.perf_counter()
         loading = progress.add_task(f"loading {model}", total=None)
@@ -109,7 +110,7 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             # allocate
             if allowed is not None:
                 t0 = time.perf_counter()
-                plan, allocation = allocate_types(m, plan, allowed, layout, calib, windows, progress)
+                plan, allocation = allocate_types(m, plan, allowed, layout, calib, windows, progress, speed_floor)
                 result.plan, result.seconds["allocation"] = plan, time.perf_counter() - t0
             # solve
             if encoder is not None:
@@ -156,12 +157,13 @@ def calibration_windows(m: SourceModel, calib: CalibOptions, work: WorkDir | Non
 
 
 def allocate_types(m: SourceModel, plan: list[TensorPlan], budget: Budget, layout: GGUFLayout, calib: CalibOptions,
-                   windows: Calibration, progress):
+                   windows: Calibration, progress, speed_floor: float = 0.95):
     """(plan with its types chosen within the budget, the edgequant.allocate.Allocation)."""
     from .allocate import allocate_plan
 
     return allocate_plan(m, plan, budget.total_bytes, budget.what, layout, windows.ids, calib.torch_device(),
-                         weighted=True, progress=progress, recipe_of=lambda f: plan_tensors(m, f, has_imatrix=True))
+                         weighted=True, progress=progress, recipe_of=lambda f: plan_tensors(m, f, has_imatrix=True),
+                         speed_floor=speed_floor, reference=budget.ftype)
 
 
 def peak_memory() -> dict[str, int]:

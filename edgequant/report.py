@@ -53,6 +53,14 @@ def render(s: dict, title: str) -> str:
                   "is edgequant.sensitivity's estimate for the importance-weighted fit on each type (GPTQ then lowers "
                   "the errors); the line is the best allocation at each size, the squares llama.cpp's recipes on the "
                   "same estimate.</p>", frontier_chart(a, s["params"])]
+        if "speed" in a:
+            from .commands.build import speed_line
+
+            parts += ["<h2>Predicted speed in llama.cpp</h2>",
+                      f"<p>{escape(speed_line(a['speed']))}.</p>",
+                      "<p class='muted'>Each type's compute cost per weight, measured on the building machine "
+                      f"through libggml's CPU backend ({escape(a['speed']['compute_cost']['source'])}); speeds are "
+                      "the reference recipe's summed time over the file's, weights only.</p>"]
     if s["gptq"]:
         parts += ["<h2>Calibration loss per tensor: GPTQ vs importance-weighted fit</h2>",
                   "<p class='muted'>½·tr(E H Eᵀ), E = W − Ŵ, H = 2XᵀX over the calibration activations; the fit is "

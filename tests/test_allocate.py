@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgequant.allocate import Option, choose
+from edgequant.allocate import Option, SpeedLimit, choose, choose_within
 from edgequant.sensitivity import Sensitivity, token_frequencies
 
 Q = gguf.GGMLQuantizationType
@@ -70,6 +70,119 @@ def test_choice_spends_bytes_where_they_buy_the_most():
 def test_smallest_options_must_fit():
     with pytest.raises(ValueError, match="over the budget"):
         choose({"a": [Option(Q.Q2_K, 100, 1.0)]}, 99)
+
+
+def timed_options(rng, n_tensors: int, size_unit: int = 1) -> dict[str, list[Option]]:
+    """random_options with compute times: per type a speed shared by every tensor (compute costs are per type), the
+    prompt's correlated with the generation's, times proportional to the tensor's size, a little noise."""
+    speed = rng.uniform(0.5, 1.5, len(TYPES))
+    prompt_speed = speed * rng.uniform(0.7, 1.3, len(TYPES))
+    out = {}
+    for i in range(n_tensors):
+        size, scale = int(rng.integers(1, 20)) * size_unit, rng.random() * 10
+        out[f"t{i}"] = [Option(q, size * (k + 2), scale * 4.0 ** -k * rng.uniform(0.6, 1.6),
+                               size * speed[k] * rng.uniform(0.9, 1.1), size * prompt_speed[k])
+                        for k, q in enumerate(TYPES)]
+    return out
+
+
+def within(options, budget: int, limit: SpeedLimit) -> float:
+    """The exact optimum within the bytes and both time limits, by trying every combination (inf: none fits)."""
+    names = list(options)
+    return min((sum(o.kl for o in combo) for combo in itertools.product(*(options[n] for n in names))
+                if sum(o.nbytes for o in combo) <= budget and sum(o.gen for o in combo) <= limit.generation
+                and sum(o.prompt for o in combo) <= limit.prompt), default=np.inf)
+
+
+def test_speed_limited_choice_against_exhaustive_search():
+    """On tiny instances: always within the bytes and both limits; the Lagrangian bound never above the true
+    optimum; the optimum itself in most cases (a relaxation plus local search is not exact, and four tensors leave
+    few choices near the limits: 86 % of these); a choice within the limits found whenever one exists."""
+    exact = total = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        options = timed_options(rng, 4)
+        smallest = sum(min(o.nbytes for o in opts) for opts in options.values())
+        largest = sum(max(o.nbytes for o in opts) for opts in options.values())
+        for budget in np.linspace(smallest, largest, 5).astype(int)[1:]:
+            free = choose(options, int(budget))
+            gen, prompt = sum(o.gen for o in free.values()), sum(o.prompt for o in free.values())
+            for floor in (0.95, 0.8):
+                limit = SpeedLimit(gen * floor, prompt * floor)
+                c = choose_within(options, int(budget), limit)
+                opt = within(options, int(budget), limit)
+                assert sum(o.nbytes for o in c.picked.values()) <= budget
+                assert c.unconstrained == free
+                if not c.feasible:
+                    assert opt == np.inf, (seed, budget, floor)
+                    continue
+                assert limit.allows(c.picked)
+                kl = sum(o.kl for o in c.picked.values())
+                assert c.bound <= opt * (1 + 1e-12) and opt <= kl * (1 + 1e-12)
+                total += 1
+                exact += kl <= opt * (1 + 1e-12)
+    assert total >= 60 and exact >= 0.8 * total, (exact, total)
+
+
+def test_speed_limit_that_holds_changes_nothing():
+    rng = np.random.default_rng(0)
+    options = timed_options(rng, 5)
+    budget = sum(min(o.nbytes for o in opts) for opts in options.values()) + 100
+    free = choose(options, budget)
+    gen, prompt = sum(o.gen for o in free.values()), sum(o.prompt for o in free.values())
+    c = choose_within(options, budget, SpeedLimit(gen, prompt))
+    assert c.picked == free and c.feasible
+
+
+def test_speed_limit_trades_a_slow_type_for_a_fast_one():
+    """Two tensors; the budget buys Q6_K and Q5_K, but Q5_K computes slowly (2 s against Q4_K's 1): with the recipe
+    (Q4_K, Q4_K: 2 s) over 0.95 as the limit, Q5_K is out, and the choice is the optimum within it."""
+    def opts(scale):
+        return [Option(Q.Q4_K, 100, 1.0 * scale, 1.0, 1.0), Option(Q.Q5_K, 125, 0.5 * scale, 2.0, 1.0),
+                Option(Q.Q6_K, 150, 0.3 * scale, 1.2, 1.0)]
+
+    options = {"a": opts(10.0), "b": opts(1.0)}
+    free = choose(options, 275)
+    assert free["a"].qtype == Q.Q6_K and free["b"].qtype == Q.Q5_K
+    c = choose_within(options, 275, SpeedLimit(2.0 / 0.95 * 1.0, 10.0))  # the recipe, Q4_K + Q4_K: 2.0 s
+    assert limit_ok(c, SpeedLimit(2.0 / 0.95, 10.0))
+    assert Q.Q5_K not in {o.qtype for o in c.picked.values()}
+    assert sum(o.kl for o in c.picked.values()) == pytest.approx(within(options, 275, SpeedLimit(2.0 / 0.95, 10.0)))
+
+
+def limit_ok(c, limit) -> bool:
+    return c.feasible and limit.allows(c.picked)
+
+
+def test_speed_limit_out_of_reach():
+    """Below the fastest choice the budget allows: not feasible, and the fastest choice found, within the bytes."""
+    options = {"a": [Option(Q.Q2_K, 100, 1.0, 2.0, 2.0), Option(Q.Q4_K, 200, 0.1, 1.0, 1.0)]}
+    c = choose_within(options, 150, SpeedLimit(1.5, 1.5))
+    assert not c.feasible and c.picked["a"].qtype == Q.Q2_K
+    c = choose_within(options, 250, SpeedLimit(1.5, 1.5))
+    assert c.feasible and c.picked["a"].qtype == Q.Q4_K
+
+
+def test_speed_limit_on_many_tensors_is_near_the_bound():
+    """Sixty tensors (bench-a has 58), a floor of 0.9 of the free choice's speed: the choice's Σ kl is typically
+    within 2 % of the Lagrangian lower bound (median over budgets and draws; a limit that only extreme choices meet
+    leaves the relaxation loose)."""
+    gaps = []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        options = timed_options(rng, 60)
+        smallest = sum(min(o.nbytes for o in opts) for opts in options.values())
+        largest = sum(max(o.nbytes for o in opts) for opts in options.values())
+        for frac in (0.4, 0.7):
+            budget = int(smallest + frac * (largest - smallest))
+            free = choose(options, budget)
+            limit = SpeedLimit(0.9 * sum(o.gen for o in free.values()), 0.9 * sum(o.prompt for o in free.values()))
+            c = choose_within(options, budget, limit)
+            kl = sum(o.kl for o in c.picked.values())
+            assert c.feasible and limit.allows(c.picked) and sum(o.nbytes for o in c.picked.values()) <= budget
+            assert kl > sum(o.kl for o in free.values())  # the limit binds
+            gaps.append(kl / c.bound - 1)
+    assert min(gaps) >= -1e-9 and np.median(gaps) <= 0.02, gaps
 
 
 def test_token_frequencies_keep_mass_for_unseen_tokens():
@@ -141,11 +254,17 @@ def test_size_budgeted_build(tiny_llama, tmp_path, method, budget):
         assert a["predicted_kld"] <= a["recipe_predicted_kld"] and a["file_bytes"] <= a["recipe_bytes"]
     if method == "gptq":  # GPTQ's losses are below the fit's on every tensor here, so is the scaled estimate
         assert 0 < a["predicted_kld_after_gptq"] < a["predicted_kld"]
+    speed = a["speed"]  # the default floor: at least 0.95 of the recipe's predicted speed, both regimes
+    assert speed["floor"] == 0.95 and speed["met"] and min(speed["generation"], speed["prompt"]) >= 0.95 * (1 - 1e-9)
+    assert speed["compute_cost"]["ps_per_weight"] and speed["without_floor"]["predicted_kld"] <= a["predicted_kld"]
     spare = a["budget"] - a["file_bytes"]
     chosen = {t.name: t.tensor_type.name for t in reader.tensors}
-    for name, opts in a["options"].items():  # no single upgrade that lowers the estimate still fits
-        now = next(o for o in opts if o[0] == chosen[name])
-        assert not any(o[1] - now[1] <= spare and o[2] < now[2] for o in opts), name
+    picked = {name: next(o for o in opts if o[0] == chosen[name]) for name, opts in a["options"].items()}
+    slack = [speed["limit_seconds"][r] - sum(o[k] for o in picked.values()) for k, r in ((3, "generation"), (4, "prompt"))]
+    for name, opts in a["options"].items():  # no single upgrade that lowers the estimate still fits, bytes and time
+        now = picked[name]
+        assert not any(o[1] - now[1] <= spare and o[2] < now[2] and o[3] - now[3] <= slack[0]
+                       and o[4] - now[4] <= slack[1] for o in opts), name
     page = report.read_text()  # the frontier, llama.cpp's ftypes on it (as many as the summary has), this build
     assert "Size and predicted quality" in page and "<polyline" in page
     assert len(a["frontier"]) > 8 and {"Q2_K", "Q4_K_M", "Q6_K"} <= set(a["ftypes"])

@@ -134,6 +134,10 @@ BAD_BUDGETS = [
     (["--size", "3MB", "--target", "Q4_K_M"], "fixes its recipe", "auto:Q4_K_M"),
     (["--bpw", "4", "--target", "Q2_K"], "fixes its recipe"),
     (["--bpw", "4", "--method", "rtn"], "--bpw 4: types are chosen by what they cost", "--method gptq"),
+    (["--bpw", "4", "--speed-floor", "-0.5"], "--speed-floor -0.5: give a ratio", "from 0"),
+    (["--bpw", "4", "--speed-floor", "nan"], "--speed-floor nan: give a ratio"),
+    (["--bpw", "4", "--speed-floor", "3"], "to 2"),
+    (["--target", "Q4_K_M", "--speed-floor", "0.9"], "only for a file size", "--target auto:FTYPE"),
 ]
 
 

@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bpw", metavar="BITS",
                    help="choose each tensor's type for at most BITS bits per weight, as the summary reports them "
                         "(tensor bytes over all weights, metadata left out)")
+    p.add_argument("--speed-floor", type=float, metavar="RATIO",
+                   help="with --size, --bpw or auto:FTYPE: keep the file's predicted speed in llama.cpp (prompt and "
+                        "generation, CPU, from each type's measured compute cost) at least RATIO times that of "
+                        "llama.cpp's recipe of that size (default 0.95; 0: choose types for quality alone)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output .gguf path")
     p.add_argument("--method", choices=["gptq", "imatrix", "rtn"], default="gptq",
                    help="gptq (default): GPTQ on llama.cpp's grids; imatrix: importance-weighted fit as llama-quantize --imatrix; rtn: as llama-quantize")
@@ -85,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..convert.gguf_out import check_output_path
 
     target, budget = budget_request(args.target, args.size, args.bpw, DEFAULT_TARGET)
+    speed_floor = speed_floor_option(args.speed_floor, budget)
     if args.report is not None:  # before the build, not after it
         check_output_path(args.report)
         try:
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--report: cannot write to {args.report.parent}: {e.strerror}") from None
     result = build(args.model, target, args.output, method=args.method, calib=calib_options(args),
                    verify=args.verify, quiet=args.quiet or args.json, work_dir=args.work_dir,
-                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, budget=budget)
+                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, budget=budget,
+                   speed_floor=speed_floor)
     if args.report is not None:
         from ..report import render
 
@@ -106,6 +112,18 @@ def run(args: argparse.Namespace) -> int:
     elif not args.quiet:
         show(result)
     return 0
+
+
+def speed_floor_option(value: float | None, budget) -> float:
+    """--speed-floor, checked: a ratio from 0 to 2, and only where types are chosen."""
+    if value is None:
+        return 0.95
+    if budget is None:
+        raise UserError(f"--speed-floor {value:g}: types are chosen (and kept fast) only for a file size: give --size, "
+                        f"--bpw or --target auto:FTYPE")
+    if not 0 <= value <= 2:  # also NaN
+        raise UserError(f"--speed-floor {value:g}: give a ratio of the recipe's speed from 0 (no floor) to 2")
+    return value
 
 
 def calib_options(args: argparse.Namespace):
@@ -148,6 +166,15 @@ def allocation_summary(a, gptq) -> dict:
             k * (gptq.loss[n] / gptq.fit_loss[n] if gptq.fit_loss.get(n, 0) > 0 and n in gptq.loss else 1.0)
             for n, k in kl.items())
     return out
+
+
+def speed_line(v: dict) -> str:
+    """The allocation's predicted speed against the reference recipe, for people."""
+    w = v["without_floor"]
+    state = "" if v["met"] else "; not reachable within the budget: the fastest choice found"
+    return (f"predicted speed in llama.cpp vs {v['reference']}'s recipe: generation {v['generation']:.2f}x, prompt "
+            f"{v['prompt']:.2f}x (floor {v['floor']:g}{state}); without the floor {w['generation']:.2f}x and "
+            f"{w['prompt']:.2f}x, predicted KLD {w['predicted_kld']:.4g}")
 
 
 def by_layer(tensors: dict[str, dict]) -> dict[str, dict]:
@@ -195,6 +222,8 @@ def show(r) -> None:
         console.print(f"allocation ({a['what']}): {a['file_bytes']:,} of {a['budget']:,} bytes; predicted KLD "
                       f"{a['predicted_kld']:.4g}{after}, against {a['recipe_predicted_kld']:.4g} for the recipe's "
                       f"types ({a['recipe_bytes']:,} bytes)")
+        if "speed" in a:
+            console.print(speed_line(a["speed"]))
     if s["calibration"]:
         from ..report import describe_calibration
 
