@@ -114,6 +114,9 @@ class Codec(ABC):
     type_size: ClassVar[int]  # bytes per block
     # Does `fit` use the importance vector?  (ggml ignores it for some types, e.g. Q8_0.)
     uses_importance: ClassVar[bool] = True
+    # Are the weights on a per-weight grid (`grid`, `codes`, `with_codes`)?  Not for the lattice types (lattice.py),
+    # whose groups of weights are codebook points.
+    scalar_grid: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
