@@ -1,4 +1,5 @@
-"""The lattice codecs (IQ3_XXS, IQ3_S) against libggml and gguf-py, bit for bit; their codebooks and neighbour lists
+"""The lattice codecs (IQ3_XXS, IQ3_S, IQ2_S) against libggml and gguf-py, bit for bit; their codebooks and neighbour
+lists
 against gguf-py's grids and a plain re-reading of ggml's definition."""
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import pytest
 
 import ggml_oracle
 from edgequant.convert.codecs import codec
-from edgequant.convert.codecs.iquant_d4 import codebook, gguf_points
+from edgequant.convert.codecs.lattice_search import codebook, gguf_points
 from test_codecs_symmetric import SHARED, bench_a_matrices
 
-TYPES = ["IQ3_XXS", "IQ3_S"]
+TYPES = ["IQ3_XXS", "IQ3_S", "IQ2_S"]
+CODEBOOK_TYPES = ["IQ3_XXS", "IQ3_S", "IQ2_S"]
 N = 512  # two super-blocks per row
 F32 = np.float32
 
@@ -110,22 +112,29 @@ def test_no_scalar_grid(name):
         c.grid(c.fit(np.ones((1, 256), F32)))
 
 
-@pytest.mark.parametrize("size", [256, 512])
-def test_codebook_and_neighbours(size):
+@pytest.mark.parametrize("name", CODEBOOK_TYPES)
+def test_codebook_and_neighbours(name):
     """The codebook is gguf-py's grid (levels: positions in grid_map), kmap inverts it, and each off-codebook level
-    vector's neighbours are, read plainly from ggml's iq3xs_init_impl: every point at one of the nwant smallest
-    distinct squared distances of (2u+1), by (distance, index)."""
-    book = codebook(size)
-    cls = gguf.quants.IQ3_XXS if size == 256 else gguf.quants.IQ3_S
+    vector's neighbours are, read plainly from ggml's iq3xs_init_impl / iq2xs_init_impl: every point at one of the
+    nwant smallest distinct squared distances of (2u+1), by (distance, index)."""
+    book = codebook(name)
+    cls = getattr(gguf.quants, name)
     cls.init_grid()
-    np.testing.assert_array_equal(np.asarray(cls.grid_map, F32)[book.points], cls.grid.reshape(size, 4))
-    assert np.array_equal(book.points, gguf_points(size)) and book.kmap[0] == 0
-    on = book.kmap >= 0
-    assert on.sum() == size and (book.kmap[on] == np.arange(size)[np.argsort(np.argsort(book.kmap[on]))]).all()
-    nwant = 2 if size == 256 else 3
-    for u in np.random.default_rng(size).choice(np.flatnonzero(~on), 60, replace=False):
-        pos = [2 * ((u >> (3 * k)) & 7) + 1 for k in range(4)]
-        dist = sorted((sum((2 * int(p[k]) + 1 - pos[k]) ** 2 for k in range(4)), j) for j, p in enumerate(book.points))
+    size, dim = cls.grid_shape
+    np.testing.assert_array_equal(np.asarray(cls.grid_map, F32)[book.points], cls.grid.reshape(size, dim))
+    assert np.array_equal(book.points, gguf_points(name)) and book.kmap[0] == 0 and book.dim == dim
+    on = np.flatnonzero(book.kmap >= 0)
+    assert len(on) == size and sorted(book.kmap[on]) == list(range(size))
+    nwant = {"IQ3_XXS": 2, "IQ3_S": 3, "IQ2_S": 1}[name]
+    rng = np.random.default_rng(size)
+    for _ in range(40):
+        levels = rng.integers(0, book.kmax, dim)
+        u = sum(int(l) << (book.bits * k) for k, l in enumerate(levels))
+        if book.kmap[u] >= 0:
+            assert (book.points[book.kmap[u]] == levels).all()
+            continue
+        dist = sorted((sum((2 * int(p[k]) + 1 - (2 * int(levels[k]) + 1)) ** 2 for k in range(dim)), j)
+                      for j, p in enumerate(book.points))
         wanted = sorted({d for d, _ in dist})[:nwant]
         expected = [j for d, j in dist if d in wanted]
         assert book.flat[book.start[u]:book.start[u] + book.count[u]].tolist() == expected, u

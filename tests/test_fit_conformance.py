@@ -4,7 +4,7 @@ The matrix: backend x every codec it covers x {plain, importance} x {random, adv
 fit checked for every Blocks field, the packed bytes, the grid and the dequantized weights against numpy's, and
 its bytes against ggml_quantize_chunk's (not on overflowing rows: there squares overflow float32, and the numpy
 codecs, which every backend follows, can differ from ggml for Q3_K/Q6_K, and ggml aborts on the lattice types when
-no codebook neighbour's distance is finite; no trained checkpoint comes near).  The lattice types (IQ3_XXS, IQ3_S)
+no codebook neighbour's distance is finite; no trained checkpoint comes near).  The lattice types (IQ3_XXS, IQ3_S, IQ2_S)
 have no per-weight grid: their fits are checked for the fields, the bytes and the dequantized weights.
 A new codec or backend is added here.
 

@@ -1,5 +1,5 @@
 """IQ3_S: super-blocks of 256 = 8 sub-blocks of 32, fp16 d, a 4-bit scale per sub-block, one sign bit per weight,
-per 4 weights one point of a 512-point codebook (iquant_d4: levels 2l+1, as gguf-py's grid, 1..15).
+per 4 weights one point of a 512-point codebook (lattice_search: levels 2l+1, as gguf-py's grid, 1..15).
 
 w = (d * (1 + 2 * ls)) * grid[index][j] * (±1), float32 in this order (ggml's and gguf-py's dequantization).
 
@@ -12,7 +12,7 @@ IQ3_S block, 110 bytes:
     74      32    signs    bit i of byte k: weight 8k + i is negative
     106     4     scales   byte k: ls[2k] | ls[2k+1] << 4
 
-`fit` is ggml's `quantize_iq3_s` (the search of iquant_d4, trials -9..9, every group redone in the final pass;
+`fit` is ggml's `quantize_iq3_s` (the search of lattice_search, trials -9..9, every group redone in the final pass;
 only all-zero sub-blocks are skipped); then d = max_scale / 31, stored as fp16(d * 1.033), ls = clamp(
 nearest_int(0.5 * (scale/d - 1)), 0, 15); a super-block whose scales are all 0 keeps d = 0 and ls = 0.
 
@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import IQ3_S as _GGUF_IQ3_S
 
 from .fields import block_fields, fp16_bytes, fp16_field
-from .iquant_d4 import F32, search, search_weights, sequential_max, super_block_scales
+from .lattice_search import F32, search, search_weights, sequential_max, super_block_scales
 from .lattice import LatticeCodec
 
 
@@ -60,7 +60,7 @@ class IQ3_S(LatticeCodec):
         xval = np.where(neg, -sub, sub)
         signs = (neg.reshape(-1, 4, 8).astype(np.uint8) << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8)
         zero = sequential_max(xval, axis=1) == 0  # ggml: `if (!max)`
-        scale, index = search(xval, weight.reshape(-1, 32), 512, range(-9, 10), zero, refine_all=True)
+        scale, index = search(xval, weight.reshape(-1, 32), "IQ3_S", range(-9, 10), 0.2, zero, refine_all=True)
         flip = scale < 0  # "should never happen" in ggml; it flips the scale and every sign bit
         signs = np.where(flip[:, None], ~signs, signs).astype(np.uint8)
         scale = np.where(flip, -scale, scale).reshape(rows, nb, 8)

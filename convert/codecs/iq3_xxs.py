@@ -1,5 +1,5 @@
 """IQ3_XXS: super-blocks of 256 = 8 sub-blocks of 32, fp16 d, per sub-block a 4-bit scale and 4 sign indices, per
-4 weights one point of a 256-point codebook (iquant_d4: levels 2l+1, dequantized as gguf-py's grid, 4..62).
+4 weights one point of a 256-point codebook (lattice_search: levels 2l+1, dequantized as gguf-py's grid, 4..62).
 
 w = ((d * (0.5 + ls)) * 0.5) * grid[index][j] * (±1), float32 in this order (ggml's and gguf-py's dequantization).
 The signs of each 8 weights are a 7-bit index into ggml's ksigns table (gguf-py's `IQ2_XXS.ksigns`): the 8th sign
@@ -13,7 +13,7 @@ IQ3_XXS block, 98 bytes:
     66      32    aux      8 uint32 LE, one per sub-block g: bits 7k..7k+6 = sign index of weights 32g+8k..+7
                            (k = 0..3), bits 28..31 = ls[g]
 
-`fit` is ggml's `quantize_row_iq3_xxs_impl` (the search of iquant_d4, trials -15..15, sub-blocks with max |x| <
+`fit` is ggml's `quantize_row_iq3_xxs_impl` (the search of lattice_search, trials -15..15, sub-blocks with max |x| <
 1e-8 skipped); then d = max_scale / 31, stored as fp16(d * 1.0125), ls = clamp(nearest_int(0.5 * (scale/d - 1)),
 0, 15); an all-zero super-block (max_scale 0) is stored as zeros.  llama.cpp requires an importance matrix for
 this type (build refuses without one, as llama-quantize does); the fit itself runs either way, as ggml's does.
@@ -29,7 +29,7 @@ from gguf.quants import IQ2_XXS as _GGUF_IQ2_XXS
 from gguf.quants import IQ3_XXS as _GGUF_IQ3_XXS
 
 from .fields import block_fields, fp16_bytes, fp16_field
-from .iquant_d4 import F32, search, search_weights, sequential_max, super_block_scales
+from .lattice_search import F32, search, search_weights, sequential_max, super_block_scales
 from .lattice import LatticeCodec
 
 KSIGNS = np.frombuffer(_GGUF_IQ2_XXS.ksigns, dtype=np.uint8)  # 7-bit index -> the 8 sign bits (bit 7: parity)
@@ -81,7 +81,7 @@ class IQ3_XXS(LatticeCodec):
         xval = np.ascontiguousarray(xval.T).reshape(-1, 32)  # (sub-blocks, 32)
         with np.errstate(invalid="ignore"):
             zero = sequential_max(xval, axis=1) < EPS
-        scale, index = search(xval, weight.reshape(-1, 32), 256, range(-15, 16), zero, refine_all=False)
+        scale, index = search(xval, weight.reshape(-1, 32), "IQ3_XXS", range(-15, 16), 0.2, zero, refine_all=False)
         signs = signs.reshape(-1, 4)
         flip = scale < 0  # "should never happen" in ggml; it flips the scale and the sign indices
         signs = np.where(flip[:, None], ~signs & 127, signs)
