@@ -1,6 +1,5 @@
 """The lattice codecs (IQ3_XXS, IQ3_S, IQ2_S) against libggml and gguf-py, bit for bit; their codebooks and neighbour
-lists
-against gguf-py's grids and a plain re-reading of ggml's definition."""
+lists against gguf-py's grids and a plain re-reading of ggml's definition."""
 
 from __future__ import annotations
 
