@@ -4,7 +4,7 @@ The matrix: backend x every codec it covers x {plain, importance} x {random, adv
 fit checked for every Blocks field, the packed bytes, the grid and the dequantized weights against numpy's, and
 its bytes against ggml_quantize_chunk's (not on overflowing rows: there squares overflow float32, and the numpy
 codecs, which every backend follows, can differ from ggml for Q3_K/Q6_K, and ggml aborts on the lattice types when
-no codebook neighbour's distance is finite; no trained checkpoint comes near).  The lattice types (IQ3_XXS, IQ3_S, IQ2_S)
+no codebook neighbour's distance is finite; no trained checkpoint comes near).  The lattice types (IQ3_XXS, IQ3_S, IQ2_*)
 have no per-weight grid: their fits are checked for the fields, the bytes and the dequantized weights.
 A new codec or backend is added here.
 
@@ -233,10 +233,13 @@ def test_slabs_and_threads(monkeypatch, name):
 
 
 def test_dispatch():
-    """The first backend that covers a codec, device and weighting runs it; the numpy spec covers everything."""
+    """The first backend that covers a codec, device and weighting runs it; the numpy spec covers everything ggml
+    quantizes."""
     cpu, host = torch.device("cpu"), ["c"] if fitter.native_fit else []
     assert fitter.backend(codec("Q4_K"), cpu, True).name == (host + ["numpy"])[0]
     assert fitter.backend(codec("Q8_K"), cpu, False).name == "numpy"
+    with pytest.raises(ValueError, match="only with an importance"):  # ggml asserts one for IQ2_XXS/IQ2_XS
+        fitter.backend(codec("IQ2_XXS"), cpu, False)
     if TRITON:
         assert [b.name for b in fitter.backends("cuda")] == ["triton", *host, "numpy"]
         assert TRITON.covers(codec("Q6_K"), True) and not TRITON.covers(codec("Q6_K"), False)

@@ -61,7 +61,7 @@ class IQ2_S(LatticeCodec):
         signs = (neg.reshape(-1, 2, 8).astype(np.uint8) << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8)
         with np.errstate(invalid="ignore"):
             zero = sequential_max(xval, axis=1) < EPS
-        scale, index = search(xval, weight.reshape(-1, 16), "IQ2_S", range(-9, 10), 0.1, zero, refine_all=False)
+        scale, index = search(xval, weight.reshape(-1, 16), "IQ2_S", range(-9, 10), 0.1, zero, "off")
         flip = scale < 0  # "should never happen" in ggml; it flips the scale and every sign bit
         signs = np.where(flip[:, None], ~signs, signs)
         signs = np.where(zero[:, None], 0, signs).astype(np.uint8)  # a skipped sub-block's bytes stay as memset

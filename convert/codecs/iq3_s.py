@@ -60,7 +60,7 @@ class IQ3_S(LatticeCodec):
         xval = np.where(neg, -sub, sub)
         signs = (neg.reshape(-1, 4, 8).astype(np.uint8) << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8)
         zero = sequential_max(xval, axis=1) == 0  # ggml: `if (!max)`
-        scale, index = search(xval, weight.reshape(-1, 32), "IQ3_S", range(-9, 10), 0.2, zero, refine_all=True)
+        scale, index = search(xval, weight.reshape(-1, 32), "IQ3_S", range(-9, 10), 0.2, zero, "all_if_off")
         flip = scale < 0  # "should never happen" in ggml; it flips the scale and every sign bit
         signs = np.where(flip[:, None], ~signs, signs).astype(np.uint8)
         scale = np.where(flip, -scale, scale).reshape(rows, nb, 8)

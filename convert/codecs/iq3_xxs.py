@@ -29,7 +29,7 @@ from gguf.quants import IQ2_XXS as _GGUF_IQ2_XXS
 from gguf.quants import IQ3_XXS as _GGUF_IQ3_XXS
 
 from .fields import block_fields, fp16_bytes, fp16_field
-from .lattice_search import F32, search, search_weights, sequential_max, super_block_scales
+from .lattice_search import F32, even_sign_sub_blocks, search, search_weights, sequential_max, super_block_scales
 from .lattice import LatticeCodec
 
 KSIGNS = np.frombuffer(_GGUF_IQ2_XXS.ksigns, dtype=np.uint8)  # 7-bit index -> the 8 sign bits (bit 7: parity)
@@ -47,26 +47,6 @@ class XXSBlocks:
     scales: np.ndarray
 
 
-def even_signs(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """xval and the 7-bit sign indices for groups of 8, x/weight (8, G) element-major: xval = x where x >= 0, -x
-    elsewhere (NaN counts as negative, as `x >= 0` is false); with an odd count of negatives the first element of
-    least (wt*x)*x is flipped back (its xval negated) and its sign bit toggled."""
-    neg = ~(x >= 0)
-    xval = np.where(neg, -x, x)
-    bits = (neg.astype(np.uint8) << np.arange(8, dtype=np.uint8)[:, None]).sum(0, dtype=np.uint8)
-    with np.errstate(over="ignore", invalid="ignore"):
-        wx2 = weight * x * x
-    least, imin = wx2[0], np.zeros(x.shape[1], np.int64)
-    for i in range(1, 8):
-        better = wx2[i] < least
-        least, imin = np.where(better, wx2[i], least), np.where(better, i, imin)
-    odd = neg.sum(0) % 2 == 1
-    flip = odd & (np.arange(8)[:, None] == imin)
-    xval = np.where(flip, -xval, xval)
-    bits = bits ^ np.where(odd, np.left_shift(1, imin), 0).astype(np.uint8)
-    return xval, bits & 127
-
-
 class IQ3_XXS(LatticeCodec):
     qtype = GGMLQuantizationType.IQ3_XXS
     block_size = 256
@@ -76,13 +56,10 @@ class IQ3_XXS(LatticeCodec):
         x = self.blocks_of(w)
         rows, nb, _ = x.shape
         weight = search_weights(x, importance)
-        xe = np.ascontiguousarray(x.reshape(-1, 8).T)  # (8, groups of 8), groups in row order
-        xval, signs = even_signs(xe, np.ascontiguousarray(weight.reshape(-1, 8).T))
-        xval = np.ascontiguousarray(xval.T).reshape(-1, 32)  # (sub-blocks, 32)
+        xval, signs = even_sign_sub_blocks(x, weight, 32)
         with np.errstate(invalid="ignore"):
             zero = sequential_max(xval, axis=1) < EPS
-        scale, index = search(xval, weight.reshape(-1, 32), "IQ3_XXS", range(-15, 16), 0.2, zero, refine_all=False)
-        signs = signs.reshape(-1, 4)
+        scale, index = search(xval, weight.reshape(-1, 32), "IQ3_XXS", range(-15, 16), 0.2, zero, "off")
         flip = scale < 0  # "should never happen" in ggml; it flips the scale and the sign indices
         signs = np.where(flip[:, None], ~signs & 127, signs)
         scale = np.where(flip, -scale, scale)

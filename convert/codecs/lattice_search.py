@@ -65,7 +65,7 @@ class Codebook:
 
 
 # type -> (levels per coordinate, bits per coordinate in u, nwant): ggml's iq3xs_init_impl / iq2xs_init_impl
-CODEBOOKS = {"IQ3_XXS": (8, 3, 2), "IQ3_S": (8, 3, 3), "IQ2_S": (3, 2, 1)}
+CODEBOOKS = {"IQ3_XXS": (8, 3, 2), "IQ3_S": (8, 3, 3), "IQ2_XXS": (3, 2, 2), "IQ2_XS": (3, 2, 2), "IQ2_S": (3, 2, 1)}
 
 
 def gguf_points(name: str) -> np.ndarray:
@@ -169,11 +169,14 @@ def sequential_max(x: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def search(xval: np.ndarray, weight: np.ndarray, name: str, trials: range, step: float, zero: np.ndarray,
-           refine_all: bool) -> tuple[np.ndarray, np.ndarray]:
+           refine: str, peak: np.ndarray | None = None, scale0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The search of the module docstring on type `name`'s codebook for sub-blocks xval/weight (S, n) float32
-    (signs already taken out), trial id = (2*kmax - 1 + step * t) / max: (scale (S,) float32 before the final sign
-    flip, point indices (S, n / dim) int64).  `zero`: the sub-blocks ggml skips (scale 0, levels 0); refine_all:
-    IQ3_S's final pass over every group, not only the off-codebook ones."""
+    (signs already taken out), trial id = (2*kmax - 1 + step * t) / peak: (scale (S,) float32 before the final sign
+    flip, point indices (S, n / dim) int64).  `zero`: the sub-blocks ggml skips (scale 0, levels 0).  refine: the
+    final pass, "off" over the off-codebook groups of the best trial when there are any (IQ3_XXS, IQ2_XS, IQ2_S),
+    "all_if_off" over every group then (IQ3_S), "all" over every group always (IQ2_XXS); each only where the scale
+    is > 0.  peak: what the trials scale from (default the sub-block's max xval), scale0: the scale if no trial
+    wins (default max / (2*kmax - 1))."""
     book = codebook(name)
     S, n = xval.shape
     scale = np.empty(S, F32)
@@ -181,28 +184,30 @@ def search(xval: np.ndarray, weight: np.ndarray, name: str, trials: range, step:
     chunk = max(1, CHUNK_WEIGHTS // n)
     for c in range(0, S, chunk):
         cut = slice(c, c + chunk)
-        scale[cut], index[cut] = _search_chunk(book, xval[cut], weight[cut], trials, F32(step), refine_all)
+        scale[cut], index[cut] = _search_chunk(book, xval[cut], weight[cut], trials, F32(step), refine,
+                                               None if peak is None else peak[cut], None if scale0 is None else scale0[cut])
     scale = np.where(zero, F32(0), scale)
     index = np.where(zero[:, None], book.kmap[0], index)
     return scale, index
 
 
 def _search_chunk(book: Codebook, xval: np.ndarray, weight: np.ndarray, trials: range, step: np.float32,
-                  refine_all: bool):
+                  refine: str, peak: np.ndarray | None, scale0: np.ndarray | None):
     S, n = xval.shape
     groups = n // book.dim
     top = F32(2 * book.kmax - 1)
     with np.errstate(all="ignore"):
         waux = np.sqrt(weight)
         mx = sequential_max(xval, axis=1)
+        peak = mx if peak is None else peak
         xg = np.ascontiguousarray(xval.reshape(-1, book.dim).T)
         wg = np.ascontiguousarray(waux.reshape(-1, book.dim).T)
         best = np.zeros(S, F32)
-        scale = mx / top
+        scale = mx / top if scale0 is None else scale0
         index = np.full((S, groups), book.kmap[0])  # levels 0, ggml's memset
-        on = np.full((S, groups), not refine_all)  # IQ3_XXS/IQ2_S start "on the codebook", IQ3_S not
+        on = np.full((S, groups), refine == "off")  # IQ3_XXS/IQ2_* start "on the codebook", IQ3_S not
         for t in trials:
-            iscale = (top + F32(t) * step) / mx
+            iscale = (top + F32(t) * step) / peak
             this_scale = np.repeat(F32(1) / iscale, groups)
             idx, on_t = nearest_points(book, group_levels(book, xval, iscale), xg, wg, this_scale)
             sumqx, sumq2 = sums(weight, xval, book.odd[idx].reshape(S, n))
@@ -211,29 +216,58 @@ def _search_chunk(book: Codebook, xval: np.ndarray, weight: np.ndarray, trials: 
             best = np.where(take, scale * sumqx, best)
             index[take] = idx.reshape(S, groups)[take]
             on[take] = on_t.reshape(S, groups)[take]
-        again = (~on).any(1) & (scale > 0)
+        again = (scale > 0) if refine == "all" else (~on).any(1) & (scale > 0)
         if again.any():
             idx, _ = nearest_points(book, group_levels(book, xval, F32(1) / scale), xg, wg, np.repeat(scale, groups))
-            redo = again[:, None] if refine_all else again[:, None] & ~on
+            redo = again[:, None] & ~on if refine == "off" else again[:, None]
             index = np.where(redo, idx.reshape(S, groups), index)
             sumqx, sumq2 = sums(weight, xval, book.odd[index].reshape(S, n))
             scale = np.where(again & (sumq2 > 0), sumqx / sumq2, scale)
     return scale.astype(F32), index
 
 
-def search_weights(x: np.ndarray, importance: np.ndarray | None, plain_sigma: bool = False) -> np.ndarray:
+def search_weights(x: np.ndarray, importance: np.ndarray | None, plain_sigma: bool = False,
+                   doubled: bool = True) -> np.ndarray:
     """Per-weight search weights for super-blocks x (rows, nb, 256): imatrix * sqrt(sigma2 + x*x) with sigma2 =
-    2*sumx2/256 (sumx2 sequential over the super-block); without importance x*x, or with plain_sigma (IQ2_S)
-    0.25*sigma2 + x*x."""
+    2*sumx2/256 (IQ2_XXS, IQ2_XS: not doubled, sumx2/256; sumx2 sequential over the super-block); without
+    importance x*x, or with plain_sigma (IQ2_S) 0.25*sigma2 + x*x."""
     with np.errstate(over="ignore", invalid="ignore"):
         x2 = x * x
         if importance is None and not plain_sigma:
             return x2
         sumx2 = sequential_sum(np.moveaxis(x2, -1, 0))
-        sigma2 = (F32(2) * sumx2) / F32(256)
+        sigma2 = ((F32(2) * sumx2) if doubled else sumx2) / F32(256)
         if importance is None:
             return F32(0.25) * sigma2[..., None] + x2
         return np.asarray(importance, dtype=F32).reshape(-1, 256) * np.sqrt(sigma2[..., None] + x2)
+
+
+def even_signs(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """xval and the 7-bit sign indices (IQ3_XXS, IQ2_XXS, IQ2_XS) for groups of 8, x/weight (8, G) element-major:
+    xval = x where x >= 0, -x elsewhere (NaN counts as negative, as `x >= 0` is false); with an odd count of
+    negatives the first element of least (wt*x)*x is flipped back (its xval negated) and its sign bit toggled, so
+    the 8th sign is the parity of the other 7."""
+    neg = ~(x >= 0)
+    xval = np.where(neg, -x, x)
+    bits = (neg.astype(np.uint8) << np.arange(8, dtype=np.uint8)[:, None]).sum(0, dtype=np.uint8)
+    with np.errstate(over="ignore", invalid="ignore"):
+        wx2 = weight * x * x
+    least, imin = wx2[0], np.zeros(x.shape[1], np.int64)
+    for i in range(1, 8):
+        better = wx2[i] < least
+        least, imin = np.where(better, wx2[i], least), np.where(better, i, imin)
+    odd = neg.sum(0) % 2 == 1
+    flip = odd & (np.arange(8)[:, None] == imin)
+    xval = np.where(flip, -xval, xval)
+    bits = bits ^ np.where(odd, np.left_shift(1, imin), 0).astype(np.uint8)
+    return xval, bits & 127
+
+
+def even_sign_sub_blocks(x: np.ndarray, weight: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """even_signs over super-blocks x/weight (rows, nb, 256): (xval (sub-blocks, n), sign indices (sub-blocks,
+    n // 8))."""
+    xval, signs = even_signs(np.ascontiguousarray(x.reshape(-1, 8).T), np.ascontiguousarray(weight.reshape(-1, 8).T))
+    return np.ascontiguousarray(xval.T).reshape(-1, n), signs.reshape(-1, n // 8)
 
 
 def super_block_scales(scales: np.ndarray, fudge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ first that covers the codec, the device and the weighting runs it:
     triton  the K-quants' importance-weighted fits and IQ4_NL/IQ4_XS's on a CUDA device, without host round trips
             (triton_fit)
     c       every type native/fit.c writes, when the extension is built: on the CPU (from a GPU, through the host)
-    numpy   the codec's own `fit`: every type, any device (through the host)
+    numpy   the codec's own `fit`: every type, any device (through the host); IQ2_XXS/IQ2_XS only weighted
 
 tests/test_fit_conformance.py checks each backend against numpy and libggml: a new type or backend is added there.
 """
@@ -117,7 +117,7 @@ class NumpyFit(Backend):
     name = "numpy"
 
     def covers(self, codec: Codec, weighted: bool) -> bool:
-        return True
+        return weighted or not codec.needs_importance  # ggml has no unweighted IQ2_XXS/IQ2_XS fit
 
     def fit(self, codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
         return Fit.of(codec, codec.fit(host(w), host(importance)), w.device)
@@ -181,7 +181,10 @@ def backends(device_type: str) -> tuple[Backend, ...]:
 
 
 def backend(codec: Codec, device: torch.device, weighted: bool) -> Backend:
-    return next(b for b in backends(device.type) if b.covers(codec, weighted))
+    found = next((b for b in backends(device.type) if b.covers(codec, weighted)), None)
+    if found is None:
+        raise ValueError(f"{codec.name}: ggml quantizes this type only with an importance vector")
+    return found
 
 
 # Weights per backend call: a fit's temporaries grow with its input (TritonFit's scale search holds several copies of
