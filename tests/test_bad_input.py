@@ -118,7 +118,7 @@ REFUSED_LOW_BIT = [
     # GPTQ rounds weight by weight: not onto a codebook (before calibration: the default method never starts)
     (["--target", "IQ3_M"], "--method gptq", "IQ3_S", "--method imatrix"),
     # types without a codec yet
-    (["--target", "IQ2_M", "--method", "imatrix"], "IQ2_S", "not implemented"),
+    (["--target", "IQ1_M", "--method", "imatrix"], "IQ1_M", "not implemented"),
 ]
 
 

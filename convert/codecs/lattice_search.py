@@ -1,5 +1,6 @@
 """What the lattice i-quants' quantizers share: their codebooks, the neighbour lists ggml derives from them, and the
-search of ggml's `quantize_row_iq3_xxs_impl`, `quantize_row_iq3_s_impl` and `quantize_row_iq2_s_impl`.
+search of ggml's `quantize_row_iq3_xxs_impl`, `quantize_row_iq3_s_impl`, `quantize_row_iq2_xxs_impl`,
+`quantize_row_iq2_xs_impl` and `quantize_row_iq2_s_impl`.
 
 A codebook point is `dim` odd levels 2l+1 (IQ3_*: dim 4, l in [0, 7], the D4 lattice; IQ2_*: dim 8, l in [0, 2],
 the E8 lattice), taken from gguf-py's grids (`gguf.quants.IQ3_XXS.grid`, ...): the level of a coordinate is its
@@ -8,18 +9,20 @@ ggml's `iq3xs_init_impl` / `iq2xs_init_impl` derive, for every level vector u th
 list: the points at the `nwant` smallest distinct squared distances from (2u+1), ordered by (distance, index).
 `codebook` derives the same, once per process.
 
-The search, per sub-block of n weights (32, IQ2_S 16) x with weights wt (imatrix * sqrt(sigma2 + x^2), sigma2 =
-2*sum(x^2)/256 over the super-block; without importance x^2, IQ2_S 0.25*sigma2 + x^2) and xval = |x| (IQ3_XXS: one
-more sign flip where needed to make the number of negatives per 8 even, on the weight of least wt*x*x, so that 7
-sign bits suffice):
+The search, per sub-block of n weights (32; IQ2_XS, IQ2_S 16) x with weights wt (search_weights) and xval = |x|
+(IQ3_XXS, IQ2_XXS, IQ2_XS: one more sign flip where needed to make the number of negatives per 8 even, on the
+weight of least wt*x*x, so that 7 sign bits suffice: even_signs):
 
     max = the largest xval (sequential MAX); max below the type's epsilon: scale 0, indices 0, signs unset
-    for each trial t (IQ3_XXS t = -15..15, IQ3_S and IQ2_S -9..9):  id = (2*kmax - 1 + step * t) / max
+    peak = max (IQ2_XXS: 3 * make_qp_quants' scale, <= 0 skips the sub-block too)
+    for each trial t (IQ3_XXS -15..15, IQ2_XXS -6..6, others -9..9):  id = (2*kmax - 1 + step * t) / peak
+        (step 0.2 for IQ3_*, 0.1 for IQ2_*)
         each group of dim weights: l = clamp(nearest_int(0.5 * (id * xval - 1)), 0, kmax - 1); off the codebook,
         the neighbour with the least sum(sqrt(wt) * (scale*q - xval)^2), scale = 1/id (first one on a tie)
         the grid with the largest sumqx^2 / sumq2 (strictly) gives scale = sumqx / sumq2, q = 2l+1
-    if any group of the best grid was off the codebook and scale > 0: those groups (IQ3_S: every group) again
-    at id = 1/scale (neighbours by `scale`), then scale = sumqx / sumq2 of the result
+    a final pass at id = 1/scale (neighbours by `scale`) where scale > 0: over the best grid's off-codebook groups
+    if any (IQ3_XXS, IQ2_XS, IQ2_S), over every group if any is off (IQ3_S), over every group always (IQ2_XXS);
+    then scale = sumqx / sumq2 of the result
     a negative scale flips to positive with every sign bit
 
 every float32 operation in ggml's order (sums sequential over the sub-block, `wt*x*q` as `(wt*x)*q`).  The
