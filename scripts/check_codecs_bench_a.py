@@ -22,7 +22,7 @@ import ggml_oracle  # noqa: E402
 from edgequant.checkpoint import Checkpoint  # noqa: E402
 from edgequant.convert.codecs import codec  # noqa: E402
 
-DEFAULT_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_K", "IQ4_NL", "IQ4_XS"]
+DEFAULT_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S"]
 
 
 def main() -> int:
