@@ -42,8 +42,8 @@ def check_plan(plan: list[TensorPlan], ftype: str, method: str) -> None:
     if method == "rtn":
         need = [t for t in plan if requires_imatrix(t.name, t.qtype, ftype)]
         if need:
-            raise UserError(f"--target {ftype}: {need[0].name} (and {len(need) - 1} more) is {need[0].qtype.name}, which "
-                            f"llama.cpp writes only with an importance matrix: use --method imatrix and pass --imatrix "
+            raise UserError(f"--target {ftype}: {need[0].name} (and {len(need) - 1} more) is {need[0].qtype.name}, "
+                            f"which llama.cpp writes only with an importance matrix: use --method imatrix and pass --imatrix "
                             f"FILE or --calib SOURCE")
     if method == "gptq":
         lattice = sorted({t.qtype.name for t in plan if t.qtype in CODECS and not codec(t.qtype).scalar_grid})

@@ -38,8 +38,8 @@ def rtn_encoder(importance: dict[str, np.ndarray] | None = None) -> Encoder:
     def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
         imp = None if importance is None else importance.get(name)
         if importance is not None and imp is None and requires_imatrix(name, qtype, ""):
-            raise UserError(f"{name}: the importance matrix has no entry for it, and llama.cpp writes {qtype.name} only "
-                            f"with one (llama-quantize refuses it too)")
+            raise UserError(f"{name}: the importance matrix has no entry for it, and llama.cpp writes {qtype.name} "
+                            f"only with one (llama-quantize refuses it too)")
         return encode(w, qtype, imp)
 
     return enc

@@ -22,7 +22,8 @@ class LatticeCodec(Codec):
     scalar_grid: ClassVar[bool] = False
 
     def grid(self, blocks) -> AffineGrid:
-        raise NotImplementedError(f"{self.name} chooses codebook points per group of weights: it has no per-weight grid")
+        raise NotImplementedError(f"{self.name} chooses codebook points per group of weights: "
+                                  f"it has no per-weight grid")
 
     def codes(self, blocks) -> np.ndarray:
         raise NotImplementedError(f"{self.name} has codebook indices, not per-weight codes")

@@ -121,7 +121,8 @@ def level_vector(levels: np.ndarray, bits: int) -> np.ndarray:
 def nearest_points(book: Codebook, levels: np.ndarray, xval_t: np.ndarray, waux_t: np.ndarray, scale: np.ndarray):
     """The point of each group of 4: ggml's kmap lookup of the rounded levels, else `iq3_find_best_neighbour`.
 
-    levels: (G, dim) int, xval_t/waux_t (dim, G) float32 (coordinate-major), scale (G,) float32 (the group's sub-block's).  Returns (point
+    levels: (G, dim) int, xval_t/waux_t (dim, G) float32 (coordinate-major), scale (G,) float32 (the group's
+    sub-block's).  Returns (point
     indices (G,) int64, on_codebook (G,) bool).  Where no neighbour's distance is below FLT_MAX (ggml aborts:
     weights whose squares overflow) the first neighbour is taken."""
     index = book.kmap[level_vector(levels, book.bits)]
@@ -172,7 +173,8 @@ def sequential_max(x: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def search(xval: np.ndarray, weight: np.ndarray, name: str, trials: range, step: float, zero: np.ndarray,
-           refine: str, peak: np.ndarray | None = None, scale0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           refine: str, peak: np.ndarray | None = None,
+           scale0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The search of the module docstring on type `name`'s codebook for sub-blocks xval/weight (S, n) float32
     (signs already taken out), trial id = (2*kmax - 1 + step * t) / peak: (scale (S,) float32 before the final sign
     flip, point indices (S, n / dim) int64).  `zero`: the sub-blocks ggml skips (scale 0, levels 0).  refine: the
@@ -187,8 +189,8 @@ def search(xval: np.ndarray, weight: np.ndarray, name: str, trials: range, step:
     chunk = max(1, CHUNK_WEIGHTS // n)
     for c in range(0, S, chunk):
         cut = slice(c, c + chunk)
-        scale[cut], index[cut] = _search_chunk(book, xval[cut], weight[cut], trials, F32(step), refine,
-                                               None if peak is None else peak[cut], None if scale0 is None else scale0[cut])
+        part = (None if a is None else a[cut] for a in (peak, scale0))
+        scale[cut], index[cut] = _search_chunk(book, xval[cut], weight[cut], trials, F32(step), refine, *part)
     scale = np.where(zero, F32(0), scale)
     index = np.where(zero[:, None], book.kmap[0], index)
     return scale, index

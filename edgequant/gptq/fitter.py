@@ -88,9 +88,11 @@ class Fit:
         """Fits of consecutive column ranges of the same rows (axis 1, along the block axis), or of consecutive row
         ranges (axis 0: rows are fitted independently) -> one fit."""
         first = parts[0]
-        cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts], axis)  # noqa: E731
-        return dataclasses.replace(first, fields={k: torch.cat([p.fields[k] for p in parts], axis) for k in first.fields},
-                                   scale=cat("scale"), offset=cat("offset"), w_hat=cat("w_hat"))
+        def cat(name: str) -> torch.Tensor | None:
+            return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts], axis)
+
+        fields = {k: torch.cat([p.fields[k] for p in parts], axis) for k in first.fields}
+        return dataclasses.replace(first, fields=fields, scale=cat("scale"), offset=cat("offset"), w_hat=cat("w_hat"))
 
 
 class Backend(ABC):
