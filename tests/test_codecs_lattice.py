@@ -1,5 +1,5 @@
-"""The lattice codecs (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S) against libggml and gguf-py, bit for bit; their codebooks and neighbour
-lists against gguf-py's grids and a plain re-reading of ggml's definition."""
+"""The lattice codecs (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S) against libggml and gguf-py, bit for bit; their
+codebooks and neighbour lists against gguf-py's grids and a plain re-reading of ggml's definition."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from edgequant.convert.codecs import codec
 from edgequant.convert.codecs.lattice_search import codebook, gguf_points
 from test_codecs_symmetric import SHARED, bench_a_matrices
 
-TYPES = ["IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
+TYPES = ["IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S"]
 CODEBOOK_TYPES = TYPES
 N = 512  # two super-blocks per row
 F32 = np.float32
@@ -129,7 +129,7 @@ def test_codebook_and_neighbours(name):
     assert np.array_equal(book.points, gguf_points(name)) and book.kmap[0] == 0 and book.dim == dim
     on = np.flatnonzero(book.kmap >= 0)
     assert len(on) == size and sorted(book.kmap[on]) == list(range(size))
-    nwant = {"IQ3_XXS": 2, "IQ3_S": 3, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ2_S": 1}[name]
+    nwant = {"IQ3_XXS": 2, "IQ3_S": 3, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ2_S": 1, "IQ1_S": 3}[name]
     rng = np.random.default_rng(size)
     for _ in range(40):
         levels = rng.integers(0, book.kmax, dim)

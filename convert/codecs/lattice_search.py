@@ -68,7 +68,8 @@ class Codebook:
 
 
 # type -> (levels per coordinate, bits per coordinate in u, nwant): ggml's iq3xs_init_impl / iq2xs_init_impl
-CODEBOOKS = {"IQ3_XXS": (8, 3, 2), "IQ3_S": (8, 3, 3), "IQ2_XXS": (3, 2, 2), "IQ2_XS": (3, 2, 2), "IQ2_S": (3, 2, 1)}
+CODEBOOKS = {"IQ3_XXS": (8, 3, 2), "IQ3_S": (8, 3, 3), "IQ2_XXS": (3, 2, 2), "IQ2_XS": (3, 2, 2), "IQ2_S": (3, 2, 1),
+             "IQ1_S": (3, 2, 3)}
 
 
 def gguf_points(name: str) -> np.ndarray:
