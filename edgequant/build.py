@@ -27,7 +27,7 @@ from .budget import Budget, BudgetSpec, budget_bytes
 from .convert.gguf_out import GGUFLayout, TensorPlan, check_output_path
 from .errors import UserError
 from .model import SourceModel
-from .plan import calibrates, parse_target, plan_tensors
+from .plan import calibrates, check_plan, parse_target, plan_tensors
 from .progress import Progress
 from .settings import CalibOptions
 from .solve import Solved, solve_plan
@@ -79,6 +79,8 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
         m = SourceModel(model, allow_pickle, trust_remote_code)
         # plan
         plan = plan_tensors(m, ftype, has_imatrix=method != "rtn")
+        if encoder is None and budget is None:  # with a budget, the types the allocation chooses are checked
+            check_plan(plan, ftype, method)
         allowed = layout = None
         if budget is not None:  # before anything heavy: a budget out of range fails at once
             layout = gguf_layout(m, ftype, plan)
@@ -112,6 +114,8 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
                 t0 = time.perf_counter()
                 plan, allocation = allocate_types(m, plan, allowed, layout, calib, windows, progress, speed_floor)
                 result.plan, result.seconds["allocation"] = plan, time.perf_counter() - t0
+                if encoder is None:
+                    check_plan(plan, ftype, method)
             # solve
             if encoder is not None:
                 solved = Solved(encoder)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .convert.encode import encode, worker_count
 from .convert.gguf_out import GGUFLayout, StreamingGGUF, TensorPlan, atomic_output
-from .convert.recipes import FTYPES
+from .convert.recipes import FTYPES, requires_imatrix
 from .errors import UserError
 from .metadata import write_metadata
 from .model import SourceModel
@@ -31,10 +31,16 @@ Packed = Mapping[str, Callable[[], np.ndarray]]
 
 
 def rtn_encoder(importance: dict[str, np.ndarray] | None = None) -> Encoder:
-    """Round-to-nearest fitting as llama-quantize does it, importance-weighted when an importance is given."""
+    """Round-to-nearest fitting as llama-quantize does it, importance-weighted when an importance is given.  As
+    llama-quantize, a tensor of a type that needs an importance (recipes.requires_imatrix) but has none in it is
+    refused."""
 
     def enc(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-        return encode(w, qtype, None if importance is None else importance.get(name))
+        imp = None if importance is None else importance.get(name)
+        if importance is not None and imp is None and requires_imatrix(name, qtype, ""):
+            raise UserError(f"{name}: the importance matrix has no entry for it, and llama.cpp writes {qtype.name} "
+                            f"only with one (llama-quantize refuses it too)")
+        return encode(w, qtype, imp)
 
     return enc
 

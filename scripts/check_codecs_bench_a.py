@@ -2,7 +2,8 @@
 
     python scripts/check_codecs_bench_a.py [--types Q4_K Q5_K ...] [--model ../shared/models/bench-a]
 
-Each matrix is quantized without and with a random importance vector (one per matrix, fixed seed).
+Each matrix is quantized without and with a random importance vector (one per matrix, fixed seed); IQ2_XXS and
+IQ2_XS only with one (ggml asserts it).
 Exits 1 unless every block of every type is byte-identical.
 """
 
@@ -22,7 +23,8 @@ import ggml_oracle  # noqa: E402
 from edgequant.checkpoint import Checkpoint  # noqa: E402
 from edgequant.convert.codecs import codec  # noqa: E402
 
-DEFAULT_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_K", "IQ4_NL", "IQ4_XS"]
+DEFAULT_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_K", "IQ4_NL", "IQ4_XS",
+                 "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
 
 
 def main() -> int:
@@ -37,7 +39,8 @@ def main() -> int:
     for qtype in args.types:
         c = codec(qtype)
         rng = np.random.default_rng(0)
-        for with_importance in (False, True) if c.uses_importance else (False,):
+        weightings = (True,) if c.needs_importance else (False, True) if c.uses_importance else (False,)
+        for with_importance in weightings:  # ggml asserts an importance for IQ2_XXS/IQ2_XS
             same = total = 0
             t_ours = t_ggml = 0.0
             for name, w in matrices:

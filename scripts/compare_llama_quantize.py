@@ -13,6 +13,7 @@ a few blocks.  llama.cpp's tools come from scripts/build_llama_tools.sh (.cache/
 pipelines (wall clock, same machine) for the speed comparison in docs/BENCHMARKS.md.
 
     python scripts/compare_llama_quantize.py ../shared/models/bench-a --ftypes Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K Q8_0
+    python scripts/compare_llama_quantize.py ../shared/models/bench-a --ftypes IQ3_M IQ3_S IQ3_XS --method imatrix --chunks 64
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import gguf
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# ftypes with tensors llama-quantize will not write without an imatrix (edgequant.convert.recipes.requires_imatrix)
+NEED_IMATRIX = {"Q2_K_S", "IQ3_XXS", "IQ3_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M"}
 TOOLS = ROOT / ".cache" / "llama-tools"
 
 
@@ -74,6 +77,8 @@ def main() -> int:
     p.add_argument("--calib", type=Path, default=ROOT.parent / "shared/data/wikitext-2/wiki.train.first1MB.txt")
     p.add_argument("--chunks", type=int, default=256)
     p.add_argument("--no-imatrix", action="store_true")
+    p.add_argument("--method", choices=["both", "rtn", "imatrix"], default="both",
+                   help="which quantizations to compare (rtn is skipped for ftypes llama.cpp writes only with an imatrix)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     edgequant = [sys.executable, "-m", "edgequant.cli", "build", str(args.model), "--quiet"]
@@ -96,7 +101,11 @@ def main() -> int:
             run([tool("llama-imatrix"), "-m", str(ref16), "-f", str(args.calib), "-c", "512", "--chunks", str(args.chunks),
                  "-t", str(args.threads), "-o", str(imatrix)])
         for ftype in args.ftypes:
-            for use_imatrix in ([False, True] if imatrix else [False]):
+            methods = {"both": [False, True], "rtn": [False], "imatrix": [True]}[args.method]
+            for use_imatrix in methods if imatrix else [False]:
+                if not use_imatrix and ftype in NEED_IMATRIX:
+                    print(f"{ftype}: llama-quantize refuses it without an imatrix (rtn skipped)", flush=True)
+                    continue
                 ref, ours = tmp / f"ref-{ftype}.gguf", tmp / f"ours-{ftype}.gguf"
                 extra = ["--imatrix", str(imatrix)] if use_imatrix else []
                 t_ref = run([tool("llama-quantize"), *extra, str(ref32), str(ref), ftype, str(args.threads)])

@@ -111,6 +111,24 @@ def test_unknown_target(capsys, tmp_path, tiny_llama):
     expect_error(capsys, build_argv(tiny_llama, tmp_path, target="Q9_K"), "unknown --target", "Q4_K_M")
 
 
+REFUSED_LOW_BIT = [
+    # llama-quantize refuses these without an importance matrix (IQ3_XS puts attn_q/attn_k at IQ3_XXS)
+    (["--target", "IQ3_XS", "--method", "rtn"], "blk.0.", "is IQ3_XXS", "importance matrix", "--imatrix", "--calib"),
+    (["--target", "Q2_K_S", "--method", "rtn"], "is Q2_K", "importance matrix"),
+    # GPTQ rounds weight by weight: not onto a codebook (before calibration: the default method never starts)
+    (["--target", "IQ3_M"], "--method gptq", "IQ3_S", "--method imatrix"),
+    # types without a codec yet
+    (["--target", "IQ1_M", "--method", "imatrix"], "IQ1_M", "not implemented"),
+]
+
+
+@pytest.mark.parametrize(("options", "fragments"), [(b[0], b[1:]) for b in REFUSED_LOW_BIT])
+def test_refused_low_bit_targets(capsys, tmp_path, tiny_llama, options, fragments):
+    out = tmp_path / "out"
+    out.mkdir()
+    expect_error(capsys, ["build", str(tiny_llama), *options, "-o", str(out / "m.gguf"), "--quiet"], *fragments)
+
+
 # --size / --bpw / --target auto: refused before calibration (the default method, GPTQ, never starts).  tiny-llama's
 # smallest file is about 0.6 MB, its F16 file about 3.7 MB.
 BAD_BUDGETS = [

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from edgequant.convert.imatrix_file import write_imatrix_gguf
-from edgequant.convert.recipes import FTYPES, ArchFacts, tensor_type
+from edgequant.convert.recipes import FTYPES, ArchFacts, requires_imatrix, tensor_type
 from edgequant.errors import UserError
 
 Q = gguf.GGMLQuantizationType
@@ -75,6 +75,10 @@ ODD_GQA4 = Model(n_layers=8, n_head=8, n_head_kv=2, hidden=544, ffn=1440)
 
 K2, K3, K4, K5, K6 = Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K
 NL, XS = Q.IQ4_NL, Q.IQ4_XS
+S3, XXS3, S2, XS2, XXS2, S1, M1 = Q.IQ3_S, Q.IQ3_XXS, Q.IQ2_S, Q.IQ2_XS, Q.IQ2_XXS, Q.IQ1_S, Q.IQ1_M
+
+# The ftypes llama.cpp refuses to write without an importance matrix (some of their tensors' types need one).
+NEED_IMATRIX = ("Q2_K_S", "IQ3_XXS", "IQ3_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 
 # ftype -> role -> types at GQA8's layers 0, 1, 3, 4, 7 (use_more_bits(i, 8) holds for 0, 3, 6, 7).
 GQA8_LAYERS = (0, 1, 3, 4, 7)
@@ -99,6 +103,21 @@ GQA8_TABLE = {
     # gqa >= 4: attn_v to Q5_K; without an imatrix the first n_layers // 8 ffn_down to Q5_K
     "IQ4_NL": {"attn_v": (K5,) * 5, "ffn_down": (K5, NL, NL, NL, NL), "attn_output": (NL,) * 5, "attn_q": (NL,) * 5},
     "IQ4_XS": {"attn_v": (K5,) * 5, "ffn_down": (K5, XS, XS, XS, XS), "attn_output": (XS,) * 5, "ffn_up": (XS,) * 5},
+    # gqa >= 4: attn_v to Q4_K; IQ3_XXS's ffn_down rule without an imatrix (with one: test_imatrix_rules_of_iq3_xxs)
+    "Q2_K_S": {"attn_v": (K4,) * 5, "ffn_down": (K4, K2, K2, K2, K2), "attn_output": (K2,) * 5, "attn_q": (K2,) * 5},
+    "IQ3_XXS": {"attn_v": (K4,) * 5, "ffn_down": (K4, K3, K3, K3, K3), "attn_output": (S3,) * 5, "attn_q": (S2,) * 5,
+                "attn_k": (S2,) * 5, "ffn_up": (XXS3,) * 5, "ffn_gate": (XXS3,) * 5},
+    "IQ3_XS": {"attn_v": (K4,) * 5, "ffn_down": (S3,) * 5, "attn_output": (S3,) * 5, "attn_q": (XXS3,) * 5,
+               "attn_k": (XXS3,) * 5, "ffn_up": (S3, XXS3, XXS3, XXS3, S3), "ffn_gate": (S3, XXS3, XXS3, XXS3, S3)},
+    "IQ3_S": {"attn_v": (K4,) * 5, "ffn_down": (S3,) * 5, "attn_output": (S3,) * 5, "attn_q": (S3,) * 5},
+    "IQ3_M": {"attn_v": (K4,) * 5, "ffn_down": (K4, S3, S3, S3, S3), "attn_output": (K4,) * 5, "ffn_up": (S3,) * 5},
+    "IQ2_XXS": {"attn_v": (K4,) * 5, "ffn_down": (K2, XXS2, XXS2, XXS2, XXS2), "attn_output": (XXS2,) * 5,
+                "attn_k": (XXS2,) * 5},
+    "IQ2_XS": {"attn_v": (K4,) * 5, "ffn_down": (K2, XS2, XS2, XS2, XS2), "attn_output": (XS2,) * 5, "attn_q": (XS2,) * 5},
+    "IQ2_S": {"attn_v": (K4,) * 5, "ffn_down": (S3, XS2, XS2, XS2, XS2), "attn_output": (S3,) * 5, "ffn_up": (XS2,) * 5},
+    "IQ2_M": {"attn_v": (K4,) * 5, "ffn_down": (S3, S2, S2, S2, S2), "attn_output": (S3,) * 5, "ffn_gate": (S2,) * 5},
+    "IQ1_S": {"attn_v": (K4,) * 5, "ffn_down": (K2, S1, S1, S1, S1), "attn_output": (XXS2,) * 5, "attn_q": (S1,) * 5},
+    "IQ1_M": {"attn_v": (K4,) * 5, "ffn_down": (K2, M1, M1, M1, M1), "attn_output": (XXS2,) * 5, "attn_k": (M1,) * 5},
 }
 
 # ftype -> (output, token_embd) for GQA8 (untied): output goes to Q6_K unless the file is Q8_0 or unquantized.
@@ -107,6 +126,9 @@ GQA8_ENDS = {
     "Q4_K_M": (K6, K4), "Q5_K_S": (K6, K5), "Q5_K_M": (K6, K5), "Q6_K": (K6, K6), "Q8_0": (Q.Q8_0, Q.Q8_0),
     "Q4_0": (K6, Q.Q4_0), "Q4_1": (K6, Q.Q4_1), "Q5_0": (K6, Q.Q5_0), "Q5_1": (K6, Q.Q5_1),
     "F16": (Q.F16, Q.F16), "BF16": (Q.BF16, Q.BF16), "F32": (Q.F32, Q.F32), "IQ4_NL": (K6, NL), "IQ4_XS": (K6, XS),
+    # the 1- to 2-bit i-quants and IQ3_XXS: output Q5_K; token_embd Q2_K or IQ3_S
+    "Q2_K_S": (K6, K2), "IQ3_XXS": (K5, S3), "IQ3_XS": (K6, S3), "IQ3_S": (K6, S3), "IQ3_M": (K6, S3),
+    "IQ2_XXS": (K5, K2), "IQ2_XS": (K5, K2), "IQ2_S": (K5, S3), "IQ2_M": (K5, S3), "IQ1_S": (K5, K2), "IQ1_M": (K5, K2),
 }
 
 # ftype -> (attn_v, ffn_down) at MHA2_TIED's layers 0 and 1 (use_more_bits(i, 2) only for 1; gqa 1), and
@@ -123,6 +145,12 @@ MHA2_TABLE = {
     "F16": ((Q.F16, Q.F16), (Q.F16, Q.F16), Q.F16),
     "IQ4_NL": ((NL, NL), (NL, NL), K6),  # gqa 1, and 2 // 8 = 0 ffn_down bumps
     "IQ4_XS": ((XS, XS), (XS, XS), K6),
+    "IQ3_XXS": ((S3, S3), (K3, K3), K5),  # without an imatrix: attn_v IQ3_S, ffn_down Q3_K (2 // 8 = 0 Q4_K)
+    "IQ3_M": ((K4, K4), (S3, S3), K6),
+    "IQ3_S": ((S3, S3), (S3, S3), K6),
+    "IQ2_XXS": ((K2, K2), (XXS2, XXS2), K5),  # gqa 1: attn_v Q2_K
+    "IQ2_M": ((S3, S3), (S2, S2), K5),
+    "IQ1_M": ((K2, K2), (M1, M1), K5),
 }
 
 # Rows that are not whole 256-blocks: (model, ftype, name, layer, expected).
@@ -156,6 +184,18 @@ FALLBACKS = [
     (ODDER, "IQ4_XS", "blk.0.ffn_down.weight", 0, Q.F16),  # 1000 columns: not even IQ4_NL fits
     (ODDER, "IQ4_NL", "blk.1.ffn_down.weight", 1, Q.F16),
     (ODDER, "IQ4_XS", "token_embd.weight", None, Q.Q8_0),  # tied: output rules
+    (ODD, "IQ3_S", "blk.1.attn_q.weight", 1, NL),  # every 256-block i-quant -> IQ4_NL
+    (ODD, "IQ3_XS", "blk.1.attn_q.weight", 1, NL),
+    (ODD, "IQ3_M", "output.weight", None, Q.Q8_0),
+    (ODD, "IQ3_XXS", "output.weight", None, Q.Q8_0),  # before the Q5_K rule
+    (ODD, "IQ2_M", "token_embd.weight", None, NL),  # IQ3_S -> IQ4_NL
+    (ODD, "IQ1_S", "token_embd.weight", None, Q.Q4_0),  # Q2_K -> Q4_0
+    (ODD, "IQ2_XXS", "blk.0.attn_v.weight", 0, Q.Q4_0),
+    (ODD, "IQ1_M", "blk.1.ffn_up.weight", 1, NL),
+    (ODD, "IQ2_S", "blk.1.attn_output.weight", 1, NL),
+    (ODD_GQA4, "IQ2_XS", "blk.3.attn_v.weight", 3, Q.Q5_0),  # Q4_K -> Q5_0
+    (ODDER, "IQ3_XXS", "blk.1.ffn_down.weight", 1, Q.F16),
+    (ODDER, "IQ2_M", "token_embd.weight", None, Q.Q8_0),  # tied: output rules
 ]
 
 
@@ -210,6 +250,35 @@ def test_imatrix_keeps_first_ffn_down_of_iq4(ftype):
     assert GQA8.type_of(ftype, "blk.0.attn_v.weight", 0, has_imatrix=True) == K5  # the gqa bump does not care
 
 
+def test_imatrix_rules_of_iq3_xxs():
+    """IQ3_XXS's attn_v (gqa < 4) and ffn_down move only without an imatrix: with one they stay IQ3_XXS."""
+    assert MHA2_TIED.type_of("IQ3_XXS", "blk.0.attn_v.weight", 0, has_imatrix=True) == XXS3
+    assert GQA8.type_of("IQ3_XXS", "blk.0.ffn_down.weight", 0, has_imatrix=True) == XXS3
+    assert GQA8.type_of("IQ3_XXS", "blk.0.attn_v.weight", 0, has_imatrix=True) == K4
+
+
+def test_eight_experts():
+    """With 8 experts the 3-bit i-quants put attn_v/attn_k at Q8_0 and attn_output at Q5_K, as the K-quants; the
+    1- and 2-bit ones attn_v/attn_k at Q4_K and attn_output at Q5_K, no Q8_0."""
+    moe = Model(n_layers=8, n_head=8, n_head_kv=8, hidden=512, ffn=1536, n_expert=8)
+    for ftype in ("IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"):
+        assert [moe.type_of(ftype, f"blk.2.{r}.weight", 2) for r in ("attn_v", "attn_k", "attn_output")] == [Q.Q8_0, Q.Q8_0, K5]
+    for ftype in ("IQ2_XXS", "IQ1_M", "IQ2_M"):
+        assert [moe.type_of(ftype, f"blk.2.{r}.weight", 2) for r in ("attn_v", "attn_k", "attn_output")] == [K4, K4, K5]
+    assert moe.type_of("IQ3_M", "blk.3.ffn_down.weight", 3) == K4  # use_more_bits(3, 8)
+    assert moe.type_of("IQ3_M", "blk.4.ffn_down.weight", 4) == S3
+
+
+def test_requires_imatrix():
+    """llama.cpp's list: the 1- to 3-bit lattice types and Q2_K in Q2_K_S, never token_embd or output."""
+    for t in (XXS3, S2, XS2, XXS2, S1, M1):
+        assert requires_imatrix("blk.0.attn_q.weight", t, "IQ2_M")
+        assert not requires_imatrix("token_embd.weight", t, "IQ2_M") and not requires_imatrix("output.weight", t, "IQ2_M")
+    assert requires_imatrix("blk.0.ffn_up.weight", K2, "Q2_K_S") and not requires_imatrix("blk.0.ffn_up.weight", K2, "Q2_K")
+    for t in (S3, NL, XS, K4, Q.Q8_0):
+        assert not requires_imatrix("blk.0.attn_q.weight", t, "IQ3_M")
+
+
 def test_fused_qkv_follows_attn_v():
     got = tensor_type("blk.3.attn_qkv.weight", 3, 8, "Q4_K_M", (1536, 512), GQA8.facts)
     assert got == Q.Q6_K
@@ -219,7 +288,9 @@ def test_ftypes_name_the_gguf_file_types():
     assert FTYPES["Q4_K_M"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert FTYPES["F32"] == gguf.LlamaFileType.ALL_F32
     assert FTYPES["IQ4_XS"] == gguf.LlamaFileType.MOSTLY_IQ4_XS
-    assert len(FTYPES) == 19
+    assert FTYPES["IQ3_M"] == gguf.LlamaFileType.MOSTLY_IQ3_M and FTYPES["IQ1_M"] == gguf.LlamaFileType.MOSTLY_IQ1_M
+    assert FTYPES["Q2_K_S"] == gguf.LlamaFileType.MOSTLY_Q2_K_S
+    assert len(FTYPES) == 30
 
 
 def test_unknown_ftype_is_a_user_error():
@@ -265,17 +336,23 @@ def _write_f16_gguf(path, model: Model) -> None:
     w.close()
 
 
-def _llama_quantize(src, dst, ftype: str, with_imatrix: bool) -> dict[str, Q]:
+def _llama_quantize(src, dst, ftype: str, with_imatrix: bool, model: Model | None = None) -> dict[str, Q] | None:
+    """llama.cpp's types for every tensor, or None where llama_model_quantize fails.  with_imatrix: an importance
+    of ones for every matrix of `model` (without `model`, an entry for no tensor: llama.cpp then only notes that an
+    imatrix was given)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(FTYPES[ftype])
     params.nthread = 1
-    if with_imatrix:  # an entry for no tensor: llama.cpp only notes that an imatrix was given
-        data = (ctypes.c_float * 1)(1.0)
-        entries = (llama_cpp.llama_model_imatrix_data * 2)()
-        entries[0].name, entries[0].data, entries[0].size = b"unused", data, 1
+    if with_imatrix:
+        matrices = [(n, s[-1]) for n, _, s in model.tensors() if len(s) == 2] if model else [("unused", 1)]
+        keep = [(n.encode(), (ctypes.c_float * cols)(*[1.0] * cols)) for n, cols in matrices]
+        entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+        for e, (name, data), (_, cols) in zip(entries, keep, matrices):
+            e.name, e.data, e.size = name, data, cols
         params.imatrix = entries
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        return None
     return {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(dst).tensors}
 
 
@@ -287,13 +364,33 @@ def f16_model(request, tmp_path_factory):
     return model, path
 
 
-@pytest.mark.parametrize("ftype", sorted(FTYPES))
+@pytest.mark.parametrize("ftype", sorted(set(FTYPES) - set(NEED_IMATRIX)))
 def test_matches_llama_quantize(f16_model, ftype, tmp_path):
     model, src = f16_model
     theirs = _llama_quantize(src, tmp_path / "out.gguf", ftype, with_imatrix=False)
     ours = {name: tensor_type(name, layer, model.n_layers, ftype, shape, model.facts)
             for name, layer, shape in model.tensors()}
     assert ours == theirs
+
+
+@pytest.mark.parametrize("ftype", sorted(set(NEED_IMATRIX) | {"IQ3_S", "IQ3_M", "IQ4_XS", "Q4_K_M"}))
+def test_matches_llama_quantize_with_full_imatrix(f16_model, ftype, tmp_path):
+    """The low-bit ftypes, which llama.cpp writes only with an importance matrix for every tensor that needs one."""
+    model, src = f16_model
+    theirs = _llama_quantize(src, tmp_path / "out.gguf", ftype, with_imatrix=True, model=model)
+    ours = {name: tensor_type(name, layer, model.n_layers, ftype, shape, model.facts, has_imatrix=True)
+            for name, layer, shape in model.tensors()}
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("ftype", NEED_IMATRIX)
+def test_llama_quantize_refuses_without_imatrix(ftype, tmp_path):
+    """Where llama.cpp refuses an ftype without an importance matrix, requires_imatrix names a tensor of it."""
+    model = ORACLE_MODELS["gqa8"]
+    _write_f16_gguf(tmp_path / "in.gguf", model)
+    assert _llama_quantize(tmp_path / "in.gguf", tmp_path / "out.gguf", ftype, with_imatrix=False) is None
+    assert any(requires_imatrix(name, tensor_type(name, layer, model.n_layers, ftype, shape, model.facts), ftype)
+               for name, layer, shape in model.tensors())
 
 
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q5_0", "Q4_K_M", "IQ4_NL", "IQ4_XS"])
@@ -327,7 +424,8 @@ def _convert_script() -> pathlib.Path | None:
 @pytest.mark.skipif(not BENCH_A.exists(), reason="../shared missing")
 @pytest.mark.skipif(_llama_quantize_bin() is None or _convert_script() is None, reason="llama.cpp tools not built")
 def test_bench_a_matches_llama_quantize_binary(tmp_path):
-    """Every ftype, plus Q4_0/Q5_0 with an imatrix file from our writer (which llama-quantize must accept)."""
+    """Every ftype, plus Q4_0/Q5_0 with an imatrix file from our writer (which llama-quantize must accept; the
+    ftypes that need one always get it)."""
     f16 = tmp_path / "bench-a-f16.gguf"
     subprocess.run([sys.executable, str(_convert_script()), str(BENCH_A), "--outfile", str(f16), "--outtype", "f16"],
                    check=True, capture_output=True)
@@ -341,7 +439,7 @@ def test_bench_a_matches_llama_quantize_binary(tmp_path):
     imatrix = tmp_path / "imatrix.gguf"
     write_imatrix_gguf(imatrix, {n: (np.ones(s[-1]), 1) for n, s in shapes.items() if len(s) == 2},
                        datasets=["ones"], chunk_count=1, chunk_size=1)
-    for ftype, with_imatrix in [(f, False) for f in FTYPES] + [("Q4_0", True), ("Q5_0", True)]:
+    for ftype, with_imatrix in [(f, f in NEED_IMATRIX) for f in FTYPES] + [("Q4_0", True), ("Q5_0", True)]:
         out = tmp_path / f"{ftype}.gguf"
         options = ["--imatrix", str(imatrix)] if with_imatrix else []
         subprocess.run([_llama_quantize_bin(), *options, str(f16), str(out), ftype, "2"], check=True, capture_output=True)

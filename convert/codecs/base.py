@@ -114,6 +114,11 @@ class Codec(ABC):
     type_size: ClassVar[int]  # bytes per block
     # Does `fit` use the importance vector?  (ggml ignores it for some types, e.g. Q8_0.)
     uses_importance: ClassVar[bool] = True
+    # Does `fit` require it?  (ggml asserts an importance for IQ2_XXS and IQ2_XS.)
+    needs_importance: ClassVar[bool] = False
+    # Are the weights on a per-weight grid (`grid`, `codes`, `with_codes`)?  Not for the lattice types (lattice.py),
+    # whose groups of weights are codebook points.
+    scalar_grid: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -168,6 +173,10 @@ class Codec(ABC):
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """fit + pack: the bytes ggml_quantize_chunk writes for the same input."""
         return self.pack(self.fit(np.ascontiguousarray(w, dtype=np.float32), importance))
+
+    def check_importance(self, importance: np.ndarray | None) -> None:
+        if importance is None and self.needs_importance:
+            raise ValueError(f"{self.name}: ggml quantizes this type only with an importance vector")
 
     def check_shape(self, n_per_row: int) -> None:
         if n_per_row % self.block_size:

@@ -1,7 +1,7 @@
 """One contract for choosing a codec's block scales: `fit(codec, w, importance)`, on w's device.
 
     f = fit(codec, w, importance)   # w (rows, n) torch; importance (n,) or None
-    f.scale, f.offset               # the grid, (rows, n // group) float32 on w's device
+    f.scale, f.offset               # the grid, (rows, n // group) float32 on w's device (None: lattice types)
     f.levels                        # the table types' levels (float32 on w's device), None for uniform grids
     f.blocks()                      # the codec's logical Blocks (numpy), ready for codec.pack
     f.dequantize()                  # codec.dequantize(f.blocks()) on w's device
@@ -12,7 +12,7 @@ first that covers the codec, the device and the weighting runs it:
     triton  the K-quants' importance-weighted fits and IQ4_NL/IQ4_XS's on a CUDA device, without host round trips
             (triton_fit)
     c       every type native/fit.c writes, when the extension is built: on the CPU (from a GPU, through the host)
-    numpy   the codec's own `fit`: every type, any device (through the host)
+    numpy   the codec's own `fit`: every type, any device (through the host); IQ2_XXS/IQ2_XS only weighted
 
 tests/test_fit_conformance.py checks each backend against numpy and libggml: a new type or backend is added there.
 """
@@ -43,7 +43,9 @@ class Fit:
     """A codec's fitted blocks and their grid.
 
     fields: the Blocks dataclass's fields as tensors (same names, dtypes and shapes as the numpy ones; `q` holds the
-    codes in every codec); scale, offset, levels: codec.grid(blocks)'s, on the fit's device.
+    codes in every scalar-grid codec); scale, offset, levels: codec.grid(blocks)'s, on the fit's device.  A lattice
+    codec (codec.scalar_grid False: groups of weights are codebook points) has no grid: scale and offset are None
+    and w_hat holds its dequantized weights on the fit's device.
     """
 
     blocks_type: type
@@ -54,13 +56,18 @@ class Fit:
     qmin: int
     qmax: int
     levels: torch.Tensor | None = None
+    w_hat: torch.Tensor | None = None
 
     @staticmethod
     def of(codec: Codec, blocks, device: torch.device) -> Fit:
-        """A Fit of numpy Blocks, the grid moved to `device` (the fields stay on the host)."""
-        grid = codec.grid(blocks)
+        """A Fit of numpy Blocks, the grid (a lattice codec: the dequantized weights) moved to `device` (the fields
+        stay on the host)."""
         fields = {f.name: torch.from_numpy(np.require(getattr(blocks, f.name), requirements="W"))
                   for f in dataclasses.fields(blocks)}
+        if not codec.scalar_grid:
+            w_hat = torch.from_numpy(codec.dequantize(blocks)).to(device)
+            return Fit(type(blocks), fields, None, None, codec.block_size, 0, 0, None, w_hat)
+        grid = codec.grid(blocks)
         scale, offset = (torch.from_numpy(a).to(device) for a in (grid.scale, grid.offset))
         levels = None if grid.levels is None else torch.from_numpy(grid.levels).to(device)
         return Fit(type(blocks), fields, scale, offset, grid.group, grid.qmin, grid.qmax, levels)
@@ -71,6 +78,8 @@ class Fit:
 
     def dequantize(self) -> torch.Tensor:
         """codec.dequantize(self.blocks()), bit for bit, on the grid's device."""
+        if self.w_hat is not None:
+            return self.w_hat
         q = self.fields["q"].to(self.scale.device)
         return dequantized(q.reshape(q.shape[0], -1).float(), self.scale, self.offset, self.levels)
 
@@ -79,9 +88,11 @@ class Fit:
         """Fits of consecutive column ranges of the same rows (axis 1, along the block axis), or of consecutive row
         ranges (axis 0: rows are fitted independently) -> one fit."""
         first = parts[0]
-        return dataclasses.replace(
-            first, fields={k: torch.cat([p.fields[k] for p in parts], axis) for k in first.fields},
-            scale=torch.cat([p.scale for p in parts], axis), offset=torch.cat([p.offset for p in parts], axis))
+        def cat(name: str) -> torch.Tensor | None:
+            return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts], axis)
+
+        fields = {k: torch.cat([p.fields[k] for p in parts], axis) for k in first.fields}
+        return dataclasses.replace(first, fields=fields, scale=cat("scale"), offset=cat("offset"), w_hat=cat("w_hat"))
 
 
 class Backend(ABC):
@@ -108,7 +119,7 @@ class NumpyFit(Backend):
     name = "numpy"
 
     def covers(self, codec: Codec, weighted: bool) -> bool:
-        return True
+        return weighted or not codec.needs_importance  # ggml has no unweighted IQ2_XXS/IQ2_XS fit
 
     def fit(self, codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
         return Fit.of(codec, codec.fit(host(w), host(importance)), w.device)
@@ -172,7 +183,10 @@ def backends(device_type: str) -> tuple[Backend, ...]:
 
 
 def backend(codec: Codec, device: torch.device, weighted: bool) -> Backend:
-    return next(b for b in backends(device.type) if b.covers(codec, weighted))
+    found = next((b for b in backends(device.type) if b.covers(codec, weighted)), None)
+    if found is None:
+        raise ValueError(f"{codec.name}: ggml quantizes this type only with an importance vector")
+    return found
 
 
 # Weights per backend call: a fit's temporaries grow with its input (TritonFit's scale search holds several copies of
