@@ -84,6 +84,20 @@ def test_load_model_equals_the_checkpoint(llama, tiny_llama):
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny_phi3", "tiny_gemma2", "tiny_gemma3"])
+def test_load_model_equals_the_checkpoint_for_each_architecture(name, request):
+    """Also where the model computes scalars at init (Gemma's embedding scale, lost on the meta device) and where SDPA
+    cannot compute it (Gemma 2's soft-capped attention)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = request.getfixturevalue(name)
+    ids = torch.tensor([[2, 40, 41, 42, 43, 7] * 8])  # past the Gemma fixtures' 32-token sliding window
+    ours = sc.load_model(SourceModel(str(model_dir)), CPU, torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_self_windows_plain_and_chat(qwen, tiny_qwen2):
     """A model with a chat template: a quarter of the windows open a user turn of it, the rest start a document
     (Qwen has no BOS: its end-of-text token) and never sample an end-of-text token; same seed, same windows."""
