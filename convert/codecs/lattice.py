@@ -1,5 +1,6 @@
-"""The codec base of the lattice i-quants (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S; IQ1_M to come): types whose
-weights come in groups of 4 or 8, each group one point of a fixed codebook, with sign bits and small block scales.
+"""The codec base of the lattice i-quants (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S; IQ1_M to come): types
+whose weights come in groups of 4 or 8, each group one point of a fixed codebook, with sign bits and small block
+scales.
 
 Their weights have no per-weight scalar grid (w_hat = scale * level(q) + offset with q chosen weight by weight): a
 group's point is chosen jointly, so `grid`, `codes` and `with_codes` of the scalar codecs do not exist for them,

@@ -78,6 +78,8 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     rows, cols = W.shape
     S = codec.block_size
     codec.check_shape(cols)
+    if not codec.scalar_grid:  # groups of weights are codebook points: vector GPTQ (issue 19) is not written yet
+        raise ValueError(f"{codec.name} is a codebook (lattice) type: GPTQ rounds weight by weight onto scalar grids")
     if block_size % S and S % block_size:
         raise ValueError(f"block_size {block_size} must be a multiple or a divisor of {codec.name}'s {S}")
     sweep, polish, refit_loop = pick_sweeps(backend, device)
