@@ -72,12 +72,14 @@ ROUNDS = {"generation": (5, 100), "prompt": (3, 20)}
 CALLS = {"generation": 3, "prompt": 1}
 SCHEMA = 2  # bump when what is measured changes: the disk cache is keyed by it
 
-# ps per weight (generation) and per weight and token (prompt): measured by `measure` on an AMD EPYC with AVX2 (no
-# AVX-512) and llama-cpp-python 0.3.36's libggml, one thread, rows of 512 and 1536 (bench-a's), the machine shared
-# (docs/BENCHMARKS.md).  Used only where libggml cannot be loaded, as a guess that keeps the types' order on x86.
+# ps per weight (generation) and per weight and token (prompt), on an AMD EPYC with AVX2 (no AVX-512) and
+# llama-cpp-python 0.3.36's libggml, one thread, the machine shared: the 256-wide types and F16 and Q8_0 from
+# `measure` on rows of 512 for 6 s (docs/BENCHMARKS.md's table), the 32-wide ones from an earlier prototype of it
+# (rows of 2048 and 4096, a 128-token batch).  Used only where libggml cannot be loaded, as a guess that keeps the
+# types' order on x86.
 FALLBACK_PS = {
-    Q.F16: (75.0, 34.0), Q.Q8_0: (55.0, 40.0), Q.Q6_K: (56.0, 37.0), Q.Q5_K: (76.0, 39.0), Q.Q4_K: (47.0, 37.0),
-    Q.Q3_K: (57.0, 39.0), Q.Q2_K: (41.0, 38.0), Q.IQ4_XS: (80.0, 40.0), Q.IQ4_NL: (45.0, 36.0),
+    Q.F16: (62.8, 33.8), Q.Q8_0: (59.1, 37.6), Q.Q6_K: (60.7, 39.2), Q.Q5_K: (75.2, 37.6), Q.Q4_K: (36.7, 30.1),
+    Q.Q3_K: (68.2, 39.3), Q.Q2_K: (46.8, 40.7), Q.IQ4_XS: (73.5, 41.3), Q.IQ4_NL: (45.0, 36.0),
     Q.Q4_0: (44.0, 35.0), Q.Q4_1: (80.0, 90.0), Q.Q5_0: (85.0, 58.0), Q.Q5_1: (90.0, 100.0),
 }
 

@@ -15,7 +15,7 @@ Q = gguf.GGMLQuantizationType
 # every type on a menu, with a row length each menu allows: rows of 256 and of 32 (SmolLM2's 576)
 CASES = sorted({(q, 512) for q in menu("blk.0.ffn_up.weight", (1536, 512))}
                | {(q, 576) for q in menu("blk.0.ffn_up.weight", (1536, 576))})
-QUICK = {"generation": 0.05, "prompt": 0.1}
+QUICK = {"generation": 0.1, "prompt": 0.2}
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,11 @@ def test_every_menu_type_has_a_positive_finite_cost(measured):
 
 
 def test_costs_order_as_the_kernels_work(measured):
-    """F16's dot product reads twice Q8_0's bytes and widens every half to float where Q8_0 multiplies bytes: slower
-    per weight in generation.  A batch of tokens shares each weight's unpacking: per weight and token, the prompt's
-    multiply is no slower than one token's for the unpacking-heavy K-quants."""
-    assert measured.generation[Q.F16, 512] > measured.generation[Q.Q8_0, 512]
+    """Q5_K unpacks a fifth bit from a separate array for every weight that Q4_K does not have (and Q4_K is the type
+    ggml repacks first): slower per weight in generation.  A batch of tokens shares each weight's unpacking: per
+    weight and token, the prompt's multiply is faster than one token's for the unpacking-heavy K-quants.  (F16 against
+    Q8_0 is no such check: in cache, on this AVX2 machine, they came within 10 % of each other.)"""
+    assert measured.generation[Q.Q4_K, 512] < measured.generation[Q.Q5_K, 512]
     for q in (Q.Q3_K, Q.Q5_K, Q.Q6_K):
         assert measured.prompt[q, 512] < measured.generation[q, 512], q
 
