@@ -159,6 +159,9 @@ def _cached(cases: frozenset) -> ComputeCost:
 
 
 def cache_dir() -> pathlib.Path:
+    """EDGEQUANT_CACHE_DIR (the tests point it at a temporary folder), else the user's cache folder."""
+    if os.environ.get("EDGEQUANT_CACHE_DIR"):
+        return pathlib.Path(os.environ["EDGEQUANT_CACHE_DIR"]) / "compute_cost"
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "edgequant" / "compute_cost"
 
 

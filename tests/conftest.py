@@ -13,6 +13,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = REPO_ROOT / "tests" / "fixtures"  # built by scripts/make_fixtures.py
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_dir(tmp_path_factory):
+    """Builds under test (and the edgequant processes they start) keep what they cache, such as
+    edgequant.compute_cost's timings, in a temporary folder, not in the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEQUANT_CACHE_DIR", str(tmp_path_factory.mktemp("edgequant-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

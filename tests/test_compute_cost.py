@@ -31,16 +31,6 @@ def test_every_menu_type_has_a_positive_finite_cost(measured):
     assert measured.source.startswith("measured")
 
 
-def test_costs_order_as_the_kernels_work(measured):
-    """Q5_K unpacks a fifth bit from a separate array for every weight that Q4_K does not have (and Q4_K is the type
-    ggml repacks first): slower per weight in generation.  A batch of tokens shares each weight's unpacking: per
-    weight and token, the prompt's multiply is faster than one token's for the unpacking-heavy K-quants.  (F16 against
-    Q8_0 is no such check: in cache, on this AVX2 machine, they came within 10 % of each other.)"""
-    assert measured.generation[Q.Q4_K, 512] < measured.generation[Q.Q5_K, 512]
-    for q in (Q.Q3_K, Q.Q5_K, Q.Q6_K):
-        assert measured.prompt[q, 512] < measured.generation[q, 512], q
-
-
 def test_fallback_without_libggml(monkeypatch, tmp_path):
     def unavailable():
         raise cc.GgmlUnavailable("no llama_cpp here")
