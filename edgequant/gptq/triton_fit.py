@@ -452,19 +452,25 @@ def _qx_sums(X, W, G, g, inside, iscale, nmax, N: tl.constexpr):
     return sumlx, suml2
 
 
-@triton.jit(do_not_specialize=["G"])
-def _qx_kernel(X, W, NUMERATORS, SCALE, CODES, G, nmax, eps, N: tl.constexpr, NTRIALS: tl.constexpr,
-               BLOCK_G: tl.constexpr):
-    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
-    inside = g < G
-    peak = tl.load(X + g, mask=inside, other=0.0)  # signed_peak: where |x| is largest, first
+@triton.jit
+def _signed_peak(X, G, g, inside, N: tl.constexpr):
+    """search_symmetric.signed_peak over element-major X: (largest |x|, the signed x where it first occurs, or +0)."""
+    peak = tl.load(X + g, mask=inside, other=0.0)
     amax = tl.abs(peak)
     for i in tl.range(1, N, loop_unroll_factor=4):
         x = tl.load(X + i * G + g, mask=inside, other=0.0)
         up = tl.abs(x) > amax
         amax = tl.where(up, tl.abs(x), amax)
         peak = tl.where(up, x, peak)
-    peak = tl.where(amax > 0, peak, 0.0)
+    return amax, tl.where(amax > 0, peak, 0.0)
+
+
+@triton.jit(do_not_specialize=["G"])
+def _qx_kernel(X, W, NUMERATORS, SCALE, CODES, G, nmax, eps, N: tl.constexpr, NTRIALS: tl.constexpr,
+               BLOCK_G: tl.constexpr):
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    inside = g < G
+    amax, peak = _signed_peak(X, G, g, inside, N)
     best_iscale = tl.math.div_rn(tl.load(NUMERATORS), peak)
     sumlx, suml2 = _qx_sums(X, W, G, g, inside, best_iscale, nmax, N)
     scale = tl.where(suml2 != 0, tl.math.div_rn(sumlx, suml2), 0.0)
@@ -665,14 +671,7 @@ def _table_sums(X, W, VALUES, G, g, inside, iscale, N: tl.constexpr):
 def _iq4_scale_kernel(X, W, VALUES, SCALE, G, eps, NTRY: tl.constexpr, N: tl.constexpr, BLOCK_G: tl.constexpr):
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     inside = g < G
-    peak = tl.load(X + g, mask=inside, other=0.0)  # signed_peak: where |x| is largest, first
-    amax = tl.abs(peak)
-    for i in tl.range(1, N, loop_unroll_factor=4):
-        x = tl.load(X + i * G + g, mask=inside, other=0.0)
-        up = tl.abs(x) > amax
-        amax = tl.where(up, tl.abs(x), amax)
-        peak = tl.where(up, x, peak)
-    peak = tl.where(amax > 0, peak, 0.0)
+    amax, peak = _signed_peak(X, G, g, inside, N)
     d = tl.math.div_rn(-peak, -127.0)
     sumqx, sumq2 = _table_sums(X, W, VALUES, G, g, inside, tl.math.div_rn(1.0, d), N)
     d = tl.where(sumq2 > 0, tl.math.div_rn(sumqx, sumq2), 0.0)
