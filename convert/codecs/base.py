@@ -181,3 +181,11 @@ class Codec(ABC):
     def check_shape(self, n_per_row: int) -> None:
         if n_per_row % self.block_size:
             raise ValueError(f"{self.name}: row length {n_per_row} is not a multiple of {self.block_size}")
+
+    def blocks_of(self, w: np.ndarray) -> np.ndarray:
+        """(rows, n) weights -> float32 (rows, n // block_size, block_size), the row length checked."""
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if w.ndim != 2:
+            raise ValueError(f"{self.name}: expected a 2-D tensor, got shape {w.shape}")
+        self.check_shape(w.shape[1])
+        return w.reshape(w.shape[0], -1, self.block_size)

@@ -112,13 +112,6 @@ class TableCodec(Codec):
         """Table indices (rows, n_per_row) int32."""
         return blocks.q.reshape(blocks.q.shape[0], -1).astype(np.int32)
 
-    def blocks_of(self, w: np.ndarray) -> np.ndarray:
-        w = np.ascontiguousarray(w, dtype=F32)
-        if w.ndim != 2:
-            raise ValueError(f"{self.name}: expected a 2-D tensor, got shape {w.shape}")
-        self.check_shape(w.shape[1])
-        return w.reshape(w.shape[0], -1, self.block_size)
-
     def checked_indices(self, q: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """New codes for `with_codes`: table indices in [0, 15], as uint8 of the blocks' shape."""
         q = np.asarray(q)

@@ -16,7 +16,6 @@ import numpy as np
 
 from .base import AffineGrid, Codec
 
-F32 = np.float32
 
 
 class LatticeCodec(Codec):
@@ -32,10 +31,3 @@ class LatticeCodec(Codec):
     def with_codes(self, blocks, q: np.ndarray):
         raise NotImplementedError(f"{self.name} has codebook indices, not per-weight codes")
 
-    def blocks_of(self, w: np.ndarray) -> np.ndarray:
-        """(rows, n) float32 -> (rows, n // block_size, block_size), checked."""
-        w = np.ascontiguousarray(w, dtype=F32)
-        if w.ndim != 2:
-            raise ValueError(f"{self.name}: expected a 2-D tensor, got shape {w.shape}")
-        self.check_shape(w.shape[1])
-        return w.reshape(w.shape[0], -1, self.block_size)

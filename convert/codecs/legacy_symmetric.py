@@ -40,11 +40,6 @@ class ScaledCodec(Fp16ScaleSteps, Codec):
     qmin: ClassVar[int]
     qmax: ClassVar[int]
 
-    def blocks_of(self, w: np.ndarray) -> np.ndarray:
-        w = np.ascontiguousarray(w, dtype=F32)
-        self.check_shape(w.shape[1])
-        return w.reshape(w.shape[0], -1, 32)
-
     def grid(self, blocks: ScaledBlocks) -> AffineGrid:
         scale = blocks.d.astype(F32)
         # -0.0 is the exact additive identity (also -0.0 + -0.0 = -0.0), so scale*q + offset is ggml's d*q bit for bit.
