@@ -86,6 +86,12 @@ class Checkpoint:
             raise UserError(f"{self.dir / 'config.json'} has no 'architectures' entry")
         return archs[0]
 
+    def rename(self, name_of) -> None:
+        """Index the tensors by name_of(name), leaving out those it maps to None (a vision-language checkpoint's
+        tensors by their text model's names, the rest dropped)."""
+        self.tensors = {new: e for name, e in self.tensors.items() if (new := name_of(name)) is not None}
+        self.pickled = {new: t for name, t in self.pickled.items() if (new := name_of(name)) is not None}
+
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 

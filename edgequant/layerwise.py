@@ -138,7 +138,8 @@ def skeleton(m: SourceModel, device: torch.device) -> nn.Module:
     from transformers import AutoConfig
 
     trust = m.checkpoint.trust_remote_code  # False: transformers' own classes only (auto_map refused by Checkpoint)
-    return skeleton_of(AutoConfig.from_pretrained(m.dir, trust_remote_code=trust), device, trust, m.arch)
+    config = m.arch.transformers_config(AutoConfig.from_pretrained(m.dir, trust_remote_code=trust))
+    return skeleton_of(config, device, trust, m.arch)
 
 
 def skeleton_of(config, device: torch.device, trust_remote_code: bool = False, arch: Arch | None = None) -> nn.Module:

@@ -32,7 +32,8 @@ class SourceModel:
         self.dir: Path = resolve(model)
         self.checkpoint = Checkpoint(self.dir, allow_pickle, trust_remote_code)
         self.arch = archs.for_class(self.checkpoint.architecture)
-        self.hp = self.arch.hparams(self.checkpoint.config)
+        self.checkpoint.rename(self.arch.text_name)
+        self.hp = self.arch.hparams(self.arch.text_config(self.checkpoint.config))
         self.arch.check(self.hp)
         if not ((self.dir / "tokenizer.model").is_file() or (self.dir / "tokenizer.json").is_file()):
             raise UserError(f"{self.dir}: no tokenizer (neither tokenizer.model nor tokenizer.json)")

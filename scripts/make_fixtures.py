@@ -9,6 +9,8 @@ Everything is generated here, deterministically, so the fixtures carry no third-
                                            Llama-2-style SentencePiece with its added chat tokens
     tests/fixtures/tiny-gemma2/            Gemma2ForCausalLM + Gemma-style SentencePiece (no dummy prefix)
     tests/fixtures/tiny-gemma3/            Gemma3ForCausalLM (text) + the same tokenizer
+    tests/fixtures/tiny-gemma3-vl/         Gemma3ForConditionalGeneration: tiny-gemma3 as the text tower of a
+                                           vision-language checkpoint (a small SigLIP tower and projector)
 
 The two models deliberately differ where converters tend to break:
 
@@ -40,7 +42,13 @@ Each model is trained for a few hundred AdamW steps on 128-token windows of trai
 seeds), saved in bf16, and its train/eval loss written to TRAINING.txt. Run from the repository root:
 
     python scripts/make_fixtures.py            # about two CPU-minutes (training runs on one thread)
-    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, gemma2, gemma3)
+    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, gemma2, gemma3, gemma3_vl)
+
+tiny-gemma3-vl is how Gemma 3's 4B/12B/27B are published: Gemma3ForConditionalGeneration, a config whose text_config
+holds only what differs from Gemma3TextConfig's defaults (here: everything tiny, plus gemma-3-4b's linear rope
+scaling of the global layers, factor 8), and the Hub's original tensor names (language_model.model.*,
+vision_tower.vision_model.*, multi_modal_projector.*).  Its text weights are tiny-gemma3's (made first), the vision
+tower's random: only the text tower is converted, as llama.cpp's converter does (the vision part is its mmproj file).
 """
 
 from __future__ import annotations
@@ -664,6 +672,51 @@ def make_gemma3(train_path: Path, eval_path: Path) -> None:
     rewrite_json(out / "config.json", classic)
 
 
+def make_gemma3_vl(train_path: Path, eval_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text_dir = FIXTURES / "tiny-gemma3"
+    if not (text_dir / "model.safetensors").exists():
+        make_gemma3(train_path, eval_path)
+    out = fresh_dir(FIXTURES / "tiny-gemma3-vl")
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(text_dir / f, out / f)
+    text = json.loads((text_dir / "config.json").read_text())
+    defaults = Gemma3TextConfig().to_dict()
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "query_pre_attn_scalar", "vocab_size", "sliding_window", "max_position_embeddings")
+    text_config = {k: text[k] for k in keep if text[k] != defaults.get(k)}
+    text_config.update(model_type="gemma3_text", rope_scaling={"factor": 8.0, "rope_type": "linear"})
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14, vision_use_head=False)
+    config = Gemma3Config(text_config=Gemma3TextConfig(**text_config), vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=509, eoi_token_index=510, image_token_index=511)
+    torch.manual_seed(6)
+    from transformers import Gemma3ForConditionalGeneration
+    model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
+    weights = {}
+    for name, w in model.state_dict().items():  # the Hub's original names
+        if name.startswith("model.language_model."):
+            continue
+        name = name.replace("model.vision_tower.", "vision_tower.").replace("model.multi_modal_projector.", "multi_modal_projector.")
+        if name != "lm_head.weight":  # tied
+            weights[name] = w.contiguous()
+    for name, w in load_file(text_dir / "model.safetensors").items():
+        if name.startswith("model."):
+            weights["language_model." + name] = w
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "boi_token_index": 509,
+           "eoi_token_index": 510, "image_token_index": 511, "mm_tokens_per_image": 4, "eos_token_id": [1],
+           "initializer_range": 0.02, "text_config": text_config, "torch_dtype": "bfloat16",
+           "vision_config": {k: v for k, v in vision.to_dict().items() if k in (
+               "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+               "patch_size", "model_type", "vision_use_head")}}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "TRAINING.txt").write_text("tiny-gemma3's trained weights as the text tower; the vision tower random "
+                                      "(seed 6), never converted\n")
+
+
 def make_qwen2(train_path: Path, eval_path: Path) -> None:
     out = fresh_dir(FIXTURES / "tiny-qwen2")
     tok = make_qwen2_tokenizer(train_path, out)
@@ -678,7 +731,8 @@ def make_qwen2(train_path: Path, eval_path: Path) -> None:
     rewrite_json(out / "config.json", lambda cfg: None)  # only normalises key order/indentation
 
 
-MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "phi3": make_phi3, "gemma2": make_gemma2, "gemma3": make_gemma3}
+MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "phi3": make_phi3, "gemma2": make_gemma2, "gemma3": make_gemma3,
+          "gemma3_vl": make_gemma3_vl}
 
 
 def main() -> None:

@@ -61,6 +61,13 @@ def tiny_gemma3() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3_vl() -> Path:
+    """Gemma3ForConditionalGeneration in the Hub's layout (language_model.model.*, a SigLIP tower, a text_config of
+    non-defaults only, linear rope scaling of the global layers): tiny-gemma3 as its text tower."""
+    return FIXTURES / "tiny-gemma3-vl"
+
+
+@pytest.fixture(scope="session")
 def odd_llama(tmp_path_factory, tiny_llama):
     """tiny-llama's tokenizer on a random one-layer model of three row lengths: 288 (32-blocks), 256 (attn_output:
     2 heads of 128) and 1000 (ffn_down: F16 only); 1000-row tensors in 18-byte blocks are no multiple of the GGUF

@@ -24,7 +24,7 @@ from edgequant.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / ".cache" / "llama-tools"  # scripts/build_llama_tools.sh
-ARCHITECTURES = ["tiny_phi3", "tiny_gemma2", "tiny_gemma3"]
+ARCHITECTURES = ["tiny_phi3", "tiny_gemma2", "tiny_gemma3", "tiny_gemma3_vl"]
 # Keys we write that llama.cpp's converter leaves out, with the value llama.cpp assumes when they are absent
 DEFAULTS = {"gemma2.rope.freq_base": 10000.0}
 
@@ -153,10 +153,50 @@ def test_sensitivities_are_transformers_gradients(model, request, monkeypatch):
     names = hf_to_gguf(m)
     n = ids.numel()
     for name in grads:
-        weight = f"{name}.weight" if name != "lm_head" else m.arch.head_weight(m.hp)
+        # transformers' module name, as the checkpoint's tensor is known in the text model (a VL model's text tower)
+        weight = m.arch.text_name(f"{name}.weight") if name != "lm_head" else m.arch.head_weight(m.hp)
         got = found[names[weight]][0]
         np.testing.assert_allclose(got.rows, (grads[name] ** 2).sum(0).numpy() / n, rtol=2e-3, atol=1e-12, err_msg=name)
         np.testing.assert_allclose(got.cols, (inputs[name] ** 2).sum(0).numpy() / n, rtol=2e-3, err_msg=name)
     embedding_rows = found[names[f"{m.arch.layout.embed}.weight"]][-1].cols
     g = rows[0].grad.reshape(-1, m.hp.n_embd).double()
     np.testing.assert_allclose(embedding_rows, (g ** 2).mean(0).numpy(), rtol=2e-3, atol=1e-12)
+
+
+def test_gemma3_vl_loads_in_both_hub_layouts(tiny_gemma3_vl, tmp_path):
+    """Gemma 3 VL checkpoints exist with the original names (language_model.model.*) and with transformers' own
+    (model.language_model.*, as save_pretrained writes them now): both convert to the same text model, and neither
+    brings a vision tensor into the GGUF."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    new = tmp_path / "new-layout"  # the module tree's names, as transformers 4.52-4.57 saved them
+    new.mkdir()
+    state = AutoModelForCausalLM.from_pretrained(tiny_gemma3_vl, dtype=torch.bfloat16).state_dict()
+    state.pop("lm_head.weight")  # tied
+    assert any(n.startswith("model.language_model.layers.") for n in state)
+    assert any(n.startswith("model.vision_tower.") for n in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, new / "model.safetensors", metadata={"format": "pt"})
+    for f in tiny_gemma3_vl.iterdir():
+        if f.suffix != ".safetensors":
+            (new / f.name).write_bytes(f.read_bytes())
+    readers = [gguf.GGUFReader(build(d, "F32", tmp_path / f"{i}.gguf")) for i, d in enumerate((tiny_gemma3_vl, new))]
+    tensors = [{t.name: np.array(t.data) for t in r.tensors} for r in readers]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert not any(n.startswith(("v.", "mm.")) for n in tensors[0])  # llama.cpp's mmproj names: not in the text GGUF
+    assert len(tensors[0]) == 2 + 6 * 13  # token_embd, output_norm; per layer 7 linears, 6 norms (QK-norm)
+    for name, data in tensors[0].items():
+        np.testing.assert_array_equal(data, tensors[1][name], err_msg=name)
+
+
+def test_vision_language_config_without_a_text_model_type_is_one_line(tiny_gemma3_vl, tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in tiny_gemma3_vl.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    config = json.loads((model / "config.json").read_text())
+    del config["text_config"]["model_type"]
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["build", str(model), "--target", "F32", "-o", str(tmp_path / "x.gguf"), "--quiet"]) == 2
+    assert "text_config.model_type" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()

@@ -8,7 +8,8 @@ An adapter (Arch) owns what the rest of edgequant must not guess about a model f
   * which linears of a decoder layer read the same input, in forward order (`--sequential` solves them group by
     group, and one Hessian serves each group);
   * the architecture's own GGUF metadata and the tensors llama.cpp needs that the checkpoint does not store;
-  * what the calibration forward pass needs beyond transformers' decoder layers (the embedding scale).
+  * what the calibration forward pass needs beyond transformers' decoder layers (the embedding scale);
+  * for a vision-language checkpoint whose text tower is the model: where that tower's tensors and config are.
 So a new dense architecture is one small declarative file.
 """
 
@@ -120,6 +121,11 @@ class Arch:
     skip: tuple[str, ...] = ("*rotary_emb.inv_freq",)  # checkpoint tensors llama.cpp does not use (globs)
     embed_scale: bool = False  # the model multiplies the embeddings by sqrt(hidden size) before layer 0 (Gemma)
     attention: str = "sdpa"  # "eager" where SDPA cannot compute what the model does (Gemma 2's soft-capping)
+    # A vision-language checkpoint converted as its text model (llama.cpp's converter does the same, and leaves the
+    # vision tower and projector to a separate mmproj file): the text model's class, and where its tensors are in
+    # the checkpoint as (checkpoint prefix, the text model's prefix); tensors under no prefix are not the text model's
+    text_class: str = ""
+    text_tower: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -127,6 +133,33 @@ class Arch:
 
     def hparams(self, config: dict) -> Hparams:
         return read_hparams(config)
+
+    def text_config(self, config: dict) -> dict:
+        """The text model's config.json: the checkpoint's own, or a vision-language one's text_config with what
+        transformers' config class assumes for the keys it leaves out (the Hub's Gemma 3 configs give only what
+        differs from the defaults)."""
+        if not self.text_class:
+            return config
+        from transformers import AutoConfig
+
+        text = dict(config.get("text_config") or {})
+        if "model_type" not in text:
+            raise UserError("config.json: a vision-language model without text_config.model_type")
+        return {**AutoConfig.for_model(**text).to_dict(), "architectures": [self.text_class]}
+
+    def transformers_config(self, config):
+        """The transformers config the calibration passes build their model from (the text model's)."""
+        if not self.text_class:
+            return config
+        text = config.get_text_config()
+        text.architectures = [self.text_class]
+        return text
+
+    def text_name(self, name: str) -> str | None:
+        """A checkpoint tensor's name in the text model, None where it is not the text model's."""
+        if not self.text_class:
+            return name
+        return next((text + name[len(ckpt):] for ckpt, text in self.text_tower if name.startswith(ckpt)), None)
 
     # --- tensors -----------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Gemma 2 and Gemma 3 (text): what llama.cpp's GEMMA2/GEMMA3 graphs expect of a converted checkpoint.
+"""Gemma 2 and Gemma 3 (text, and the text tower of its vision-language checkpoints): what llama.cpp's GEMMA2/GEMMA3 graphs expect of a converted checkpoint.
 
   * RMSNorms compute x·(1 + w): every norm weight is stored as w + 1 (q_norm/k_norm too);
   * the embeddings are multiplied by sqrt(hidden) before layer 0 (llama.cpp does it itself; the calibration pass
@@ -113,3 +113,7 @@ COMMON = dict(transforms=NORMS, embed_scale=True)
 GEMMA2 = register(Gemma2Arch(hf_classes=("Gemma2ForCausalLM",), gguf_arch=gguf.MODEL_ARCH.GEMMA2, **COMMON,
                              attention="eager"))  # SDPA would drop the attention soft-capping
 GEMMA3 = register(Gemma3Arch(hf_classes=("Gemma3ForCausalLM",), gguf_arch=gguf.MODEL_ARCH.GEMMA3, **COMMON))
+# Gemma 3 4B/12B/27B: vision-language checkpoints, in the Hub's original names or in transformers' (>= 4.52) own
+GEMMA3_VL = register(replace(GEMMA3, hf_classes=("Gemma3ForConditionalGeneration",), text_class="Gemma3ForCausalLM",
+                             text_tower=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                                         ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))))
