@@ -252,10 +252,10 @@ def _least(options: dict[str, list[Option]], budget: int, resolution: int, cost)
         for k, (o, w) in enumerate(zip(options[n], units[n])):
             if w > cap:
                 continue
-            cand = np.full(cap + 1, np.inf)
-            cand[w:] = best[: cap + 1 - w] + cost(o)
-            better = cand < new
-            new[better], picks[i, better] = cand[better], k
+            cand = best[: cap + 1 - w] + cost(o)  # option k at c units: the best of the others at c - w
+            into, chosen = new[w:], picks[i, w:]  # views: the updates land in new and picks
+            better = cand < into
+            into[better], chosen[better] = cand[better], k
         best = new
     picked, c = {}, cap
     for i in reversed(range(len(names))):
