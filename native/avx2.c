@@ -23,6 +23,7 @@
 
 #include "dequant.h"
 #include "kernels.h"
+#include "lattice.h"
 
 /* ---- helpers ---- */
 
@@ -453,12 +454,195 @@ static float dot_iq4_xs(int n, const void *vx, const void *vy) {
     return hsum8(acc);
 }
 
+/* ---- lattice i-quants (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M; layouts in lattice.h) ----
+ *
+ * Per 32 elements: the points' magnitudes as unsigned bytes (IQ1: the signed -1/0/1 values), the signs applied to
+ * the activations, maddubs into pairs, madd with the scale of each 16, so lane l of the super-block's int32 vector
+ * collects ls * products over elements 4l..4l+3 of every 32 (exact); then, as ggml's x86 code:
+ *   IQ2_*, IQ3_*  acc[8] = fma(d*y.d, lanes, acc);  result 0.125 (IQ2), 0.25 (IQ3_XXS) or 1 (IQ3_S) * hsum8(acc)
+ *   IQ1_S         acc[8] = fma(d*y.d, lanes, acc);  acc1 = fma(d*y.d, sum(ls * delta * bsums), acc1);
+ *                 result fma(0.125, acc1, hsum8(acc))
+ *   IQ1_M         acc1[8] = fma(d*y.d, lanes, acc1);  acc2[8] = fma(d*y.d, delta lanes, acc2);
+ *                 result fma(0.125, hsum8(acc2), hsum8(acc1))
+ */
+
+static inline __m256i lattice_lanes(__m256i sum, __m256i magnitude, __m256i signed_y, __m256i scale16) {
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_y), scale16));
+}
+
+/* (x ^ m) - m: x negated where m is 0xFF */
+static inline __m256i negate_where(__m256i x, __m256i m) { return _mm256_sub_epi8(_mm256_xor_si256(x, m), m); }
+
+static inline __m256i signs_of(uint32_t meta) { /* four 7-bit sign indices -> 32 bytes of +-1 */
+    return _mm256_set_epi64x((long long)eq_iq_signs64[(meta >> 21) & 127], (long long)eq_iq_signs64[(meta >> 14) & 127],
+                             (long long)eq_iq_signs64[(meta >> 7) & 127], (long long)eq_iq_signs64[meta & 127]);
+}
+
+static inline __m256i scale_halves(int lo, int hi) { return _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo)); }
+
+static float dot_iq2_xxs(int n, const void *vx, const void *vy) {
+    const eq_iq2_xxs *x = (const eq_iq2_xxs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, q += 8) {
+            const uint32_t meta = eq_load_u32(q + 4);
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq2xxs_grid[q[3]], (long long)eq_iq2xxs_grid[q[2]],
+                                                (long long)eq_iq2xxs_grid[q[1]], (long long)eq_iq2xxs_grid[q[0]]);
+            const __m256i sy = _mm256_sign_epi8(load256(y[i].qs + 32 * c), signs_of(meta));
+            sum = lattice_lanes(sum, g, sy, _mm256_set1_epi16((short)(2 * (meta >> 28) + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return 0.125f * hsum8(acc);
+}
+
+static float dot_iq2_xs(int n, const void *vx, const void *vy) {
+    const eq_iq2_xs *x = (const eq_iq2_xs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint16_t *q = x[i].qs;
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, q += 4) {
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq2xs_grid[q[3] & 511], (long long)eq_iq2xs_grid[q[2] & 511],
+                                                (long long)eq_iq2xs_grid[q[1] & 511], (long long)eq_iq2xs_grid[q[0] & 511]);
+            const __m256i s = _mm256_set_epi64x((long long)eq_iq_signs64[q[3] >> 9], (long long)eq_iq_signs64[q[2] >> 9],
+                                                (long long)eq_iq_signs64[q[1] >> 9], (long long)eq_iq_signs64[q[0] >> 9]);
+            const int sc = x[i].scales[c];
+            sum = lattice_lanes(sum, g, _mm256_sign_epi8(load256(y[i].qs + 32 * c), s),
+                                scale_halves(2 * (sc & 15) + 1, 2 * (sc >> 4) + 1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return 0.125f * hsum8(acc);
+}
+
+static float dot_iq2_s(int n, const void *vx, const void *vy) {
+    const eq_iq2_s *x = (const eq_iq2_s *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, q += 4) {
+            const unsigned h = x[i].qh[c];
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq2s_grid[q[3] | (h << 2 & 0x300)], (long long)eq_iq2s_grid[q[2] | (h << 4 & 0x300)],
+                                                (long long)eq_iq2s_grid[q[1] | (h << 6 & 0x300)], (long long)eq_iq2s_grid[q[0] | (h << 8 & 0x300)]);
+            const int sc = x[i].scales[c];
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(x[i].signs + 4 * c)),
+                                scale_halves(2 * (sc & 15) + 1, 2 * (sc >> 4) + 1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return 0.125f * hsum8(acc);
+}
+
+static float dot_iq3_xxs(int n, const void *vx, const void *vy) {
+    const eq_iq3_xxs *x = (const eq_iq3_xxs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, q += 8) {
+            const uint32_t meta = eq_load_u32(x[i].qs + 64 + 4 * c);
+            const __m256i g = _mm256_set_epi32((int)eq_iq3xxs_grid[q[7]], (int)eq_iq3xxs_grid[q[6]], (int)eq_iq3xxs_grid[q[5]],
+                                               (int)eq_iq3xxs_grid[q[4]], (int)eq_iq3xxs_grid[q[3]], (int)eq_iq3xxs_grid[q[2]],
+                                               (int)eq_iq3xxs_grid[q[1]], (int)eq_iq3xxs_grid[q[0]]);
+            const __m256i sy = _mm256_sign_epi8(load256(y[i].qs + 32 * c), signs_of(meta));
+            sum = lattice_lanes(sum, g, sy, _mm256_set1_epi16((short)(2 * (meta >> 28) + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return 0.25f * hsum8(acc);
+}
+
+static float dot_iq3_s(int n, const void *vx, const void *vy) {
+    const eq_iq3_s *x = (const eq_iq3_s *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i shift = _mm256_set_epi32(1, 2, 3, 4, 5, 6, 7, 8), bit8 = _mm256_set1_epi32(256);
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, q += 8) {
+            /* index k = q[k] | bit k of qh[c] << 8: the eight indices in 32-bit lanes, then one gather */
+            const __m256i high = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(x[i].qh[c]), shift), bit8);
+            const __m256i index = _mm256_or_si256(high, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+            const __m256i g = _mm256_i32gather_epi32((const int *)eq_iq3s_grid, index, 4);
+            const int ls = 2 * ((x[i].scales[c / 2] >> (4 * (c % 2))) & 15) + 1;
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(x[i].signs + 4 * c)),
+                                _mm256_set1_epi16((short)ls));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum8(acc);
+}
+
+static float dot_iq1_s(int n, const void *vx, const void *vy) {
+    const eq_iq1_s *x = (const eq_iq1_s *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    float acc1 = 0.0f;
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        __m256i sum = _mm256_setzero_si256();
+        int delta_sum = 0;
+        for (int c = 0; c < 8; ++c, q += 4) {
+            const unsigned h = x[i].qh[c];
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq1s_grid[q[3] | (h >> 1 & 0x700)], (long long)eq_iq1s_grid[q[2] | (h << 2 & 0x700)],
+                                                (long long)eq_iq1s_grid[q[1] | (h << 5 & 0x700)], (long long)eq_iq1s_grid[q[0] | (h << 8 & 0x700)]);
+            const __m256i yc = load256(y[i].qs + 32 * c);
+            const int ls = 2 * ((h >> 12) & 7) + 1;
+            sum = lattice_lanes(sum, _mm256_sign_epi8(g, g), _mm256_sign_epi8(yc, g), _mm256_set1_epi16((short)ls));
+            const int part = (y[i].bsums[2 * c] + y[i].bsums[2 * c + 1]) * ls;
+            delta_sum += h & 0x8000 ? -part : part;
+        }
+        const float d = y[i].d * half_to_float(x[i].d);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
+        acc1 = fmaf(d, (float)delta_sum, acc1);
+    }
+    return fmaf(0.125f, acc1, hsum8(acc));
+}
+
+static float dot_iq1_m(int n, const void *vx, const void *vy) {
+    const eq_iq1_m *x = (const eq_iq1_m *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i one = _mm256_set1_epi8(1);
+    __m256 acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs, *h = x[i].qh;
+        const uint16_t *sc = x[i].scales;
+        __m256i sum1 = _mm256_setzero_si256(), sum2 = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, q += 4, h += 2) {
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq1s_grid[q[3] | ((h[1] << 4) & 0x700)], (long long)eq_iq1s_grid[q[2] | ((h[1] << 8) & 0x700)],
+                                                (long long)eq_iq1s_grid[q[1] | ((h[0] << 4) & 0x700)], (long long)eq_iq1s_grid[q[0] | ((h[0] << 8) & 0x700)]);
+            const long long plus = 0x0101010101010101LL, minus = -1LL;
+            const __m256i delta = _mm256_set_epi64x(h[1] & 0x80 ? minus : plus, h[1] & 0x08 ? minus : plus,
+                                                    h[0] & 0x80 ? minus : plus, h[0] & 0x08 ? minus : plus);
+            const __m256i yc = load256(y[i].qs + 32 * c);
+            const __m256i scale = scale_halves(eq_iq1m_ls(sc, 2 * c), eq_iq1m_ls(sc, 2 * c + 1));
+            sum1 = lattice_lanes(sum1, _mm256_sign_epi8(g, g), _mm256_sign_epi8(yc, g), scale);
+            sum2 = lattice_lanes(sum2, one, _mm256_sign_epi8(yc, delta), scale);
+        }
+        const __m256 d = _mm256_set1_ps(y[i].d * half_to_float(eq_iq1m_d(sc)));
+        acc1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum1), acc1);
+        acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum2), acc2);
+    }
+    return fmaf(0.125f, hsum8(acc2), hsum8(acc1));
+}
+
 const eq_kernel_table eq_avx2_kernels = {
     .dequantize = {EQ_DEQUANTIZE_ENTRIES},
     .quantize = {[EQ_Q8_0] = quantize_q8_0, [EQ_Q8_1] = quantize_q8_1, [EQ_Q8_K] = quantize_q8_K},
     .dot = {[EQ_Q4_0] = dot_q4_0, [EQ_Q4_1] = dot_q4_1, [EQ_Q5_0] = dot_q5_0, [EQ_Q5_1] = dot_q5_1,
             [EQ_Q8_0] = dot_q8_0, [EQ_Q2_K] = dot_q2_K, [EQ_Q3_K] = dot_q3_K, [EQ_Q4_K] = dot_q4_K,
-            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs},
+            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs,
+            [EQ_IQ2_XXS] = dot_iq2_xxs, [EQ_IQ2_XS] = dot_iq2_xs, [EQ_IQ2_S] = dot_iq2_s, [EQ_IQ3_XXS] = dot_iq3_xxs,
+            [EQ_IQ3_S] = dot_iq3_s, [EQ_IQ1_S] = dot_iq1_s, [EQ_IQ1_M] = dot_iq1_m},
 };
 
 #endif

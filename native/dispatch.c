@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#define EQ_IQ_GRIDS_DEFINE /* the codebooks are defined here, once */
+#include "iq_grids.h"
+
 #include "blocks.h"
 #include "kernels.h"
 
@@ -25,6 +28,7 @@ static int probe_avx2(void) {
 #endif
 
 float eq_half_table[1 << 16];
+uint64_t eq_iq_signs64[128];
 
 #ifndef EQ_IQ4NL_VALUES
 #error "EQ_IQ4NL_VALUES (ggml's kvalues_iq4nl) is passed in by native/build_native.py's COMPILE_ARGS"
@@ -40,6 +44,11 @@ static struct {
 /* Once per process: probe the CPU (cpuid is slow, a VM exit under virtualization) and fill the half table. */
 static void setup(void) {
     for (uint32_t h = 0; h < (1u << 16); ++h) eq_half_table[h] = eq_half_to_float((uint16_t)h);
+    for (int s = 0; s < 128; ++s) {
+        uint64_t v = 0;
+        for (int j = 0; j < 8; ++j) v |= (uint64_t)((eq_ksigns_iq2xs[s] >> j) & 1 ? 0xffu : 0x01u) << (8 * j);
+        eq_iq_signs64[s] = v;
+    }
 #if defined(__x86_64__)
     cpu.avx2 = probe_avx2();
     if (cpu.avx2) cpu.best = EQ_ISA_AVX2;
@@ -76,6 +85,9 @@ static const struct { int block, size, activation; } TYPES[EQ_NTYPES] = {
     [EQ_Q2_K] = {256, 84, EQ_Q8_K}, [EQ_Q3_K] = {256, 110, EQ_Q8_K}, [EQ_Q4_K] = {256, 144, EQ_Q8_K},
     [EQ_Q5_K] = {256, 176, EQ_Q8_K}, [EQ_Q6_K] = {256, 210, EQ_Q8_K}, [EQ_Q8_K] = {256, 292, -1},
     [EQ_IQ4_NL] = {32, 18, EQ_Q8_0}, [EQ_IQ4_XS] = {256, 136, EQ_Q8_K},
+    [EQ_IQ2_XXS] = {256, 66, EQ_Q8_K}, [EQ_IQ2_XS] = {256, 74, EQ_Q8_K}, [EQ_IQ2_S] = {256, 82, EQ_Q8_K},
+    [EQ_IQ3_XXS] = {256, 98, EQ_Q8_K}, [EQ_IQ3_S] = {256, 110, EQ_Q8_K}, [EQ_IQ1_S] = {256, 50, EQ_Q8_K},
+    [EQ_IQ1_M] = {256, 56, EQ_Q8_K},
 };
 
 static int known(int type) { return type >= 0 && type < EQ_NTYPES && TYPES[type].block > 0; }
