@@ -464,6 +464,10 @@ static float dot_iq4_xs(int n, const void *vx, const void *vy) {
  *                 result fma(0.125, acc1, hsum8(acc))
  *   IQ1_M         acc1[8] = fma(d*y.d, lanes, acc1);  acc2[8] = fma(d*y.d, delta lanes, acc2);
  *                 result fma(0.125, hsum8(acc2), hsum8(acc1))
+ * Only the lane contents and these float steps must match ggml; how the integers get there is ours.  Indices, sign
+ * bytes and scales are decoded a super-block at a time with vector ops into small arrays, which the per-32 table
+ * lookups then read (per-lookup scalar decoding made IQ1_M half as fast as ggml).  The 7-bit sign indices are
+ * completed with their parity (ksigns' rule, tested bit-exact against ggml) instead of a lookup.
  */
 
 static inline __m256i lattice_lanes(__m256i sum, __m256i magnitude, __m256i signed_y, __m256i scale16) {
@@ -472,13 +476,6 @@ static inline __m256i lattice_lanes(__m256i sum, __m256i magnitude, __m256i sign
 
 /* (x ^ m) - m: x negated where m is 0xFF */
 static inline __m256i negate_where(__m256i x, __m256i m) { return _mm256_sub_epi8(_mm256_xor_si256(x, m), m); }
-
-static inline __m256i signs_of(uint32_t meta) { /* four 7-bit sign indices -> 32 bytes of +-1 */
-    return _mm256_set_epi64x((long long)eq_iq_signs64[(meta >> 21) & 127], (long long)eq_iq_signs64[(meta >> 14) & 127],
-                             (long long)eq_iq_signs64[(meta >> 7) & 127], (long long)eq_iq_signs64[meta & 127]);
-}
-
-static inline __m256i scale_halves(int lo, int hi) { return _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo)); }
 
 /* ls[0] across the low 128 bits, ls[1] across the high ones (the two 16-element halves of 32 elements): one
  * broadcast load and one shuffle. */
@@ -498,19 +495,40 @@ static inline void nibble_scales16(const uint8_t sc[8], int16_t out[16]) {
     _mm256_storeu_si256((__m256i *)out, _mm256_add_epi16(_mm256_slli_epi16(wide, 1), _mm256_set1_epi16(1)));
 }
 
+/* From the 8 metadata words of a super-block (IQ2_XXS, IQ3_XXS; lane c: four 7-bit sign indices and ls << 28): the 8
+ * sign bits of each 8 elements, bytes 4c..4c+3 of `signs` (the 7 stored plus their parity, ksigns' rule, from a
+ * 16-entry table of s ^ (s >> 4)), and the scales 2*ls + 1 as int16. */
+static inline void meta_signs_scales(__m256i meta, uint8_t signs[32], int16_t ls[8]) {
+    const __m256i parity = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+                                            0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    __m256i bytes = _mm256_setzero_si256();
+    for (int l = 0; l < 4; ++l) {
+        const __m256i s7 = _mm256_and_si256(_mm256_srli_epi32(meta, 7 * l), _mm256_set1_epi32(127));
+        const __m256i odd = _mm256_shuffle_epi8(parity, _mm256_and_si256(_mm256_xor_si256(s7, _mm256_srli_epi32(s7, 4)), _mm256_set1_epi32(15)));
+        bytes = _mm256_or_si256(bytes, _mm256_slli_epi32(_mm256_or_si256(s7, _mm256_and_si256(odd, _mm256_set1_epi32(0xff))), 8 * l));
+    }
+    _mm256_storeu_si256((__m256i *)signs, bytes);
+    const __m256i scale = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(meta, 28), 1), _mm256_set1_epi32(1));
+    _mm_storeu_si128((__m128i *)ls, _mm_packs_epi32(_mm256_castsi256_si128(scale), _mm256_extracti128_si256(scale, 1)));
+}
+
 static float dot_iq2_xxs(int n, const void *vx, const void *vy) {
     const eq_iq2_xxs *x = (const eq_iq2_xxs *)vx;
     const eq_q8_K *y = (const eq_q8_K *)vy;
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n / EQ_QK_K; ++i) {
         const uint8_t *q = x[i].qs;
+        /* the odd words of the 64 bytes are the metadata: (m0 m1 m4 m5 | m2 m3 m6 m7), then 64-bit quarters reordered */
+        const __m256 words0 = _mm256_castsi256_ps(load256(q)), words1 = _mm256_castsi256_ps(load256(q + 32));
+        const __m256i meta = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(words0, words1, 0xdd)), 0xd8);
+        uint8_t signs[32];
+        int16_t ls[8];
+        meta_signs_scales(meta, signs, ls);
         __m256i sum = _mm256_setzero_si256();
         for (int c = 0; c < 8; ++c, q += 8) {
-            const uint32_t meta = eq_load_u32(q + 4);
             const __m256i g = _mm256_set_epi64x((long long)eq_iq2xxs_grid[q[3]], (long long)eq_iq2xxs_grid[q[2]],
                                                 (long long)eq_iq2xxs_grid[q[1]], (long long)eq_iq2xxs_grid[q[0]]);
-            const __m256i sy = _mm256_sign_epi8(load256(y[i].qs + 32 * c), signs_of(meta));
-            sum = lattice_lanes(sum, g, sy, _mm256_set1_epi16((short)(2 * (meta >> 28) + 1)));
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), _mm256_set1_epi16(ls[c]));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
     }
@@ -613,14 +631,15 @@ static float dot_iq3_xxs(int n, const void *vx, const void *vy) {
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n / EQ_QK_K; ++i) {
         const uint8_t *q = x[i].qs;
+        uint8_t signs[32];
+        int16_t ls[8];
+        meta_signs_scales(load256(x[i].qs + 64), signs, ls);
         __m256i sum = _mm256_setzero_si256();
         for (int c = 0; c < 8; ++c, q += 8) {
-            const uint32_t meta = eq_load_u32(x[i].qs + 64 + 4 * c);
             const __m256i g = _mm256_set_epi32((int)eq_iq3xxs_grid[q[7]], (int)eq_iq3xxs_grid[q[6]], (int)eq_iq3xxs_grid[q[5]],
                                                (int)eq_iq3xxs_grid[q[4]], (int)eq_iq3xxs_grid[q[3]], (int)eq_iq3xxs_grid[q[2]],
                                                (int)eq_iq3xxs_grid[q[1]], (int)eq_iq3xxs_grid[q[0]]);
-            const __m256i sy = _mm256_sign_epi8(load256(y[i].qs + 32 * c), signs_of(meta));
-            sum = lattice_lanes(sum, g, sy, _mm256_set1_epi16((short)(2 * (meta >> 28) + 1)));
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), _mm256_set1_epi16(ls[c]));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
     }
@@ -679,18 +698,23 @@ static float dot_iq1_s(int n, const void *vx, const void *vy) {
     for (int i = 0; i < n / EQ_QK_K; ++i) {
         uint16_t idx[32];
         iq1s_indices(x[i].qs, x[i].qh, idx);
+        /* per 32 elements c (a 32-bit lane each): ls = 2*((qh >> 12) & 7) + 1, negated where the shift is; the shift
+         * part is then sum(+-ls * (bsums[2c] + bsums[2c+1])) in one vector pass */
+        const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x[i].qh));
+        const __m256i ls = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(words, 12), _mm256_set1_epi32(7)), 1),
+                                            _mm256_set1_epi32(1));
+        const __m256i neg = _mm256_srai_epi32(_mm256_slli_epi32(words, 16), 31);
+        const __m256i pairs = _mm256_madd_epi16(load256(y[i].bsums), _mm256_set1_epi16(1));
+        const int delta_sum = hsum8_i32(_mm256_mullo_epi32(pairs, _mm256_sub_epi32(_mm256_xor_si256(ls, neg), neg)));
+        int16_t ls16[16];
+        _mm_storeu_si128((__m128i *)ls16, _mm_packs_epi32(_mm256_castsi256_si128(ls), _mm256_extracti128_si256(ls, 1)));
         __m256i sum = _mm256_setzero_si256();
-        int delta_sum = 0;
         for (int c = 0; c < 8; ++c) {
-            const unsigned h = x[i].qh[c];
             const uint16_t *k = idx + 4 * c;
             const __m256i g = _mm256_set_epi64x((long long)eq_iq1s_grid[k[3]], (long long)eq_iq1s_grid[k[2]],
                                                 (long long)eq_iq1s_grid[k[1]], (long long)eq_iq1s_grid[k[0]]);
             const __m256i yc = load256(y[i].qs + 32 * c);
-            const int ls = 2 * ((h >> 12) & 7) + 1;
-            sum = lattice_lanes(sum, _mm256_sign_epi8(g, g), _mm256_sign_epi8(yc, g), _mm256_set1_epi16((short)ls));
-            const int part = (y[i].bsums[2 * c] + y[i].bsums[2 * c + 1]) * ls;
-            delta_sum += h & 0x8000 ? -part : part;
+            sum = lattice_lanes(sum, _mm256_sign_epi8(g, g), _mm256_sign_epi8(yc, g), _mm256_set1_epi16(ls16[c]));
         }
         const float d = y[i].d * half_to_float(x[i].d);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);

@@ -28,7 +28,6 @@ static int probe_avx2(void) {
 #endif
 
 float eq_half_table[1 << 16];
-uint64_t eq_iq_signs64[128];
 
 #ifndef EQ_IQ4NL_VALUES
 #error "EQ_IQ4NL_VALUES (ggml's kvalues_iq4nl) is passed in by native/build_native.py's COMPILE_ARGS"
@@ -44,11 +43,6 @@ static struct {
 /* Once per process: probe the CPU (cpuid is slow, a VM exit under virtualization) and fill the half table. */
 static void setup(void) {
     for (uint32_t h = 0; h < (1u << 16); ++h) eq_half_table[h] = eq_half_to_float((uint16_t)h);
-    for (int s = 0; s < 128; ++s) {
-        uint64_t v = 0;
-        for (int j = 0; j < 8; ++j) v |= (uint64_t)((eq_ksigns_iq2xs[s] >> j) & 1 ? 0xffu : 0x01u) << (8 * j);
-        eq_iq_signs64[s] = v;
-    }
 #if defined(__x86_64__)
     cpu.avx2 = probe_avx2();
     if (cpu.avx2) cpu.best = EQ_ISA_AVX2;

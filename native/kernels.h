@@ -44,10 +44,6 @@ typedef struct {
 
 extern const eq_kernel_table eq_scalar_kernels;
 
-/* byte j of entry s: -1 if bit j of ksigns[s] is set, else +1 (the 8 signs of a 7-bit sign index, for a byte-wise
- * sign instruction), filled by dispatch.c from iq_grids.h's ksigns before any table but the scalar one is used. */
-extern uint64_t eq_iq_signs64[128];
-
 /* float value of every IEEE half bit pattern, filled by dispatch.c before any table but the scalar one is used. */
 extern float eq_half_table[1 << 16];
 #if defined(__x86_64__) || defined(_M_X64)
