@@ -477,22 +477,13 @@ static inline __m256i lattice_lanes(__m256i sum, __m256i magnitude, __m256i sign
 /* (x ^ m) - m: x negated where m is 0xFF */
 static inline __m256i negate_where(__m256i x, __m256i m) { return _mm256_sub_epi8(_mm256_xor_si256(x, m), m); }
 
-/* ls[0] across the low 128 bits, ls[1] across the high ones (the two 16-element halves of 32 elements): one
- * broadcast load and one shuffle. */
-static inline __m256i scale_pair_at(const int16_t ls[2]) {
-    int32_t pair;
-    memcpy(&pair, ls, 4);
-    return _mm256_shuffle_epi8(_mm256_set1_epi32(pair), _mm256_set_epi64x(0x0302030203020302LL, 0x0302030203020302LL,
-                                                                          0x0100010001000100LL, 0x0100010001000100LL));
-}
-
-/* The 16 scales 2*l+1 of 4-bit nibbles (IQ2_XS, IQ2_S: byte k holds the scales of elements 32k..32k+15 and
- * 32k+16..32k+31), as int16 in element order. */
-static inline void nibble_scales16(const uint8_t sc[8], int16_t out[16]) {
+/* The 16 scales 2*l+1 of 4-bit nibbles (IQ2_XS, IQ2_S: byte c holds the scales of elements 32c..32c+15 and
+ * 32c+16..32c+31) as int16: the low nibbles in the low 128 bits, the high ones in the high 128, so that
+ * broadcast16(v, c) is chunk c's pair. */
+static inline __m256i nibble_scales16(const uint8_t sc[8]) {
     const __m128i v = _mm_loadl_epi64((const __m128i *)sc), m4 = _mm_set1_epi8(15);
-    const __m128i both = _mm_unpacklo_epi8(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
-    const __m256i wide = _mm256_cvtepu8_epi16(both);
-    _mm256_storeu_si256((__m256i *)out, _mm256_add_epi16(_mm256_slli_epi16(wide, 1), _mm256_set1_epi16(1)));
+    const __m256i wide = _mm256_set_m128i(_mm_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4)), _mm_cvtepu8_epi16(_mm_and_si128(v, m4)));
+    return _mm256_add_epi16(_mm256_slli_epi16(wide, 1), _mm256_set1_epi16(1));
 }
 
 /* From the 8 metadata words of a super-block (IQ2_XXS, IQ3_XXS; lane c: four 7-bit sign indices and ls << 28): the 8
@@ -540,8 +531,7 @@ static float dot_iq2_xs(int n, const void *vx, const void *vy) {
     const eq_q8_K *y = (const eq_q8_K *)vy;
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n / EQ_QK_K; ++i) {
-        int16_t ls[16];
-        nibble_scales16(x[i].scales, ls);
+        const __m256i ls = nibble_scales16(x[i].scales);
         /* indices q & 511 to memory for the lookups; the 8 sign bits of each 8 weights computed, not looked up:
          * the 7 stored ones plus their parity (ksigns' rule), from a 16-entry parity table of s ^ (s >> 4) */
         uint16_t idx[32];
@@ -562,7 +552,7 @@ static float dot_iq2_xs(int n, const void *vx, const void *vy) {
             const uint16_t *q = idx + 4 * c;
             const __m256i g = _mm256_set_epi64x((long long)eq_iq2xs_grid[q[3]], (long long)eq_iq2xs_grid[q[2]],
                                                 (long long)eq_iq2xs_grid[q[1]], (long long)eq_iq2xs_grid[q[0]]);
-            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), scale_pair_at(ls + 2 * c));
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), broadcast16(ls, c));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
     }
@@ -608,8 +598,7 @@ static float dot_iq2_s(int n, const void *vx, const void *vy) {
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n / EQ_QK_K; ++i) {
         const uint8_t *q = x[i].qs;
-        int16_t ls[16];
-        nibble_scales16(x[i].scales, ls);
+        const __m256i ls = nibble_scales16(x[i].scales);
         __m256i sum = _mm256_setzero_si256();
         uint16_t idx[32];
         iq2s_indices(q, x[i].qh, idx);
@@ -618,7 +607,7 @@ static float dot_iq2_s(int n, const void *vx, const void *vy) {
             const __m256i g = _mm256_set_epi64x((long long)eq_iq2s_grid[k[3]], (long long)eq_iq2s_grid[k[2]],
                                                 (long long)eq_iq2s_grid[k[1]], (long long)eq_iq2s_grid[k[0]]);
             sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(x[i].signs + 4 * c)),
-                                scale_pair_at(ls + 2 * c));
+                                broadcast16(ls, c));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
     }
