@@ -675,8 +675,11 @@ static inline void iq1s_indices(const uint8_t qs[32], const uint16_t qh[8], uint
     /* packus works within 128-bit halves: (0 lo, 1 lo, 0 hi, 1 hi) -> reorder the 64-bit quarters */
     const __m256i p01 = _mm256_permute4x64_epi64(_mm256_packus_epi32(part[0], part[1]), 0xd8);
     const __m256i p23 = _mm256_permute4x64_epi64(_mm256_packus_epi32(part[2], part[3]), 0xd8);
-    _mm256_storeu_si256((__m256i *)idx, p01);
-    _mm256_storeu_si256((__m256i *)(idx + 16), p23);
+    /* 128-bit stores: the 16-bit loads that follow forward from them more reliably than from 256-bit ones */
+    _mm_storeu_si128((__m128i *)idx, _mm256_castsi256_si128(p01));
+    _mm_storeu_si128((__m128i *)(idx + 8), _mm256_extracti128_si256(p01, 1));
+    _mm_storeu_si128((__m128i *)(idx + 16), _mm256_castsi256_si128(p23));
+    _mm_storeu_si128((__m128i *)(idx + 24), _mm256_extracti128_si256(p23, 1));
 }
 
 static float dot_iq1_s(int n, const void *vx, const void *vy) {
