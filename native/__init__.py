@@ -19,6 +19,11 @@ WEIGHT_TYPES = tuple(
     GGMLQuantizationType[name]
     for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 )
+# the lattice i-quants: dot kernels (and so matmul) only, no row dequantization in C
+LATTICE_TYPES = tuple(
+    GGMLQuantizationType[name] for name in ("IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
+)
+DOT_TYPES = WEIGHT_TYPES + LATTICE_TYPES
 
 
 def available_isas() -> list[str]:

@@ -23,6 +23,7 @@
 
 #include "dequant.h"
 #include "kernels.h"
+#include "lattice.h"
 
 /* ---- helpers ---- */
 
@@ -453,12 +454,331 @@ static float dot_iq4_xs(int n, const void *vx, const void *vy) {
     return hsum8(acc);
 }
 
+/* ---- lattice i-quants (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M; layouts in lattice.h) ----
+ *
+ * Per 32 elements: the points' magnitudes as unsigned bytes (IQ1: the signed -1/0/1 values), the signs applied to
+ * the activations, maddubs into pairs, madd with the scale of each 16, so lane l of the super-block's int32 vector
+ * collects ls * products over elements 4l..4l+3 of every 32 (exact); then, as ggml's x86 code:
+ *   IQ2_*, IQ3_*  acc[8] = fma(d*y.d, lanes, acc);  result 0.125 (IQ2), 0.25 (IQ3_XXS) or 1 (IQ3_S) * hsum8(acc)
+ *   IQ1_S         acc[8] = fma(d*y.d, lanes, acc);  acc1 = fma(d*y.d, sum(ls * delta * bsums), acc1);
+ *                 result fma(0.125, acc1, hsum8(acc))
+ *   IQ1_M         acc1[8] = fma(d*y.d, lanes, acc1);  acc2[8] = fma(d*y.d, delta lanes, acc2);
+ *                 result fma(0.125, hsum8(acc2), hsum8(acc1))
+ * Only the lane contents and these float steps must match ggml; how the integers get there is ours.  Indices, sign
+ * bytes and scales are decoded a super-block at a time with vector ops into small arrays, which the per-32 table
+ * lookups then read (per-lookup scalar decoding made IQ1_M half as fast as ggml).  The 7-bit sign indices are
+ * completed with their parity (ksigns' rule, tested bit-exact against ggml) instead of a lookup.
+ */
+
+static inline __m256i lattice_lanes(__m256i sum, __m256i magnitude, __m256i signed_y, __m256i scale16) {
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_y), scale16));
+}
+
+/* (x ^ m) - m: x negated where m is 0xFF */
+static inline __m256i negate_where(__m256i x, __m256i m) { return _mm256_sub_epi8(_mm256_xor_si256(x, m), m); }
+
+/* The 16 scales 2*l+1 of 4-bit nibbles (IQ2_XS, IQ2_S: byte c holds the scales of elements 32c..32c+15 and
+ * 32c+16..32c+31) as int16: the low nibbles in the low 128 bits, the high ones in the high 128, so that
+ * broadcast16(v, c) is chunk c's pair. */
+static inline __m256i nibble_scales16(const uint8_t sc[8]) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)sc), m4 = _mm_set1_epi8(15);
+    const __m256i wide = _mm256_set_m128i(_mm_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4)), _mm_cvtepu8_epi16(_mm_and_si128(v, m4)));
+    return _mm256_add_epi16(_mm256_slli_epi16(wide, 1), _mm256_set1_epi16(1));
+}
+
+/* From the 8 metadata words of a super-block (IQ2_XXS, IQ3_XXS; lane c: four 7-bit sign indices and ls << 28): the 8
+ * sign bits of each 8 elements, bytes 4c..4c+3 of `signs` (the 7 stored plus their parity, ksigns' rule, from a
+ * 16-entry table of s ^ (s >> 4)), and the scales 2*ls + 1 as int16. */
+static inline void meta_signs_scales(__m256i meta, uint8_t signs[32], int16_t ls[8]) {
+    const __m256i parity = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+                                            0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    __m256i bytes = _mm256_setzero_si256();
+    for (int l = 0; l < 4; ++l) {
+        const __m256i s7 = _mm256_and_si256(_mm256_srli_epi32(meta, 7 * l), _mm256_set1_epi32(127));
+        const __m256i odd = _mm256_shuffle_epi8(parity, _mm256_and_si256(_mm256_xor_si256(s7, _mm256_srli_epi32(s7, 4)), _mm256_set1_epi32(15)));
+        bytes = _mm256_or_si256(bytes, _mm256_slli_epi32(_mm256_or_si256(s7, _mm256_and_si256(odd, _mm256_set1_epi32(0xff))), 8 * l));
+    }
+    _mm256_storeu_si256((__m256i *)signs, bytes);
+    const __m256i scale = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(meta, 28), 1), _mm256_set1_epi32(1));
+    _mm_storeu_si128((__m128i *)ls, _mm_packs_epi32(_mm256_castsi256_si128(scale), _mm256_extracti128_si256(scale, 1)));
+}
+
+static float dot_iq2_xxs(int n, const void *vx, const void *vy) {
+    const eq_iq2_xxs *x = (const eq_iq2_xxs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        /* the odd words of the 64 bytes are the metadata: (m0 m1 m4 m5 | m2 m3 m6 m7), then 64-bit quarters reordered */
+        const __m256 words0 = _mm256_castsi256_ps(load256(q)), words1 = _mm256_castsi256_ps(load256(q + 32));
+        const __m256i meta = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(words0, words1, 0xdd)), 0xd8);
+        uint8_t signs[32];
+        int16_t ls[8];
+        meta_signs_scales(meta, signs, ls);
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, q += 8) {
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq2xxs_grid[q[3]], (long long)eq_iq2xxs_grid[q[2]],
+                                                (long long)eq_iq2xxs_grid[q[1]], (long long)eq_iq2xxs_grid[q[0]]);
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), _mm256_set1_epi16(ls[c]));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return 0.125f * hsum8(acc);
+}
+
+static float dot_iq2_xs(int n, const void *vx, const void *vy) {
+    const eq_iq2_xs *x = (const eq_iq2_xs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const __m256i ls = nibble_scales16(x[i].scales);
+        /* indices q & 511 to memory for the lookups; the 8 sign bits of each 8 weights computed, not looked up:
+         * the 7 stored ones plus their parity (ksigns' rule), from a 16-entry parity table of s ^ (s >> 4) */
+        uint16_t idx[32];
+        uint8_t signs[32];
+        const __m256i parity = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+                                                0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+        __m256i sb[2];
+        for (int half = 0; half < 2; ++half) {
+            const __m256i v = load256(x[i].qs + 16 * half);
+            _mm256_storeu_si256((__m256i *)(idx + 16 * half), _mm256_and_si256(v, _mm256_set1_epi16(511)));
+            const __m256i s7 = _mm256_srli_epi16(v, 9);
+            const __m256i odd = _mm256_shuffle_epi8(parity, _mm256_and_si256(_mm256_xor_si256(s7, _mm256_srli_epi16(s7, 4)), _mm256_set1_epi16(15)));
+            sb[half] = _mm256_or_si256(s7, _mm256_and_si256(odd, _mm256_set1_epi16(0xff)));
+        }
+        _mm256_storeu_si256((__m256i *)signs, _mm256_permute4x64_epi64(_mm256_packus_epi16(sb[0], sb[1]), 0xd8));
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+            const uint16_t *q = idx + 4 * c;
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq2xs_grid[q[3]], (long long)eq_iq2xs_grid[q[2]],
+                                                (long long)eq_iq2xs_grid[q[1]], (long long)eq_iq2xs_grid[q[0]]);
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), broadcast16(ls, c));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return 0.125f * hsum8(acc);
+}
+
+/* IQ2_S's 32 10-bit indices: qs[k] | bits 2(k%4).. of qh[k/4] << 8.  Each qh byte is spread to 4 bytes, masked to
+ * its pair of bits, widened and multiplied into place (AVX2 has no per-element 16-bit shift). */
+static inline void iq2s_indices(const uint8_t qs[32], const uint8_t qh[8], uint16_t idx[32]) {
+    uint64_t h;
+    memcpy(&h, qh, 8);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)h),
+                                               _mm256_set_epi64x(0x0707070706060606LL, 0x0505050504040404LL, 0x0303030302020202LL, 0x0101010100000000LL));
+    const __m256i bits = _mm256_and_si256(spread, _mm256_set1_epi32((int)0xc0300c03u));
+    const __m256i into_place = _mm256_set1_epi64x(0x0004001000400100LL); /* 256, 64, 16, 4 */
+    for (int half = 0; half < 2; ++half) {
+        const __m128i b = half ? _mm256_extracti128_si256(bits, 1) : _mm256_castsi256_si128(bits);
+        const __m256i high = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(b), into_place);
+        const __m256i low = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * half)));
+        _mm256_storeu_si256((__m256i *)(idx + 16 * half), _mm256_or_si256(high, low));
+    }
+}
+
+/* IQ3_S's 64 9-bit indices: qs[k] | bit k%8 of qh[k/8] << 8, as iq2s_indices does it. */
+static inline void iq3s_indices(const uint8_t qs[64], const uint8_t qh[8], uint16_t idx[64]) {
+    uint64_t h;
+    memcpy(&h, qh, 8);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i into_place = _mm256_set_epi64x(0x0002000400080010LL, 0x0020004000800100LL, 0x0002000400080010LL, 0x0020004000800100LL);
+    for (int quarter = 0; quarter < 4; ++quarter) { /* bytes 2q, 2q+1 of qh: indices 16q..16q+15 */
+        const __m128i spread = _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)h),
+                                                _mm_set_epi64x(0x0101010101010101LL * (2 * quarter + 1), 0x0101010101010101LL * (2 * quarter)));
+        const __m128i bits = _mm_and_si128(spread, _mm256_castsi256_si128(bit));
+        const __m256i high = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(bits), into_place);
+        const __m256i low = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * quarter)));
+        _mm256_storeu_si256((__m256i *)(idx + 16 * quarter), _mm256_or_si256(high, low));
+    }
+}
+
+static float dot_iq2_s(int n, const void *vx, const void *vy) {
+    const eq_iq2_s *x = (const eq_iq2_s *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        const __m256i ls = nibble_scales16(x[i].scales);
+        __m256i sum = _mm256_setzero_si256();
+        uint16_t idx[32];
+        iq2s_indices(q, x[i].qh, idx);
+        for (int c = 0; c < 8; ++c) {
+            const uint16_t *k = idx + 4 * c;
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq2s_grid[k[3]], (long long)eq_iq2s_grid[k[2]],
+                                                (long long)eq_iq2s_grid[k[1]], (long long)eq_iq2s_grid[k[0]]);
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(x[i].signs + 4 * c)),
+                                broadcast16(ls, c));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return 0.125f * hsum8(acc);
+}
+
+static float dot_iq3_xxs(int n, const void *vx, const void *vy) {
+    const eq_iq3_xxs *x = (const eq_iq3_xxs *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        uint8_t signs[32];
+        int16_t ls[8];
+        meta_signs_scales(load256(x[i].qs + 64), signs, ls);
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, q += 8) {
+            const __m256i g = _mm256_set_epi32((int)eq_iq3xxs_grid[q[7]], (int)eq_iq3xxs_grid[q[6]], (int)eq_iq3xxs_grid[q[5]],
+                                               (int)eq_iq3xxs_grid[q[4]], (int)eq_iq3xxs_grid[q[3]], (int)eq_iq3xxs_grid[q[2]],
+                                               (int)eq_iq3xxs_grid[q[1]], (int)eq_iq3xxs_grid[q[0]]);
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), _mm256_set1_epi16(ls[c]));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return 0.25f * hsum8(acc);
+}
+
+static float dot_iq3_s(int n, const void *vx, const void *vy) {
+    const eq_iq3_s *x = (const eq_iq3_s *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs;
+        __m256i sum = _mm256_setzero_si256();
+        uint16_t idx[64];
+        iq3s_indices(q, x[i].qh, idx);
+        for (int c = 0; c < 8; ++c) {
+            const uint16_t *k = idx + 8 * c; /* scalar loads beat a gather here */
+            const __m256i g = _mm256_set_epi32((int)eq_iq3s_grid[k[7]], (int)eq_iq3s_grid[k[6]], (int)eq_iq3s_grid[k[5]],
+                                               (int)eq_iq3s_grid[k[4]], (int)eq_iq3s_grid[k[3]], (int)eq_iq3s_grid[k[2]],
+                                               (int)eq_iq3s_grid[k[1]], (int)eq_iq3s_grid[k[0]]);
+            const int ls = 2 * ((x[i].scales[c / 2] >> (4 * (c % 2))) & 15) + 1;
+            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(x[i].signs + 4 * c)),
+                                _mm256_set1_epi16((short)ls));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum8(acc);
+}
+
+/* The 32 11-bit indices of an IQ1_S super-block: index 4c + l = qs[4c + l] | bits 3l..3l+2 of qh[c] << 8, eight
+ * at a time in 32-bit lanes, packed to uint16. */
+static inline void iq1s_indices(const uint8_t qs[32], const uint16_t qh[8], uint16_t idx[32]) {
+    const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)qh));
+    /* bits 3l..3l+2 to 8..10: left by 8 - 3l for l < 3, right by 1 for l = 3 (a shift by 32 gives 0) */
+    const __m256i left = _mm256_setr_epi32(8, 5, 2, 32, 8, 5, 2, 32), right = _mm256_setr_epi32(32, 32, 32, 1, 32, 32, 32, 1);
+    const __m256i m = _mm256_set1_epi32(0x700);
+    __m256i part[4];
+    for (int t = 0; t < 4; ++t) {
+        const __m256i w = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(2 * t, 2 * t, 2 * t, 2 * t, 2 * t + 1, 2 * t + 1,
+                                                                                2 * t + 1, 2 * t + 1));
+        const __m256i high = _mm256_or_si256(_mm256_sllv_epi32(w, left), _mm256_srlv_epi32(w, right));
+        part[t] = _mm256_or_si256(_mm256_and_si256(high, m), _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * t))));
+    }
+    /* packus works within 128-bit halves: (0 lo, 1 lo, 0 hi, 1 hi) -> reorder the 64-bit quarters */
+    const __m256i p01 = _mm256_permute4x64_epi64(_mm256_packus_epi32(part[0], part[1]), 0xd8);
+    const __m256i p23 = _mm256_permute4x64_epi64(_mm256_packus_epi32(part[2], part[3]), 0xd8);
+    /* 128-bit stores: the 16-bit loads that follow forward from them more reliably than from 256-bit ones */
+    _mm_storeu_si128((__m128i *)idx, _mm256_castsi256_si128(p01));
+    _mm_storeu_si128((__m128i *)(idx + 8), _mm256_extracti128_si256(p01, 1));
+    _mm_storeu_si128((__m128i *)(idx + 16), _mm256_castsi256_si128(p23));
+    _mm_storeu_si128((__m128i *)(idx + 24), _mm256_extracti128_si256(p23, 1));
+}
+
+static float dot_iq1_s(int n, const void *vx, const void *vy) {
+    const eq_iq1_s *x = (const eq_iq1_s *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    __m256 acc = _mm256_setzero_ps();
+    float acc1 = 0.0f;
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        uint16_t idx[32];
+        iq1s_indices(x[i].qs, x[i].qh, idx);
+        /* per 32 elements c (a 32-bit lane each): ls = 2*((qh >> 12) & 7) + 1, negated where the shift is; the shift
+         * part is then sum(+-ls * (bsums[2c] + bsums[2c+1])) in one vector pass */
+        const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x[i].qh));
+        const __m256i ls = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(words, 12), _mm256_set1_epi32(7)), 1),
+                                            _mm256_set1_epi32(1));
+        const __m256i neg = _mm256_srai_epi32(_mm256_slli_epi32(words, 16), 31);
+        const __m256i pairs = _mm256_madd_epi16(load256(y[i].bsums), _mm256_set1_epi16(1));
+        const int delta_sum = hsum8_i32(_mm256_mullo_epi32(pairs, _mm256_sub_epi32(_mm256_xor_si256(ls, neg), neg)));
+        int16_t ls16[16];
+        _mm_storeu_si128((__m128i *)ls16, _mm_packs_epi32(_mm256_castsi256_si128(ls), _mm256_extracti128_si256(ls, 1)));
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+            const uint16_t *k = idx + 4 * c;
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq1s_grid[k[3]], (long long)eq_iq1s_grid[k[2]],
+                                                (long long)eq_iq1s_grid[k[1]], (long long)eq_iq1s_grid[k[0]]);
+            const __m256i yc = load256(y[i].qs + 32 * c);
+            sum = lattice_lanes(sum, _mm256_sign_epi8(g, g), _mm256_sign_epi8(yc, g), _mm256_set1_epi16(ls16[c]));
+        }
+        const float d = y[i].d * half_to_float(x[i].d);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
+        acc1 = fmaf(d, (float)delta_sum, acc1);
+    }
+    return fmaf(0.125f, acc1, hsum8(acc));
+}
+
+/* The 32 11-bit indices of an IQ1_M super-block: byte k of qs, and the low 3 bits of nibble k of qh, as the
+ * interleaved bytes (low, high) of each uint16. */
+static inline void iq1m_indices(const uint8_t qs[32], const uint8_t qh[16], uint16_t idx[32]) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)qh), m7 = _mm_set1_epi8(7);
+    const __m128i lo = _mm_and_si128(h, m7), hi = _mm_and_si128(_mm_srli_epi16(h, 4), m7);
+    const __m128i high0 = _mm_unpacklo_epi8(lo, hi), high1 = _mm_unpackhi_epi8(lo, hi); /* nibbles 0..15, 16..31 */
+    const __m128i q0 = _mm_loadu_si128((const __m128i *)qs), q1 = _mm_loadu_si128((const __m128i *)(qs + 16));
+    _mm_storeu_si128((__m128i *)idx, _mm_unpacklo_epi8(q0, high0));
+    _mm_storeu_si128((__m128i *)(idx + 8), _mm_unpackhi_epi8(q0, high0));
+    _mm_storeu_si128((__m128i *)(idx + 16), _mm_unpacklo_epi8(q1, high1));
+    _mm_storeu_si128((__m128i *)(idx + 24), _mm_unpackhi_epi8(q1, high1));
+}
+
+static float dot_iq1_m(int n, const void *vx, const void *vy) {
+    const eq_iq1_m *x = (const eq_iq1_m *)vx;
+    const eq_q8_K *y = (const eq_q8_K *)vy;
+    const __m256i one = _mm256_set1_epi8(1);
+    /* the shift bits of 4 groups of 8 from 2 qh bytes: byte 0 to the low 16 bytes, byte 1 to the high 16, tested
+     * against bit 3 (first group of each byte) and bit 7 (second) */
+    const __m256i spread = _mm256_set_epi64x(0x0101010101010101LL, 0x0101010101010101LL, 0, 0);
+    const __m256i shift_bit = _mm256_set_epi64x((long long)0x8080808080808080ULL, 0x0808080808080808LL,
+                                                (long long)0x8080808080808080ULL, 0x0808080808080808LL);
+    __m256 acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    for (int i = 0; i < n / EQ_QK_K; ++i) {
+        const uint8_t *q = x[i].qs, *h = x[i].qh;
+        const uint16_t *sc = x[i].scales;
+        /* the 16 scales 2l+1 as int16: 64-bit lane e holds the scales m = (0, 2, 1, 3)[e] of each word (sub-blocks
+         * 4j + m), so the low 128 bits hold the even sub-blocks and the high 128 the odd ones: word (c%2)*4 + c/2 of
+         * each half is then the pair (2c, 2c+1) of chunk c */
+        uint64_t sc64;
+        memcpy(&sc64, sc, 8);
+        __m256i scales = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)sc64), _mm256_set_epi64x(9, 3, 6, 0));
+        scales = _mm256_add_epi16(_mm256_slli_epi16(_mm256_and_si256(scales, _mm256_set1_epi16(7)), 1), _mm256_set1_epi16(1));
+        uint16_t idx[32];
+        iq1m_indices(q, h, idx);
+        __m256i sum1 = _mm256_setzero_si256(), sum2 = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c, h += 2) {
+            const uint16_t *k = idx + 4 * c;
+            const __m256i g = _mm256_set_epi64x((long long)eq_iq1s_grid[k[3]], (long long)eq_iq1s_grid[k[2]],
+                                                (long long)eq_iq1s_grid[k[1]], (long long)eq_iq1s_grid[k[0]]);
+            uint16_t hh;
+            memcpy(&hh, h, 2);
+            const __m256i bits = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi16((short)hh), spread), shift_bit);
+            const __m256i negative = _mm256_cmpeq_epi8(bits, shift_bit);
+            const __m256i yc = load256(y[i].qs + 32 * c);
+            const __m256i scale = broadcast16(scales, (c % 2) * 4 + c / 2);
+            sum1 = lattice_lanes(sum1, _mm256_sign_epi8(g, g), _mm256_sign_epi8(yc, g), scale);
+            sum2 = lattice_lanes(sum2, one, negate_where(yc, negative), scale);
+        }
+        const __m256 d = _mm256_set1_ps(y[i].d * half_to_float(eq_iq1m_d(sc)));
+        acc1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum1), acc1);
+        acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum2), acc2);
+    }
+    return fmaf(0.125f, hsum8(acc2), hsum8(acc1));
+}
+
 const eq_kernel_table eq_avx2_kernels = {
     .dequantize = {EQ_DEQUANTIZE_ENTRIES},
     .quantize = {[EQ_Q8_0] = quantize_q8_0, [EQ_Q8_1] = quantize_q8_1, [EQ_Q8_K] = quantize_q8_K},
     .dot = {[EQ_Q4_0] = dot_q4_0, [EQ_Q4_1] = dot_q4_1, [EQ_Q5_0] = dot_q5_0, [EQ_Q5_1] = dot_q5_1,
             [EQ_Q8_0] = dot_q8_0, [EQ_Q2_K] = dot_q2_K, [EQ_Q3_K] = dot_q3_K, [EQ_Q4_K] = dot_q4_K,
-            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs},
+            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs,
+            [EQ_IQ2_XXS] = dot_iq2_xxs, [EQ_IQ2_XS] = dot_iq2_xs, [EQ_IQ2_S] = dot_iq2_s, [EQ_IQ3_XXS] = dot_iq3_xxs,
+            [EQ_IQ3_S] = dot_iq3_s, [EQ_IQ1_S] = dot_iq1_s, [EQ_IQ1_M] = dot_iq1_m},
 };
 
 #endif

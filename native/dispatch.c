@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#define EQ_IQ_GRIDS_DEFINE /* the codebooks are defined here, once */
+#include "iq_grids.h"
+
 #include "blocks.h"
 #include "kernels.h"
 
@@ -76,6 +79,9 @@ static const struct { int block, size, activation; } TYPES[EQ_NTYPES] = {
     [EQ_Q2_K] = {256, 84, EQ_Q8_K}, [EQ_Q3_K] = {256, 110, EQ_Q8_K}, [EQ_Q4_K] = {256, 144, EQ_Q8_K},
     [EQ_Q5_K] = {256, 176, EQ_Q8_K}, [EQ_Q6_K] = {256, 210, EQ_Q8_K}, [EQ_Q8_K] = {256, 292, -1},
     [EQ_IQ4_NL] = {32, 18, EQ_Q8_0}, [EQ_IQ4_XS] = {256, 136, EQ_Q8_K},
+    [EQ_IQ2_XXS] = {256, 66, EQ_Q8_K}, [EQ_IQ2_XS] = {256, 74, EQ_Q8_K}, [EQ_IQ2_S] = {256, 82, EQ_Q8_K},
+    [EQ_IQ3_XXS] = {256, 98, EQ_Q8_K}, [EQ_IQ3_S] = {256, 110, EQ_Q8_K}, [EQ_IQ1_S] = {256, 50, EQ_Q8_K},
+    [EQ_IQ1_M] = {256, 56, EQ_Q8_K},
 };
 
 static int known(int type) { return type >= 0 && type < EQ_NTYPES && TYPES[type].block > 0; }

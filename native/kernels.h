@@ -1,7 +1,8 @@
 /* Quantized dot-product kernels: one table of functions per instruction set, and the public API over them.
  *
  * Type codes are GGML's (enum ggml_type).  Each weight type is paired with the activation type ggml-cpu's
- * `vec_dot_type` names for it: Q4_0/Q5_0/Q8_0/IQ4_NL with Q8_0, Q4_1/Q5_1 with Q8_1, Q2_K..Q6_K/IQ4_XS with Q8_K.
+ * `vec_dot_type` names for it: Q4_0/Q5_0/Q8_0/IQ4_NL with Q8_0, Q4_1/Q5_1 with Q8_1, Q2_K..Q6_K/IQ4_XS and the
+ * lattice i-quants (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M: dots only, lattice.h) with Q8_K.
  *
  * Every ISA reproduces the float arithmetic of the matching ggml-cpu code path (integer parts are exact in any
  * order; what must match is which partial sums are converted to float, and the order of the float multiplies,
@@ -23,8 +24,9 @@
 enum {
     EQ_Q4_0 = 2, EQ_Q4_1 = 3, EQ_Q5_0 = 6, EQ_Q5_1 = 7, EQ_Q8_0 = 8, EQ_Q8_1 = 9,
     EQ_Q2_K = 10, EQ_Q3_K = 11, EQ_Q4_K = 12, EQ_Q5_K = 13, EQ_Q6_K = 14, EQ_Q8_K = 15,
-    EQ_IQ4_NL = 20, EQ_IQ4_XS = 23,
-    EQ_NTYPES = 24
+    EQ_IQ2_XXS = 16, EQ_IQ2_XS = 17, EQ_IQ3_XXS = 18, EQ_IQ1_S = 19, EQ_IQ4_NL = 20, EQ_IQ3_S = 21, EQ_IQ2_S = 22,
+    EQ_IQ4_XS = 23, EQ_IQ1_M = 29,
+    EQ_NTYPES = 30
 };
 
 enum { EQ_ISA_BEST = -1, EQ_ISA_SCALAR = 0, EQ_ISA_AVX2 = 1, EQ_ISA_NEON = 2, EQ_NISA = 3 };

@@ -8,6 +8,8 @@
  *   IQ4_NL                      blocks in pairs, exact integer sums, sum += fma(d0, sum0, d1 * sum1) (GCC fuses
  *                               the first product of ggml's `sum += d0*sum0 + d1*sum1`); an odd last block as generic
  *   IQ4_XS                      exact integer sum per super-block (sub-block sums times ls-32), one scalar fma
+ *   lattice i-quants            scalar.c's (ggml's generic arithmetic, lattice.h), not ggml's arch/arm code: untested
+ *                               against an Arm ggml
  *   Q8_0/Q8_1 activations       d = amax/127, q = round-half-even(x * (1/d))
  *   Q8_K activations            ggml's reference quantizer, as in scalar.c
  *
@@ -28,6 +30,7 @@
 
 #include "dequant.h"
 #include "kernels.h"
+#include "lattice.h"
 
 /* ---- helpers ---- */
 
@@ -493,7 +496,8 @@ const eq_kernel_table eq_neon_kernels = {
     .quantize = {[EQ_Q8_0] = quantize_q8_0, [EQ_Q8_1] = quantize_q8_1, [EQ_Q8_K] = quantize_q8_K},
     .dot = {[EQ_Q4_0] = dot_q4_0, [EQ_Q4_1] = dot_q4_1, [EQ_Q5_0] = dot_q5_0, [EQ_Q5_1] = dot_q5_1,
             [EQ_Q8_0] = dot_q8_0, [EQ_Q2_K] = dot_q2_K, [EQ_Q3_K] = dot_q3_K, [EQ_Q4_K] = dot_q4_K,
-            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs},
+            [EQ_Q5_K] = dot_q5_K, [EQ_Q6_K] = dot_q6_K, [EQ_IQ4_NL] = dot_iq4_nl, [EQ_IQ4_XS] = dot_iq4_xs,
+            EQ_LATTICE_GENERIC_DOTS},
 };
 
 #endif

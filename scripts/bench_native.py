@@ -2,7 +2,8 @@
 
     python scripts/bench_native.py [--json] [--types Q4_K IQ4_XS] [--rows 512] [--cols 4096] [--repeat 21]
 
-For every weight type (by default all of native.WEIGHT_TYPES: Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS) and ISA: `rows` weight rows (ggml_quantize_chunk of Gaussian weights) dotted with one
+For every weight type (by default all of native.DOT_TYPES: Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS and the lattice
+i-quants IQ3_XXS..IQ1_M, those quantized with a random importance vector) and ISA: `rows` weight rows (ggml_quantize_chunk of Gaussian weights) dotted with one
 activation row quantized by ggml's own quantizer for that ISA.  Both sides run the same C loop over the rows
 (ours: eq_dot_rows; ggml: a loop compiled here with cffi calling ggml's function), one thread, timed
 alternately; the median of `repeat` timings is reported as weight bytes per second.  `bit_exact` compares the
@@ -99,7 +100,9 @@ class Ggml:
 
 def bench_one(ggml: Ggml, qtype, isa: str, rows: int, cols: int, repeat: int, rng) -> dict:
     ffi = ggml.ffi
-    w = ggml_oracle.quantize_chunk(qtype, rng.standard_normal((rows, cols)).astype(np.float32))
+    # the lattice i-quants with an importance vector, as they are built (ggml aborts on IQ2_XXS/IQ2_XS/IQ1_S without)
+    importance = rng.gamma(0.5, 2.0, cols).astype(np.float32) if qtype in native.LATTICE_TYPES else None
+    w = ggml_oracle.quantize_chunk(qtype, rng.standard_normal((rows, cols)).astype(np.float32), importance)
     x = rng.standard_normal(cols).astype(np.float32)
     act_block, act_size = native.block_layout(native.activation_type(qtype))
     act = np.zeros(cols // act_block * act_size, dtype=np.uint8)
@@ -194,7 +197,7 @@ def main_fits(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-    p.add_argument("--types", nargs="*", default=[t.name for t in native.WEIGHT_TYPES])
+    p.add_argument("--types", nargs="*", default=[t.name for t in native.DOT_TYPES])
     p.add_argument("--isas", nargs="*", default=[i for i in ("avx2", "scalar") if i in native.available_isas()])
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--cols", type=int, default=4096)

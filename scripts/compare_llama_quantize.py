@@ -14,6 +14,7 @@ pipelines (wall clock, same machine) for the speed comparison in docs/BENCHMARKS
 
     python scripts/compare_llama_quantize.py ../shared/models/bench-a --ftypes Q4_K_M Q3_K_M Q2_K Q5_K_M Q6_K Q8_0
     python scripts/compare_llama_quantize.py ../shared/models/bench-a --ftypes IQ3_M IQ3_S IQ3_XS --method imatrix --chunks 64
+    python scripts/compare_llama_quantize.py ../shared/models/bench-a --ftypes IQ1_M --method imatrix --imatrix I.gguf
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> int:
     p.add_argument("--calib", type=Path, default=ROOT.parent / "shared/data/wikitext-2/wiki.train.first1MB.txt")
     p.add_argument("--chunks", type=int, default=256)
     p.add_argument("--no-imatrix", action="store_true")
+    p.add_argument("--imatrix", type=Path, help="an imatrix file to use instead of running llama-imatrix on --calib")
     p.add_argument("--method", choices=["both", "rtn", "imatrix"], default="both",
                    help="which quantizations to compare (rtn is skipped for ftypes llama.cpp writes only with an imatrix)")
     p.add_argument("--threads", type=int, default=2)
@@ -96,7 +98,9 @@ def main() -> int:
         ref32 = tmp / "ours-f32.gguf"
         run(edgequant + ["--target", "F32", "-o", str(ref32)])
         imatrix = None
-        if not args.no_imatrix:
+        if args.imatrix:
+            imatrix = args.imatrix
+        elif not args.no_imatrix:
             imatrix = tmp / "imatrix.gguf"
             run([tool("llama-imatrix"), "-m", str(ref16), "-f", str(args.calib), "-c", "512", "--chunks", str(args.chunks),
                  "-t", str(args.threads), "-o", str(imatrix)])

@@ -117,8 +117,8 @@ REFUSED_LOW_BIT = [
     (["--target", "Q2_K_S", "--method", "rtn"], "is Q2_K", "importance matrix"),
     # GPTQ rounds weight by weight: not onto a codebook (before calibration: the default method never starts)
     (["--target", "IQ3_M"], "--method gptq", "IQ3_S", "--method imatrix"),
-    # types without a codec yet
-    (["--target", "IQ1_M", "--method", "imatrix"], "IQ1_M", "not implemented"),
+    (["--target", "IQ1_M", "--method", "rtn"], "IQ1_M", "importance matrix", "--imatrix"),
+    (["--target", "IQ1_M", "--method", "gptq"], "--method gptq", "IQ1_M", "--method imatrix"),
 ]
 
 
@@ -127,6 +127,20 @@ def test_refused_low_bit_targets(capsys, tmp_path, tiny_llama, options, fragment
     out = tmp_path / "out"
     out.mkdir()
     expect_error(capsys, ["build", str(tiny_llama), *options, "-o", str(out / "m.gguf"), "--quiet"], *fragments)
+
+
+def test_type_without_codec(capsys, tmp_path, monkeypatch, tiny_llama):
+    """A target whose recipe names a type edgequant has no codec for is refused before any work (every type of
+    every ftype has one now: take IQ1_M's away)."""
+    from gguf import GGMLQuantizationType
+
+    from edgequant.convert.codecs import CODECS
+
+    monkeypatch.delitem(CODECS, GGMLQuantizationType.IQ1_M)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["build", str(tiny_llama), "--target", "IQ1_M", "--method", "imatrix", "-o", str(out / "m.gguf"), "--quiet"]
+    expect_error(capsys, argv, "IQ1_M", "not implemented")
 
 
 # --size / --bpw / --target auto: refused before calibration (the default method, GPTQ, never starts).  tiny-llama's

@@ -147,7 +147,8 @@ def bf16_source(request, tmp_path_factory):
 @pytest.mark.parametrize(("target", "method"), [
     *((t, m) for t in ("IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_M") for m in ("rtn", "imatrix")),
     # these ftypes' lattice tensors need the importance matrix
-    *((t, "imatrix") for t in ("IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "Q2_K_S")),
+    *((t, "imatrix") for t in ("IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M",
+                                    "Q2_K_S")),
 ])
 def test_bytes_equal_llama_quantize(bf16_source, target, method, tmp_path):
     """`--method rtn` is `llama-quantize`, `--method imatrix --imatrix FILE` is `llama-quantize --imatrix FILE`: the

@@ -1,4 +1,4 @@
-"""The lattice codecs (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S) against libggml and gguf-py, bit for bit; their
+"""The lattice codecs (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M) against libggml and gguf-py, bit for bit; their
 codebooks and neighbour lists against gguf-py's grids and a plain re-reading of ggml's definition."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from edgequant.convert.codecs import codec
 from edgequant.convert.codecs.lattice_search import codebook, gguf_points
 from test_codecs_symmetric import SHARED, bench_a_matrices
 
-TYPES = ["IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S"]
-CODEBOOK_TYPES = TYPES
+TYPES = ["IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
+CODEBOOK_TYPES = TYPES[:-1]  # IQ1_M is on IQ1_S's codebook and neighbour lists (ggml's iq2_data entry is shared)
 N = 512  # two super-blocks per row
 F32 = np.float32
 
@@ -94,7 +94,10 @@ def test_random_bytes(name):
     as gguf-py's and libggml's dequantizers do (scales kept finite: NaN payloads are the hardware's)."""
     c = codec(name)
     raw = np.random.default_rng(3).integers(0, 256, (5, 4 * c.type_size), dtype=np.uint8)
-    raw.reshape(5, 4, c.type_size)[..., 1] &= 0x3F  # fp16 d below 2.0: finite
+    if name == "IQ1_M":  # d's exponent: bits 10..14 of its fp16, the last scale word's bits 12..14 hold 12..14
+        raw.reshape(5, 4, c.type_size)[..., 55] &= 0xBF  # ... so clearing bit 14 keeps it finite
+    else:
+        raw.reshape(5, 4, c.type_size)[..., 1] &= 0x3F  # fp16 d below 2.0: finite
     assert np.array_equal(c.pack(c.unpack(raw)), raw)
     ours = c.dequantize(c.unpack(raw)).view(np.uint32)
     np.testing.assert_array_equal(ours, gguf.quants.dequantize(raw, c.qtype).reshape(5, -1).view(np.uint32))

@@ -306,6 +306,89 @@ def test_dot_bit_exact_on_bench_a(ggml, shared_dir, isa):
                                               bits(ggml.dot_rows(qtype, raw, act, isa)), err_msg=f"{name} {qtype.name}")
 
 
+# ---- the lattice i-quants (dots only) ----
+
+LATTICE_TYPES = native.LATTICE_TYPES
+
+
+def lattice_weights(qtype, kind: str, rng, rows: int = 24, n: int = 1024) -> np.ndarray:
+    """ggml_quantize_chunk's blocks (with a random importance vector, as these types are built), or random bytes
+    under a finite fp16 d: every index, sign, scale and shift bit occurs (all bit patterns are valid points)."""
+    if kind == "ggml":
+        importance = rng.gamma(0.5, 2.0, n).astype(np.float32)
+        return ggml_oracle.quantize_chunk(qtype, rng.standard_normal((rows, n)).astype(np.float32), importance)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, n // block, size), dtype=np.uint8)
+    d = (0.01 * rng.standard_normal((rows, n // block))).astype(np.float16).view(np.uint16)
+    if qtype == Q.IQ1_M:  # d is split into the top nibbles of the four scale words (bytes 48..55)
+        words = raw[..., 48:56].copy().view("<u2") & 0x0FFF
+        for k in range(4):
+            words[..., k] |= ((d >> (4 * k)) & 15) << 12
+        raw[..., 48:56] = words.view(np.uint8)
+    else:
+        raw[..., 0:2] = d[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", LATTICE_TYPES, ids=lambda t: t.name)
+def test_lattice_activation_type_is_ggmls(ggml, qtype):
+    assert ggml.traits(qtype).vec_dot_type == int(native.activation_type(qtype)) == int(Q.Q8_K)
+
+
+@pytest.mark.parametrize("kind", ["ggml", "random-bytes"])
+@pytest.mark.parametrize("isa", comparable_isas())
+@pytest.mark.parametrize("qtype", LATTICE_TYPES, ids=lambda t: t.name)
+def test_lattice_dot_bit_exact(ggml, qtype, isa, kind):
+    need_ggml_isa(ggml, isa)
+    rng = np.random.default_rng(11)
+    for n in (256, 1024):  # one super-block, and several
+        raw = lattice_weights(qtype, kind, rng, n=n)
+        for act in ggml.quantize(Q.Q8_K, activation_rows(n, rng), isa):
+            np.testing.assert_array_equal(bits(native.dot_rows(raw, act, qtype, isa)), bits(ggml.dot_rows(qtype, raw, act, isa)),
+                                          err_msg=f"n={n}")
+
+
+@pytest.mark.parametrize("qtype", LATTICE_TYPES, ids=lambda t: t.name)
+def test_lattice_ggml_generic_and_avx2_sums_differ(ggml, qtype):
+    """As for the other types: ggml's generic and AVX2 paths round differently, so each pairing is a real test."""
+    need_ggml_isa(ggml, "avx2")
+    rng = np.random.default_rng(12)
+    raw = lattice_weights(qtype, "random-bytes", rng, rows=64)
+    act = ggml.quantize(Q.Q8_K, rng.standard_normal((1, 1024)), "scalar")[0]
+    assert (bits(ggml.dot_rows(qtype, raw, act, "scalar")) != bits(ggml.dot_rows(qtype, raw, act, "avx2"))).mean() > 0.3
+
+
+@pytest.mark.parametrize("qtype", LATTICE_TYPES, ids=lambda t: t.name)
+def test_lattice_matmul_is_quantize_then_dot(qtype):
+    """matmul (what verify runs) on every thread count, and verify's float64 model of it (gguf-py's dequantization)."""
+    rng = np.random.default_rng(13)
+    raw, x = lattice_weights(qtype, "ggml", rng, rows=21, n=512), rng.standard_normal((5, 512)).astype(np.float32)
+    expect = np.stack([native.dot_rows(raw, a, qtype) for a in native.quantize_activations(x, Q.Q8_K)])
+    for threads in (1, 3):
+        np.testing.assert_array_equal(bits(native.matmul(raw, x, qtype, n_threads=threads)), bits(expect))
+    ref = kernel_reference(raw, qtype, x)
+    np.testing.assert_allclose(expect, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("isa", comparable_isas())
+def test_lattice_dot_bit_exact_on_bench_a(ggml, shared_dir, isa):
+    """Real weights (bench-a layer 7's up_proj, with a random importance) in every lattice type, dotted with real token
+    embeddings."""
+    from edgequant.checkpoint import Checkpoint
+
+    need_ggml_isa(ggml, isa)
+    ck = Checkpoint(shared_dir / "models" / "bench-a")
+    x = ck.load("model.embed_tokens.weight").float().numpy()[::97][:16]
+    w = ck.load("model.layers.7.mlp.up_proj.weight").float().numpy()[:128]
+    importance = np.random.default_rng(14).gamma(0.5, 2.0, w.shape[1]).astype(np.float32)
+    for qtype in LATTICE_TYPES:
+        raw = ggml_oracle.quantize_chunk(qtype, w, importance)
+        for act in ggml.quantize(Q.Q8_K, x, isa):
+            np.testing.assert_array_equal(bits(native.dot_rows(raw, act, qtype, isa)), bits(ggml.dot_rows(qtype, raw, act, isa)),
+                                          err_msg=qtype.name)
+
+
 # ---- matmul and the Python front end ----
 
 

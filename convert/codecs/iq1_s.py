@@ -87,40 +87,38 @@ def best_splits(xb: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndar
     return scale, levels, shift
 
 
-def neighbours(levels: np.ndarray, xb: np.ndarray, weight: np.ndarray, scale: np.ndarray, shift: np.ndarray):
-    """Each group of 8's point: the kmap lookup of its levels, else ggml's `iq1_find_best_neighbour2` (least
-    sum((wt*diff)*diff), diff = scale*q - x, q the shifted value of the point's level; first on a tie; where no
-    distance is below FLT_MAX, ggml reads past its arrays: the first neighbour here).  levels/xb/weight (S, 32),
-    scale/shift (S,).  Returns (indices (S, 4), all on the codebook (S,))."""
+def neighbours(levels: np.ndarray, xg: np.ndarray, wg: np.ndarray, scale: np.ndarray, negative: np.ndarray):
+    """Each group of 8's point (IQ1_S and IQ1_M): the kmap lookup of its levels, else ggml's
+    `iq1_find_best_neighbour2` (least sum((wt*diff)*diff), diff = scale*q - x, q the shifted value of the point's
+    level; first on a tie; where no distance is below FLT_MAX, ggml reads past its arrays: the first neighbour
+    here).  levels/xg/wg (G, 8), scale (G,) and negative (G,) (the shift is -delta) of the group's sub-block.
+    Returns (indices (G,), on the codebook (G,))."""
     book = codebook("IQ1_S")
-    S = len(levels)
-    g_levels = levels.reshape(-1, 8)
-    index = book.kmap[level_vector(g_levels, book.bits)]
+    index = book.kmap[level_vector(levels, book.bits)]
     on = index >= 0
     off = np.flatnonzero(~on)
     if len(off):
-        u = level_vector(g_levels[off], book.bits)
+        u = level_vector(levels[off], book.bits)
         count = book.count[u]
         pairs = int(count.sum())
         group = np.repeat(np.arange(len(off)), count)
         first = np.cumsum(count) - count
         candidate = book.flat.take(np.repeat(book.start[u] - first, count) + np.arange(pairs))
         at = off.take(group)
-        sub = at // 4
-        table = np.where((shift[sub] == 1)[:, None], SHIFTED[1], SHIFTED[-1])  # (pairs, 3)
+        table = np.where(negative[at][:, None], SHIFTED[-1], SHIFTED[1])  # (pairs, 3)
         q = np.take_along_axis(table, book.points[candidate].astype(np.int64), axis=1)  # (pairs, 8)
-        xg, wg = xb.reshape(-1, 8)[at], weight.reshape(-1, 8)[at]
-        sc = scale[sub]
+        xo, wo = xg[at], wg[at]
+        sc = scale[at]
         d2 = np.zeros(pairs, F32)
         for i in range(8):
-            diff = sc * q[:, i] - xg[:, i]
-            d2 += (wg[:, i] * diff) * diff
+            diff = sc * q[:, i] - xo[:, i]
+            d2 += (wo[:, i] * diff) * diff
         d2[np.isnan(d2)] = np.inf
         best = np.minimum.reduceat(d2, first)
         wins = (d2 == best.take(group)) & (best.take(group) < FLT_MAX)
         pick = np.minimum.reduceat(np.where(wins, np.arange(pairs), pairs), first)
         index[off] = candidate.take(np.where(pick < pairs, pick, first))
-    return index.reshape(S, 4), on.reshape(S, 4).all(1)
+    return index, on
 
 
 class IQ1_S(LatticeCodec):
@@ -163,7 +161,9 @@ class IQ1_S(LatticeCodec):
         flip = scale < 0
         levels = np.where(flip[:, None], 2 - levels, levels)
         scale, shift = np.where(flip, -scale, scale), np.where(flip, -shift, shift)
-        index, on = neighbours(levels, xb, weight, scale, np.where(shift == 0, 1, shift))
+        index, on = neighbours(levels.reshape(-1, 8), xb.reshape(-1, 8), weight.reshape(-1, 8), np.repeat(scale, 4),
+                               np.repeat(shift == -1, 4))
+        index, on = index.reshape(len(xb), 4), on.reshape(len(xb), 4).all(1)
         book = codebook("IQ1_S")
         table = np.where((shift == -1)[:, None], SHIFTED[-1], SHIFTED[1])  # (S, 3)
         q = np.take_along_axis(table, book.points[index].reshape(len(xb), 32).astype(np.int64), axis=1)

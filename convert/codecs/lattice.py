@@ -1,4 +1,4 @@
-"""The codec base of the lattice i-quants (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S; IQ1_M to come): types
+"""The codec base of the lattice i-quants (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M): types
 whose weights come in groups of 4 or 8, each group one point of a fixed codebook, with sign bits and small block
 scales.
 

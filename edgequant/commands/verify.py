@@ -40,7 +40,9 @@ KERNEL_TOL = 1e-3
 # Worst-row source error allowed per type: about twice the worst row of round-to-nearest on bench-a with real
 # activations (Q2_K 0.75, Q3_K 0.36, Q4_K 0.19, Q6_K 0.03).
 SOURCE_TOL = {"Q2_K": 1.0, "Q3_K": 0.6, "Q4_0": 0.5, "Q4_1": 0.5, "Q4_K": 0.4, "Q5_0": 0.3, "Q5_1": 0.3, "Q5_K": 0.25,
-              "Q6_K": 0.15, "Q8_0": 0.1, "IQ4_NL": 0.4, "IQ4_XS": 0.4}
+              "Q6_K": 0.15, "Q8_0": 0.1, "IQ4_NL": 0.4, "IQ4_XS": 0.4,
+              # the lattice i-quants at ~2.5x their worst row on a bench-a ffn_down (Gaussian X, as Q2_K's 1.0 is to its 0.39)
+              "IQ3_XXS": 0.7, "IQ3_S": 0.5, "IQ2_XXS": 1.2, "IQ2_XS": 1.1, "IQ2_S": 1.0, "IQ1_S": 1.6, "IQ1_M": 1.5}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--rows must be at least 1")
     reader = open_gguf(args.gguf)
     m = SourceModel(args.model)
-    tensors = [t for t in reader.tensors if t.tensor_type in native.WEIGHT_TYPES]
+    tensors = [t for t in reader.tensors if t.tensor_type in native.DOT_TYPES]
     if not tensors:
-        raise UserError(f"{args.gguf}: no tensor of a type the kernels cover ({', '.join(t.name for t in native.WEIGHT_TYPES)})")
+        raise UserError(f"{args.gguf}: no tensor of a type the kernels cover ({', '.join(t.name for t in native.DOT_TYPES)})")
     missing = [t.name for t in tensors if t.name not in m.tensors]
     if missing:
         raise UserError(f"{args.gguf} has tensors {args.model} does not: {', '.join(missing[:5])}")
