@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .convert.codecs import CODECS, codec
+from .convert.codecs import CODECS
 from .convert.encode import FLOAT_TYPES
 from .convert.gguf_out import TensorPlan
 from .convert.recipes import FTYPES, ArchFacts, requires_imatrix, tensor_type
@@ -32,9 +32,7 @@ def calibrates(method: str, plan: list[TensorPlan]) -> bool:
 
 def check_plan(plan: list[TensorPlan], ftype: str, method: str) -> None:
     """A UserError, before anything heavy, where `method` cannot write `plan`: a type without a codec yet; a type
-    llama.cpp writes only with an importance matrix, under --method rtn (llama-quantize refuses it the same way);
-    a lattice type (codebook points per group of weights) under --method gptq, whose solver rounds weight by weight
-    onto scalar grids."""
+    llama.cpp writes only with an importance matrix, under --method rtn (llama-quantize refuses it the same way)."""
     missing = sorted({t.qtype.name for t in plan if t.qtype not in FLOAT_TYPES and t.qtype not in CODECS})
     if missing:
         raise UserError(f"--target {ftype}: its {', '.join(missing)} tensors are not implemented yet; "
@@ -45,8 +43,3 @@ def check_plan(plan: list[TensorPlan], ftype: str, method: str) -> None:
             raise UserError(f"--target {ftype}: {need[0].name} (and {len(need) - 1} more) is {need[0].qtype.name}, "
                             f"which llama.cpp writes only with an importance matrix: use --method imatrix and pass --imatrix "
                             f"FILE or --calib SOURCE")
-    if method == "gptq":
-        lattice = sorted({t.qtype.name for t in plan if t.qtype in CODECS and not codec(t.qtype).scalar_grid})
-        if lattice:
-            raise UserError(f"--method gptq --target {ftype}: GPTQ cannot quantize onto the {', '.join(lattice)} "
-                            f"codebooks yet: use --method imatrix (with --imatrix FILE or --calib SOURCE)")

@@ -128,7 +128,11 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
             A = Uinv @ Uinv.T  # (H⁻¹_gg)⁻¹ of the columns not yet fixed
             w = Wt[g]  # (dim, rows), updated by every earlier error
             s = scale[(j % BLOCK) // lat.sub]
-            sigma = choose_signs(lat, w, neg, j, A)
+            W8 = A8 = None
+            if lat.signs == "parity" and dim < 8 and j % 8 == 0:
+                U8inv = torch.linalg.solve_triangular(U[j:j + 8, j:j + 8], torch.eye(8), upper=True)
+                W8, A8 = Wt[j:j + 8], U8inv @ U8inv.T
+            sigma = choose_signs(lat, w, neg, j, A, W8, A8)
             t = w if shift is None else w - s * shift[(j % BLOCK) // lat.sub]
             lin = (sigma * (A @ t)).T @ P.T  # (rows, K)
             if lat.signs == "none":
@@ -154,15 +158,23 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
     return Solution(blocks, w_hat, float(column_loss.sum(dtype=np.float64)), column_loss, damp)
 
 
-def choose_signs(lat: Lattice, w: torch.Tensor, neg: torch.Tensor, j: int, A: torch.Tensor) -> torch.Tensor:
+def choose_signs(lat: Lattice, w: torch.Tensor, neg: torch.Tensor, j: int, A: torch.Tensor,
+                 W8: torch.Tensor | None = None, A8: torch.Tensor | None = None) -> torch.Tensor:
     """The signs (dim, rows) ±1 of the group at column j, recorded in neg[j:j + dim]: the updated weights' signs; a
     parity type's group that closes 8 weights flips, where the 8 have an odd count of negatives, its coordinate of
-    least A_jj·w_j²."""
+    least A_jj·w_j².  IQ3_XXS's 8 are two groups: the first one, given the 8 (W8) and their metric (A8), makes the
+    flip where the 8's least A_jj·w_j² is its own (the second then flips only if the updates changed the parity).
+    A flip inside the second group alone cost 20 % more loss than the fit with no correlations at all."""
     dim = lat.dim
     if lat.signs == "none":
         neg[j:j + dim] = False
         return torch.ones_like(w)
     n = w < 0
+    if lat.signs == "parity" and dim < 8 and j % 8 == 0 and W8 is not None:
+        # the first of two groups of 4 (IQ3_XXS): where the 8's least weight is here, its flip is made here
+        odd = (W8 < 0).sum(0) % 2 == 1
+        least = (A8.diagonal()[:, None] * W8.square()).argmin(0)
+        n ^= odd[None, :] & (torch.arange(dim)[:, None] == least[None, :])
     if lat.signs == "parity" and (j + dim) % 8 == 0:
         before = neg[j + dim - 8:j].sum(0) if dim < 8 else 0
         odd = (n.sum(0) + before) % 2 == 1
