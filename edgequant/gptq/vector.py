@@ -91,11 +91,12 @@ def codebook_values(name: str) -> np.ndarray:
 @torch.no_grad()
 def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01) -> Solution:
     """Vector GPTQ of W (rows = output features, cols = input features) given H = 2XᵀX, onto lattice `codec`
-    (module docstring).  On the CPU (a CUDA H's work comes to the host: no GPU path yet).  Loss as solver.Solution's:
+    (module docstring).  On the CPU (a CUDA H's work comes to the host: no GPU path yet); Ŵ goes back to H's device.  Loss as solver.Solution's:
     ½ tr(E (H + λI) Eᵀ), split over columns."""
     if codec.name not in LATTICES:
         raise ValueError(f"{codec.name}: vector GPTQ has no lattice description of this type")
     lat = LATTICES[codec.name]
+    device = H.device if isinstance(H, torch.Tensor) else torch.device("cpu")
     W = torch.as_tensor(W, dtype=torch.float32).detach().cpu()
     H = torch.as_tensor(H, dtype=torch.float32).detach().cpu().clone()
     rows, cols = W.shape
@@ -153,7 +154,7 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err[i1:i2], alpha=-1)
     blocks = concat_blocks([write(codec, lat, f, index[c // dim:(c + BLOCK) // dim], neg[c:c + BLOCK])
                             for f, c in zip(fits, range(0, cols, BLOCK))])
-    w_hat = torch.from_numpy(codec.dequantize(blocks))
+    w_hat = torch.from_numpy(codec.dequantize(blocks)).to(device)  # where the caller goes on with it, as solve's
     column_loss = (Err.square().sum(1) / 2).numpy()
     return Solution(blocks, w_hat, float(column_loss.sum(dtype=np.float64)), column_loss, damp)
 
