@@ -41,6 +41,7 @@ from .solver import Solution, concat_blocks, inverse_cholesky
 
 F32 = np.float32
 BLOCK = 256  # every lattice type's super-block
+FLIP_SEARCH = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +136,22 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
                 W8, A8 = Wt[j:j + 8], U8inv @ U8inv.T
             sigma = choose_signs(lat, w, neg, j, A, W8, A8)
             t = w if shift is None else w - s * shift[(j % BLOCK) // lat.sub]
-            lin = (sigma * (A @ t)).T @ P.T  # (rows, K)
-            if lat.signs == "none":
-                quad = (PP @ A.reshape(-1))[None, :]
-            else:
-                quad = (A[:, :, None] * (sigma[:, None, :] * sigma[None, :, :])).reshape(dim * dim, rows).T @ PP.T
-            loss = s[:, None].square() * quad - 2 * s[:, None] * lin
-            idx = loss.argmin(1)
+            idx, best = best_points(P, PP, A, t, s, sigma, lat.signs == "none")
+            if FLIP_SEARCH and lat.signs == "parity" and (j + dim) % 8 == 0:
+                # the parity flip by the exact metric: each coordinate of the closing group, for the rows that flipped
+                flipped = (sigma < 0) != (w < 0)
+                odd = torch.nonzero(flipped.any(0)).flatten()
+                if len(odd):
+                    natural = torch.where(w[:, odd] < 0, -1.0, 1.0)
+                    for k in range(dim):
+                        trial = natural.clone()
+                        trial[k] = -trial[k]
+                        i_k, l_k = best_points(P, PP, A, t[:, odd], s[odd], trial, False)
+                        better = l_k < best[odd]
+                        rows_k = odd[better]
+                        best[rows_k], idx[rows_k] = l_k[better], i_k[better]
+                        sigma[:, rows_k] = trial[:, better]
+                    neg[g] = sigma < 0
             index[j // dim] = idx
             pts = P[idx].T  # (dim, rows)
             if shift is None:
@@ -157,6 +167,20 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
     w_hat = torch.from_numpy(codec.dequantize(blocks)).to(device)  # where the caller goes on with it, as solve's
     column_loss = (Err.square().sum(1) / 2).numpy()
     return Solution(blocks, w_hat, float(column_loss.sum(dtype=np.float64)), column_loss, damp)
+
+
+def best_points(P, PP, A, t, s, sigma, unsigned: bool):
+    """Each row's codebook point of least exact loss given its signs: (indices (rows,), the loss up to the constant
+    tᵀAt, which does not depend on the signs)."""
+    lin = (sigma * (A @ t)).T @ P.T  # (rows, K)
+    if unsigned:
+        quad = (PP @ A.reshape(-1))[None, :]
+    else:
+        dim = len(A)
+        quad = (A[:, :, None] * (sigma[:, None, :] * sigma[None, :, :])).reshape(dim * dim, -1).T @ PP.T
+    loss = s[:, None].square() * quad - 2 * s[:, None] * lin
+    best, idx = loss.min(1)
+    return idx, best
 
 
 def choose_signs(lat: Lattice, w: torch.Tensor, neg: torch.Tensor, j: int, A: torch.Tensor,
