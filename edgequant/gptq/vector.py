@@ -41,7 +41,7 @@ from .solver import Solution, concat_blocks, inverse_cholesky
 
 F32 = np.float32
 BLOCK = 256  # every lattice type's super-block
-FLIP_SEARCH = True
+FLIP_SEARCH = True  # the parity flip by the exact metric (False: ggml's least-weight rule; kept to measure it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +92,8 @@ def codebook_values(name: str) -> np.ndarray:
 @torch.no_grad()
 def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01) -> Solution:
     """Vector GPTQ of W (rows = output features, cols = input features) given H = 2XᵀX, onto lattice `codec`
-    (module docstring).  On the CPU (a CUDA H's work comes to the host: no GPU path yet); Ŵ goes back to H's device.  Loss as solver.Solution's:
-    ½ tr(E (H + λI) Eᵀ), split over columns."""
+    (module docstring).  On the CPU (a CUDA H's work comes to the host: no GPU path yet); Ŵ goes back to H's device.
+    Loss as solver.Solution's: ½ tr(E (H + λI) Eᵀ), split over columns."""
     if codec.name not in LATTICES:
         raise ValueError(f"{codec.name}: vector GPTQ has no lattice description of this type")
     lat = LATTICES[codec.name]
