@@ -32,21 +32,23 @@ def calibrates(method: str, plan: list[TensorPlan]) -> bool:
 
 def check_plan(plan: list[TensorPlan], ftype: str, method: str) -> None:
     """A UserError, before anything heavy, where `method` cannot write `plan`: a type without a codec yet; a type
-    llama.cpp writes only with an importance matrix, under --method rtn (llama-quantize refuses it the same way);
-    a lattice type (codebook points per group of weights) under --method gptq, whose solver rounds weight by weight
-    onto scalar grids."""
+    llama.cpp writes only with an importance matrix, under --method rtn (llama-quantize refuses it the same way); a
+    codebook type vector GPTQ cannot write yet, under --method gptq."""
     missing = sorted({t.qtype.name for t in plan if t.qtype not in FLOAT_TYPES and t.qtype not in CODECS})
     if missing:
         raise UserError(f"--target {ftype}: its {', '.join(missing)} tensors are not implemented yet; "
                         f"edgequant writes {', '.join(t.name for t in CODECS if t.name != 'Q8_K')}")
+    if method == "gptq":
+        from .gptq.vector import LATTICES  # the codebook types vector GPTQ can write
+
+        lattice = sorted({t.qtype.name for t in plan if t.qtype in CODECS and not codec(t.qtype).scalar_grid
+                          and t.qtype.name not in LATTICES})
+        if lattice:
+            raise UserError(f"--method gptq --target {ftype}: GPTQ cannot quantize onto the {', '.join(lattice)} "
+                            f"codebook yet: use --method imatrix (with --imatrix FILE or --calib SOURCE)")
     if method == "rtn":
         need = [t for t in plan if requires_imatrix(t.name, t.qtype, ftype)]
         if need:
             raise UserError(f"--target {ftype}: {need[0].name} (and {len(need) - 1} more) is {need[0].qtype.name}, "
                             f"which llama.cpp writes only with an importance matrix: use --method imatrix and pass --imatrix "
                             f"FILE or --calib SOURCE")
-    if method == "gptq":
-        lattice = sorted({t.qtype.name for t in plan if t.qtype in CODECS and not codec(t.qtype).scalar_grid})
-        if lattice:
-            raise UserError(f"--method gptq --target {ftype}: GPTQ cannot quantize onto the {', '.join(lattice)} "
-                            f"codebooks yet: use --method imatrix (with --imatrix FILE or --calib SOURCE)")

@@ -27,6 +27,8 @@ def calib(request):
     ("tiny_llama", "IQ4_XS", {Q.IQ4_XS, Q.Q6_K}),  # the table types: codes index ggml's 16 values
     ("tiny_llama", "IQ4_NL", {Q.IQ4_NL, Q.Q6_K}),
     ("tiny_qwen2", "IQ4_XS", {Q.IQ4_XS, Q.IQ4_NL, Q.Q5_1, Q.Q8_0}),  # rows of 320: IQ4_NL; attn_v's Q5_K: Q5_1
+    ("tiny_llama", "IQ3_XXS", {Q.IQ3_XXS}),  # the lattice types: vector GPTQ (edgequant/gptq/vector.py)
+    ("tiny_llama", "IQ2_XXS", {Q.IQ2_XXS}),
 ])
 def test_gptq_build_is_exact_and_beats_the_fit(model, target, expected_types, request, tmp_path, calib):
     out = tmp_path / "m.gguf"

@@ -131,13 +131,6 @@ def test_packed_blocks_dequantize_to_w_hat(qtype):
     assert_exact(c, sol)
 
 
-def test_lattice_types_are_refused():
-    """The lattice types' groups of weights are codebook points, which the solver cannot round onto (yet)."""
-    W, _, H = problem(rows=4)
-    with pytest.raises(ValueError, match="codebook"):
-        solve(W, H, codec("IQ3_S"))
-
-
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K", "Q5_0", "IQ4_XS", "IQ4_NL"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_loss_is_the_obs_loss(name, act_order):
