@@ -24,7 +24,12 @@ from edgequant.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / ".cache" / "llama-tools"  # scripts/build_llama_tools.sh
-ARCHITECTURES = ["tiny_phi3", "tiny_gemma2", "tiny_gemma3"]
+DENSE = ["tiny_phi3", "tiny_gemma2", "tiny_gemma3"]
+MOE = ["tiny_qwen3_moe", "tiny_mixtral"]
+ARCHITECTURES = DENSE + MOE
+# llama.cpp's converter checks a BPE vocabulary's pre-tokenizer by hashing how it splits a fixed text, which a
+# retrained vocabulary changes: for these it is told the pre-tokenizer (scripts/convert_llama_cpp_bypass_pre.py)
+PRE_TOKENIZER = {"tiny_qwen3_moe": "qwen2"}
 # Keys we write that llama.cpp's converter leaves out, with the value llama.cpp assumes when they are absent
 DEFAULTS = {"gemma2.rope.freq_base": 10000.0}
 
@@ -70,7 +75,10 @@ def llama_cpp_conversion(request, tmp_path_factory):
         pytest.skip("llama.cpp's converter and llama-quantize not built (scripts/build_llama_tools.sh)")
     model = request.getfixturevalue(request.param)
     out = tmp_path_factory.mktemp(request.param) / "llama-cpp-f32.gguf"
-    subprocess.run([sys.executable, str(convert_script()), str(model), "--outfile", str(out), "--outtype", "f32"],
+    script = [str(convert_script())]
+    if request.param in PRE_TOKENIZER:
+        script = [str(REPO / "scripts" / "convert_llama_cpp_bypass_pre.py"), PRE_TOKENIZER[request.param]]
+    subprocess.run([sys.executable, *script, str(model), "--outfile", str(out), "--outtype", "f32"],
                    check=True, capture_output=True)
     return model, out
 
@@ -97,7 +105,7 @@ def test_rtn_equals_llama_quantize_of_llama_cpps_conversion(llama_cpp_conversion
     assert {k: ours_kv.get(k) for k in theirs_kv} == theirs_kv
 
 
-@pytest.mark.parametrize("model", ARCHITECTURES)
+@pytest.mark.parametrize("model", DENSE)
 def test_gptq_build_verifies_and_passes_parity(model, request, tmp_path, fixture_text):
     model_dir = request.getfixturevalue(model)
     text = REPO / "tests" / "fixtures" / "text" / "train.txt"
@@ -111,7 +119,7 @@ def test_gptq_build_verifies_and_passes_parity(model, request, tmp_path, fixture
     assert rc == 0 and r["pass"], r["checks"]
 
 
-@pytest.mark.parametrize("model", ARCHITECTURES)
+@pytest.mark.parametrize("model", DENSE)
 def test_sensitivities_are_transformers_gradients(model, request, monkeypatch):
     """The streamed Fisher pass (edgequant.sensitivity: layer by layer, its own head, the adapter's embedding scale
     and logit soft-capping) against autograd through transformers' whole model, with the same sampled labels: the
@@ -160,3 +168,60 @@ def test_sensitivities_are_transformers_gradients(model, request, monkeypatch):
     embedding_rows = found[names[f"{m.arch.layout.embed}.weight"]][-1].cols
     g = rows[0].grad.reshape(-1, m.hp.n_embd).double()
     np.testing.assert_allclose(embedding_rows, (g ** 2).mean(0).numpy(), rtol=2e-3, atol=1e-12)
+
+
+def other_layout(model: Path, out: Path) -> Path:
+    """The same model with its experts in the other Hub layout: fused (transformers 5: <mlp>.experts.gate_up_proj
+    (E, 2·ff, d), gate first, and down_proj (E, d, ff)) <-> one tensor per expert (under the family's published
+    names), written here with safetensors, not with transformers or edgequant."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    (out / "model.safetensors").unlink()
+    state = load_file(model / "model.safetensors")
+    config = json.loads((model / "config.json").read_text())
+    mixtral = config["architectures"][0] == "MixtralForCausalLM"
+    module, names = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    new = {}
+    per_expert = re.compile(rf"(.*\.layers\.\d+\.){module}\.experts\.(\d+)\.(\w+)\.weight")
+    for name, t in state.items():
+        if m := re.fullmatch(r"(.*\.layers\.\d+\.)mlp\.experts\.gate_up_proj", name):
+            ff = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                new[f"{m[1]}{module}.experts.{e}.{names[0]}.weight"] = t[e, :ff].clone()
+                new[f"{m[1]}{module}.experts.{e}.{names[1]}.weight"] = t[e, ff:].clone()
+        elif m := re.fullmatch(r"(.*\.layers\.\d+\.)mlp\.experts\.down_proj", name):
+            for e in range(t.shape[0]):
+                new[f"{m[1]}{module}.experts.{e}.{names[2]}.weight"] = t[e].clone()
+        elif m := per_expert.fullmatch(name):
+            continue  # stacked below
+        else:
+            new[name] = t
+    layers = sorted({m[1] for n in state if (m := per_expert.fullmatch(n))})
+    for prefix in layers:
+        n_expert = config.get("num_local_experts") or config["num_experts"]
+        stack = lambda p: torch.stack([state[f"{prefix}{module}.experts.{e}.{p}.weight"] for e in range(n_expert)])  # noqa: E731
+        new[f"{prefix}mlp.experts.gate_up_proj"] = torch.cat([stack(names[0]), stack(names[1])], dim=1)
+        new[f"{prefix}mlp.experts.down_proj"] = stack(names[2])
+        new[f"{prefix}mlp.gate.weight"] = new.pop(f"{prefix}{module}.gate.weight")  # transformers 5 names it so
+    if not layers:  # fused -> per expert: the router under the per-expert layout's block
+        for name in [n for n in new if n.endswith(".mlp.gate.weight")]:
+            new[name.replace(".mlp.gate.", f".{module}.gate.")] = new.pop(name)
+    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("model", MOE)
+def test_both_expert_layouts_build_the_same_gguf(model, request, tmp_path):
+    """Per-expert and fused checkpoints of one model give the same tensors (stacked in expert order, gate before up)."""
+    model_dir = request.getfixturevalue(model)
+    ours = build(model_dir, "F32", tmp_path / "a.gguf")
+    swapped = other_layout(model_dir, tmp_path / "other")
+    theirs = build(swapped, "F32", tmp_path / "b.gguf")
+    a, b = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in (ours, theirs))
+    assert a.keys() == b.keys() and any(n.endswith("ffn_gate_exps.weight") for n in a)
+    for name in a:
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name

@@ -133,14 +133,17 @@ class Experts:
                   (n_expert, d, ff): transformers 5's modules, as save_pretrained(save_original_format=False) writes.
     """
 
-    count: str  # config key of the number of routed experts
+    count: tuple[str, ...]  # config keys of the number of routed experts, the first present counts
     used: str = "num_experts_per_tok"  # config key of the experts each token is routed to
     module: str = "mlp"  # the MoE block under a layer, per-expert layout (Mixtral's "block_sparse_moe")
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert projections: gate, up, down
     fused: str = "mlp"  # the MoE block under a layer, fused layout
 
     def n_expert(self, hp: Hparams) -> int:
-        return int(hp.config[self.count])
+        key = next((k for k in self.count if hp.config.get(k)), None)
+        if key is None:
+            raise UserError(f"config.json lacks {' or '.join(self.count)}: the number of experts llama.cpp needs")
+        return int(hp.config[key])
 
     def stacks(self, prefix: str, bid: int, shapes: dict[str, tuple[int, ...]], n_expert: int) -> list[ExpertStack]:
         """Layer `bid`'s (checkpoint names under `prefix`) expert stacks, from whichever layout `shapes` (checkpoint

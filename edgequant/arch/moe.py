@@ -23,8 +23,9 @@ class Qwen3MoeArch(Arch):
         if c.get("mlp_only_layers") or c.get("decoder_sparse_step", 1) != 1:
             raise UserError("config.json: dense layers between the MoE ones (mlp_only_layers / decoder_sparse_step) "
                             "are not supported: llama.cpp's Qwen3-MoE makes every layer a mixture of experts")
-        if not c.get("moe_intermediate_size") or not c.get(self.experts.count):
-            raise UserError(f"config.json lacks moe_intermediate_size or {self.experts.count}, which llama.cpp needs")
+        if not c.get("moe_intermediate_size"):
+            raise UserError("config.json lacks moe_intermediate_size, which llama.cpp needs")
+        self.experts.n_expert(hp)
 
     def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
         super().metadata(w, hp)
@@ -33,7 +34,8 @@ class Qwen3MoeArch(Arch):
 
 QWEN3_MOE = register(Qwen3MoeArch(
     hf_classes=("Qwen3MoeForCausalLM",), gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
-    experts=Experts(count="num_experts"),
+    # Hub configs say num_experts; transformers 5 saves its alias num_local_experts
+    experts=Experts(count=("num_experts", "num_local_experts")),
     input_groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",)),
 ))
 
@@ -41,6 +43,6 @@ QWEN3_MOE = register(Qwen3MoeArch(
 # block block_sparse_moe and the projections w1 (gate), w3 (up), w2 (down); transformers 5 calls it mlp.
 MIXTRAL = register(replace(
     LLAMA, hf_classes=("MixtralForCausalLM",),
-    experts=Experts(count="num_local_experts", module="block_sparse_moe", names=("w1", "w3", "w2")),
+    experts=Experts(count=("num_local_experts",), module="block_sparse_moe", names=("w1", "w3", "w2")),
     input_groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",)),
 ))
