@@ -82,6 +82,45 @@ class SourceModel:
         w = self.checkpoint.load_array(st.parts[0])
         return np.ascontiguousarray(w if st.rows is None else w[:, st.rows[0] : st.rows[1]])
 
+    def param(self, name: str):
+        """A parameter of transformers' model (module path + name) as a float32 torch tensor: the checkpoint's tensor
+        of that name, or, for a mixture of experts, what transformers 5 builds from the checkpoint's layout (the
+        fused experts.gate_up_proj / down_proj from the expert stacks; the router under its other block name)."""
+        import torch
+
+        if name in self.checkpoint:
+            return self.checkpoint.load(name)
+        spec = self.arch.experts
+        if spec is not None:
+            stacks = {t.hf_name: t.stack for t in self.tensors.values() if t.stack is not None}
+            base = name.rpartition(".")[0]
+            if name.endswith(".experts.gate_up_proj") and f"{base}.gate_proj" in stacks:
+                return torch.from_numpy(np.concatenate([self.load_stack(stacks[f"{base}.gate_proj"]),
+                                                        self.load_stack(stacks[f"{base}.up_proj"])], axis=1))
+            if name.endswith(".experts.down_proj") and f"{base}.down_proj" in stacks:
+                return torch.from_numpy(self.load_stack(stacks[f"{base}.down_proj"]))
+            router = name.replace(f".{spec.fused}.gate.", f".{spec.module}.gate.")
+            if router in self.checkpoint:
+                return self.checkpoint.load(router)
+        raise UserError(f"checkpoint: no tensor for {name}")
+
+    def module_weights(self, weights: dict) -> dict:
+        """Tensors by checkpoint name (expert stacks by their ExpertStack.name) -> by transformers' parameter names
+        (param's inverse): a layer's gate and up stacks fused into experts.gate_up_proj, the router under the fused
+        layout's block."""
+        spec = self.arch.experts
+        if spec is None:
+            return weights
+        import torch
+
+        out = dict(weights)
+        for name in [n for n in weights if n.endswith(".experts.gate_proj")]:
+            base = name.rpartition(".")[0]
+            out[f"{base}.gate_up_proj"] = torch.cat([out.pop(name), out.pop(f"{base}.up_proj")], dim=1)
+        for name in [n for n in out if f".{spec.module}.gate." in n]:
+            out[name.replace(f".{spec.module}.gate.", f".{spec.fused}.gate.")] = out.pop(name)
+        return out
+
     def to_gguf(self, hf_name: str, w):
         """A checkpoint tensor (numpy or torch) as llama.cpp stores it."""
         return self.arch.transform(hf_name).to_gguf(w, self.hp)
