@@ -225,3 +225,115 @@ def test_both_expert_layouts_build_the_same_gguf(model, request, tmp_path):
     assert a.keys() == b.keys() and any(n.endswith("ffn_gate_exps.weight") for n in a)
     for name in a:
         assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+
+
+@pytest.mark.parametrize("model", MOE)
+def test_expert_importance_is_llama_imatrix_counting_on_transformers(model, request):
+    """Our per-expert importance (the streamed layer pass, experts loaded from the checkpoint's layout) against
+    transformers' whole model (loading the checkpoint its own way) with the experts' routing read off its own
+    forward: per expert, the number of tokens routed to it and Σx² of their inputs to gate/up and to down, as
+    llama-imatrix counts the rows of a MUL_MAT_ID."""
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.importance import collect_importance
+    from edgequant.model import SourceModel
+
+    model_dir = request.getfixturevalue(model)
+    m = SourceModel(str(model_dir))
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 500, (4, 64)))
+    ours = collect_importance(m, ids, torch.device("cpu"))
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref = {}
+    for name, mod in hf.named_modules():
+        if hasattr(mod, "gate_up_proj"):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            n_expert, ff = mod.gate_up_proj.shape[0], mod.down_proj.shape[-1]
+            sums = {"gate": torch.zeros(n_expert, mod.gate_up_proj.shape[-1], dtype=torch.float64),
+                    "down": torch.zeros(n_expert, ff, dtype=torch.float64), "n": torch.zeros(n_expert)}
+            ref[layer] = sums
+
+            def hook(mod, args, sums=sums):
+                h, idx = args[0].double(), args[1]
+                for e in range(mod.gate_up_proj.shape[0]):
+                    token = (idx == e).any(-1)
+                    x = h[token]
+                    gate, up = (x @ mod.gate_up_proj[e].double().T).chunk(2, dim=-1)
+                    sums["gate"][e] += (x ** 2).sum(0)
+                    sums["down"][e] += ((torch.nn.functional.silu(gate) * up) ** 2).sum(0)
+                    sums["n"][e] += int(token.sum())
+            mod.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        hf(ids, use_cache=False)
+    assert ref
+    for layer, sums in ref.items():
+        for kind, stacks in (("gate", ("gate", "up")), ("down", ("down",))):
+            for stack in stacks:
+                got_sum, got_n = ours[f"blk.{layer}.ffn_{stack}_exps.weight"]
+                np.testing.assert_array_equal(got_n, sums["n"].numpy())
+                np.testing.assert_allclose(got_sum.reshape(len(got_n), -1), sums[kind].numpy(), rtol=2e-4, atol=1e-6)
+        assert sums["n"].sum() == ids.numel() * m.hp.config["num_experts_per_tok"]
+
+
+def test_solve_experts_rare_experts_get_the_importance_weighted_fit():
+    """An expert with fewer tokens than input columns, or none, is written exactly as llama-quantize --imatrix
+    writes it with that expert's importance (convert.encode, checked against llama.cpp elsewhere); one with enough
+    tokens gets GPTQ, never above the fit's loss on its Hessian."""
+    from edgequant.convert.codecs import codec
+    from edgequant.convert.encode import encode
+    from edgequant.layerwise import ExpertStats
+    from edgequant.settings import GptqSettings
+    from edgequant.solve import row_losses, solve_experts
+
+    Q = gguf.GGMLQuantizationType
+    g = torch.Generator().manual_seed(0)
+    cols, rows = 256, 64
+    w = torch.randn(3, rows, cols, generator=g) * 0.05
+    stats = ExpertStats(3, cols, torch.device("cpu"))
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5
+    for e, n in ((0, 2000), (1, 40)):  # expert 2: no token
+        x = torch.randn(n, cols, generator=g) @ mix + torch.randn(cols, generator=g)
+        stats.add(e, x, torch.rand(n, generator=g))
+    c = codec(Q.Q4_K)
+    w_hat, blocks, entry = solve_experts(w, stats, c, GptqSettings(), torch.device("cpu"), "test")
+    assert [(x["tokens"], x["solve"]) for x in entry["experts"]] == [(2000, "gptq"), (40, "fit"), (0, "fit")]
+    packed = c.pack(blocks).reshape(-1)
+    per_expert = packed.reshape(3, -1)
+    for e in (1, 2):
+        want = encode(w[e].numpy(), Q.Q4_K, stats.importance(e).numpy())
+        np.testing.assert_array_equal(per_expert[e], want)
+    fit = torch.from_numpy(gguf.quants.dequantize(encode(w[0].numpy(), Q.Q4_K, stats.importance(0).numpy()), Q.Q4_K)).reshape(rows, cols)
+    h = stats.weighted[0].hessian
+    assert (row_losses(w[0], w_hat[0], h) <= row_losses(w[0], fit, h) + 1e-9).all()
+    assert row_losses(w[0], w_hat[0], h).sum() < 0.9 * row_losses(w[0], fit, h).sum()
+    decoded = gguf.quants.dequantize(per_expert[0], Q.Q4_K).reshape(rows, cols)
+    np.testing.assert_array_equal(decoded, w_hat[0].numpy())
+
+
+@pytest.mark.parametrize("model", MOE)
+def test_moe_gptq_build_reports_experts_verifies_and_passes_parity(model, request, tmp_path, fixture_text):
+    """GPTQ on a mixture of experts: --verify passes, the summary lists per expert the calibration tokens routed to
+    it (top-k of every token, per layer) and what was done, and `edgequant parity` passes."""
+    model_dir = request.getfixturevalue(model)
+    text = REPO / "tests" / "fixtures" / "text" / "train.txt"
+    out = tmp_path / "gptq.gguf"
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        rc = main(["build", str(model_dir), "--target", "Q4_K_M", "-o", str(out), "--calib", str(text),
+                   "--calib-samples", "16", "--calib-seqlen", "128", "--device", "cpu", "--verify", "--json"])
+    assert rc == 0
+    s = json.loads(summary.getvalue())
+    config = json.loads((model_dir / "config.json").read_text())
+    stacks = {n: e["experts"] for n, e in s["gptq"].items() if "experts" in e}
+    assert len(stacks) == 3 * config["num_hidden_layers"]
+    for name, experts in stacks.items():
+        assert len(experts) == (config.get("num_local_experts") or config.get("num_experts"))
+        assert sum(e["tokens"] for e in experts) == 16 * 128 * config["num_experts_per_tok"], name
+        assert all(e["solve"] == ("gptq" if e["tokens"] >= 256 else "fit") for e in experts), name
+        assert s["gptq"][name]["gptq_loss"] <= s["gptq"][name]["fit_loss"]
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        rc = main(["parity", str(model_dir), str(out), "--text", str(fixture_text), "--ctx", "128", "--chunks", "4",
+                   "--threads", "2", "--device", "cpu", "--json"])
+    r = json.loads(report.getvalue())
+    assert rc == 0 and r["pass"], r["checks"]
