@@ -354,3 +354,9 @@ def test_missing_expert(capsys, tmp_path, tiny_mixtral):
     del state["model.layers.1.block_sparse_moe.experts.5.w3.weight"]
     save_file(state, d / "model.safetensors", metadata={"format": "pt"})
     expect_error(capsys, build_argv(d, tmp_path), "model.layers.1.block_sparse_moe.experts.5.w3.weight is missing")
+
+
+def test_budget_on_a_mixture_of_experts(capsys, tmp_path, tiny_qwen3_moe):
+    """Type allocation (--target auto:, --size, --bpw) has no expert stacks yet: refused up front, not a traceback."""
+    argv = build_argv(tiny_qwen3_moe, tmp_path, target="auto:Q4_K_M")
+    expect_error(capsys, argv, "mixtures of experts")
