@@ -96,6 +96,45 @@ def _addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
 
 
+class ExpertStats:
+    """What a mixture-of-experts layer's calibration pass sees of one input of its experts (gate/up read the MoE
+    block's input, down the SwiGLU product), per expert, over the tokens the router sends to it:
+      counts[e]   tokens routed to expert e (llama-imatrix's per-expert counts);
+      sq[e]       Σ x² per column over them, unweighted (llama-imatrix's in_sum2: importance = sq / counts);
+      weighted[e] Stats of r·x, r the token's router weight for e: Σ r²·xᵀx.  The model adds r·expert(x) to the
+                  layer's output, so an error δ in the expert's output costs r²·δ² there: GPTQ's Hessian for
+                  expert e is 2·Σ r² xᵀx / counts[e] (exact for down_proj, whose output is scaled by r directly;
+                  for gate/up the same token weight, their errors reaching the output through down and r).
+    Only the experts a token reached hold a Stats (allocated on first use)."""
+
+    def __init__(self, n_expert: int, dim: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.sq = torch.zeros(n_expert, dim, device=device)
+        self.counts = torch.zeros(n_expert, dtype=torch.long)
+        self.weighted: list[Stats | None] = [None] * n_expert
+        self.dim, self.device, self.dtype = dim, device, dtype
+
+    def add(self, e: int, x: torch.Tensor, r: torch.Tensor) -> None:
+        """Rows x (tokens routed to expert e) and their router weights r (one per row)."""
+        x = x.reshape(-1, x.shape[-1])
+        self.sq[e] += x.float().square().sum(0)
+        self.counts[e] += len(x)
+        if self.weighted[e] is None:
+            self.weighted[e] = Stats(self.dim, self.device, self.dtype)
+        self.weighted[e].add(x * r.reshape(-1, 1).to(x.dtype))
+
+    def importance(self, e: int) -> torch.Tensor:
+        """llama-imatrix's importance of expert e: mean x² per column; ones for an expert no token reached (as
+        llama-quantize reads an imatrix entry of count 0)."""
+        n = int(self.counts[e])
+        return self.sq[e] / n if n else torch.ones_like(self.sq[e])
+
+    def check_finite(self, what: str) -> None:
+        check_finite(self.sq, what)
+        for st in self.weighted:
+            if st is not None:
+                check_finite(st.s, what)
+
+
 # on_layer(layer index or "output", {HF weight name: (weight as float32 tensor, Stats)}) -> {HF weight name: new weight}
 LayerCallback = Callable[[object, dict[str, tuple[torch.Tensor, Stats]]], dict[str, torch.Tensor]]
 
@@ -207,8 +246,9 @@ def embed(m: SourceModel, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tens
 
 
 def load_weights(module: nn.Module, prefix: str, m: SourceModel) -> dict[str, torch.Tensor]:
-    """The module's parameters from the checkpoint, as float32 host tensors."""
-    return {name: m.checkpoint.load(prefix + name) for name, _ in module.named_parameters()}
+    """The module's parameters from the checkpoint, as float32 host tensors (SourceModel.param: experts stacked as
+    transformers holds them, from either Hub layout)."""
+    return {name: m.param(prefix + name) for name, _ in module.named_parameters()}
 
 
 def materialize(module: nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -257,7 +297,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
         hidden = hidden.to(device)
     layers = model.get_submodule(layout.layers)
     task = progress.add_task("calibrating", total=len(layers) + 1, completed=start) if progress is not None else None
-    passes = Passes(kwargs, batch, seconds, precision, arch.input_groups)
+    passes = Passes(kwargs, batch, seconds, precision, arch.input_groups, experts=arch.experts)
     head_name = arch.head_weight(m.hp)
     reader = ThreadPoolExecutor(max_workers=1)  # reads layer i + 1 (after the last layer, the head) while i is solved
     with reader:
@@ -338,6 +378,7 @@ class Passes:
     mode: str  # PRECISIONS
     groups: tuple[tuple[str, ...], ...] = ()  # the adapter's input groups (Arch.input_groups)
     kwargs: dict | None = None  # the layer's being run
+    experts: object = None  # the adapter's Experts (a mixture of experts), or None
 
     def precise(self):
         return matmuls_in(self.mode)
@@ -374,12 +415,64 @@ class Passes:
                     linears[n].weight.copy_(new[prefix + n + ".weight"])
                     new_weights = True
         del stats, reference, theirs  # before the last pass: the down_proj's sums are 0.8 GB each for an 8B
+        if self.experts is not None:  # after attention: the experts' inputs come through the quantized attention
+            new_weights |= self.solve_experts(layer, prefix, ours, on_layer, index)
         if not new_weights and not requantize:
             return check_finite(out, f"the output of layer {index}")
         t0 = time.perf_counter()
         self.forward_all(layer, ours, ours, mine, len(groups))  # (the full-precision stream stepped already)
         self.seconds["calibration forward"] += time.perf_counter() - t0
         return check_finite(hidden, f"the output of layer {index} with its quantized weights")
+
+    def solve_experts(self, layer, prefix: str, x: torch.Tensor, on_layer, index: int) -> bool:
+        """A mixture-of-experts layer's experts: one pass over all windows (up to the experts' module, whose own
+        routing, as the model computes it, says which tokens reach which expert with which weight) collects
+        ExpertStats for their two inputs, then on_layer gets the three stacks {<block>.experts.{gate,up,down}_proj:
+        (the (n_expert, rows, cols) weights, ExpertStats)}.  Whether new weights were loaded.  Memory: the sums,
+        not the routed activations, are kept: each batch's are summed expert by expert and dropped."""
+        path = f"{self.experts.fused}.experts"
+        mod = layer.get_submodule(path)
+        n_expert, ff = mod.down_proj.shape[0], mod.down_proj.shape[2]
+        into = ExpertStats(n_expert, mod.gate_up_proj.shape[2], x.device, self.gemm_dtype)
+        into_down = ExpertStats(n_expert, ff, x.device, self.gemm_dtype)
+
+        def collect(_mod, args, kwargs):
+            h, idx, r = (*args, *kwargs.values())[:3]  # (tokens, d), (tokens, k) expert ids, (tokens, k) weights
+            for e in range(n_expert):
+                token, slot = torch.where(idx == e)
+                if len(token) == 0:
+                    continue
+                xe, re = h[token], r[token, slot]
+                into.add(e, xe, re)
+                gate, up = nn.functional.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                into_down.add(e, mod.act_fn(gate) * up, re)
+            raise _Stop
+
+        t0 = time.perf_counter()
+        handle = mod.register_forward_pre_hook(collect, with_kwargs=True)
+        try:
+            with self.precise():
+                for b in range(0, len(x), self.batch):
+                    try:
+                        layer(x[b : b + self.batch], **self.kwargs)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        self.seconds["calibration forward"] += time.perf_counter() - t0
+        into.check_finite(f"the calibration activations entering {prefix}{path} (layer {index})")
+        into_down.check_finite(f"the calibration activations entering {prefix}{path}.down_proj (layer {index})")
+        names = {p: f"{prefix}{path}.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+        t0 = time.perf_counter()
+        new = on_layer(index, {names["gate_proj"]: (mod.gate_up_proj[:, :ff], into),
+                               names["up_proj"]: (mod.gate_up_proj[:, ff:], into),
+                               names["down_proj"]: (mod.down_proj, into_down)})
+        self.seconds["solve"] += time.perf_counter() - t0
+        for p, (param, rows) in {"gate_proj": (mod.gate_up_proj, slice(0, ff)), "up_proj": (mod.gate_up_proj, slice(ff, 2 * ff)),
+                                 "down_proj": (mod.down_proj, slice(None))}.items():
+            if names[p] in new:
+                param[:, rows].copy_(new[names[p]])
+        return any(n in new for n in names.values())
 
     def input_groups(self, layer, linears: dict[str, nn.Module], x: torch.Tensor):
         """The linears in forward order, those fed the same tensor in one group: [[q, k, v], [o], [gate, up], [down]]

@@ -18,7 +18,8 @@ def parse_target(target: str) -> str:
 
 
 def plan_tensors(m: SourceModel, ftype: str, has_imatrix: bool = False) -> list[TensorPlan]:
-    facts = ArchFacts(n_head=m.hp.n_head, n_head_kv=m.hp.n_head_kv, has_output=not m.hp.tied_embeddings, name=m.arch.name)
+    facts = ArchFacts(n_head=m.hp.n_head, n_head_kv=m.hp.n_head_kv, has_output=not m.hp.tied_embeddings,
+                      n_expert=m.n_expert, name=m.arch.name)
     return [
         TensorPlan(t.gguf_name, t.shape, tensor_type(t.gguf_name, layer_of(t.gguf_name), m.hp.n_layers, ftype, t.shape, facts, has_imatrix=has_imatrix))
         for t in m.tensors.values()

@@ -104,7 +104,7 @@ def load_model(m: SourceModel, device: torch.device, dtype: torch.dtype):
         model.get_submodule(layout.head).weight = model.get_submodule(layout.embed).weight
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(m.checkpoint.load(name))
+            p.copy_(m.param(name))  # experts fused as transformers holds them
     return model
 
 

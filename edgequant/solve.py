@@ -97,10 +97,15 @@ class GptqReport:
     digest: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     act_order: dict[str, float] = field(default_factory=dict)  # share of the rows solved in act-order
+    # expert stacks: per expert, the calibration tokens routed to it, "gptq" or "fit" (too few tokens: the
+    # importance-weighted fit) and how many rows kept GPTQ's solution (solve_experts)
+    experts: dict[str, list[dict]] = field(default_factory=dict)
 
     def add(self, entries: dict[str, dict]) -> None:
         for name, e in entries.items():
             self.loss[name], self.fit_loss[name] = e["loss"], e["fit_loss"]
+            if "experts" in e:
+                self.experts[name] = e["experts"]
             self.act_order[name] = e.get("act_order", 0.0)  # layers saved by a build before it recorded this
             if "digest" in e:
                 self.digest[name] = e["digest"]
@@ -162,6 +167,59 @@ def one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
+# An expert is solved by GPTQ only when the calibration sent it at least as many tokens as its matrix has input
+# columns: below that its Hessian has rank < cols, held up only by damping, and GPTQ fits those few tokens rather
+# than the expert.  Such an expert gets the importance-weighted fit instead, i.e. exactly what --method imatrix (and
+# llama-quantize --imatrix with the same importance) writes for it.
+MIN_EXPERT_TOKENS_PER_COLUMN = 1.0
+
+
+def solve_experts(w: torch.Tensor, stats, c, settings: GptqSettings, device: torch.device, what: str):
+    """An expert stack (n_expert, rows, cols) solved expert by expert, each on its own Hessian (layerwise.ExpertStats:
+    the tokens routed to it, weighted by the router weight squared): GPTQ where enough tokens reached it
+    (MIN_EXPERT_TOKENS_PER_COLUMN), and then per row whichever of GPTQ and the importance-weighted fit has the lower
+    loss on that Hessian (rows are independent given H, so the choice is exact), so no expert is solved worse than
+    --method imatrix would on its calibration tokens; else the importance-weighted fit alone.  Only one expert's
+    Hessian is formed at a time.  (Ŵ stack, the codec's blocks of all experts' rows in order, the report entry:
+    loss, fit_loss, and per expert its tokens and what was done.)"""
+    import torch
+
+    from .gptq.solver import concat_blocks, pick_rows
+    from .gptq.fitter import fit
+
+    w_hat, parts, loss, fit_loss, ordered = torch.empty_like(w), [], 0.0, 0.0, 0
+    experts = []
+    cols = w.shape[-1]
+    for e in range(w.shape[0]):
+        rows, n = w[e].contiguous(), int(stats.counts[e])
+        imp = stats.importance(e).to(rows.device)
+        fitted = fit(c, rows, imp)
+        fit_hat = fitted.dequantize().to(rows)
+        if n < MIN_EXPERT_TOKENS_PER_COLUMN * cols:
+            h = stats.weighted[e].hessian if stats.weighted[e] is not None else None
+            parts.append(fitted.blocks())
+            w_hat[e] = fit_hat
+            e_loss = hessian_loss(rows, fit_hat, h) if h is not None else 0.0
+            loss, fit_loss = loss + e_loss, fit_loss + e_loss
+            experts.append({"tokens": n, "solve": "fit", "gptq_rows": 0})
+            continue
+        h = stats.weighted[e].hessian
+        try:
+            with one_cpu_thread(device):
+                blocks, g_hat, e_ordered = solve_in_order(rows, h, c, settings)
+        except ValueError as err:
+            raise UserError(f"{what}, expert {e}, cannot be quantized to {c.qtype.name}: {err}") from None
+        better = row_losses(rows, g_hat, h) <= row_losses(rows, fit_hat, h)
+        parts.append(pick_rows(better.cpu().numpy(), blocks, fitted.blocks()))
+        w_hat[e] = torch.where(better[:, None], g_hat.to(rows), fit_hat)
+        loss += hessian_loss(rows, w_hat[e], h)
+        fit_loss += hessian_loss(rows, fit_hat, h)
+        ordered += e_ordered
+        experts.append({"tokens": n, "solve": "gptq", "gptq_rows": int(better.sum())})
+    entry = {"loss": loss, "fit_loss": fit_loss, "act_order": ordered / (w.shape[0] * w.shape[1]), "experts": experts}
+    return w_hat, concat_blocks(parts, axis=0), entry
+
+
 def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, device: torch.device,
                 settings: GptqSettings, work: WorkDir, progress=None, digests: bool = False) -> GptqReport:
     """Run GPTQ over the whole model now (the layers not already in `work`), each layer's packed blocks saved to
@@ -187,6 +245,15 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
             if qtype in FLOAT_TYPES:
                 continue
             c = codec(qtype)
+            if isinstance(stats, layerwise.ExpertStats):
+                w_hat, blocks, entry = solve_experts(w.detach().float(), stats, c, settings, device,
+                                                     f"{hf_name} (layer {index})")
+                pending["packed"][name] = host.submit(lambda c=c, b=blocks: c.pack(b).reshape(-1))
+                pending["entries"][name] = entry
+                if digests:
+                    entry["digest"] = host.submit(digest, w_hat.cpu().numpy())
+                new[hf_name] = w_hat
+                continue
             w_here = m.to_gguf(hf_name, w.detach().float()).contiguous()  # on the device
             h = stats.hessian
             w_hat, parts, loss, fit_loss, act_ordered = torch.empty_like(w_here), [], 0.0, 0.0, 0

@@ -49,8 +49,22 @@ def add_vocab(writer: gguf.GGUFWriter, directory: Path, n_vocab: int) -> str:
     special = gguf.SpecialVocab(directory, load_merges=merges, n_vocab=len(tokens))
     if merges and not special.merges:
         raise UserError(f"{directory / 'tokenizer.json'}: BPE tokenizer without merges")
+    if merges and byte_level_post_processor(directory):
+        # a ByteLevel post-processor adds no BOS/EOS: llama.cpp's converter (its gguf-py, newer than the gguf
+        # package's) then writes add_bos/add_eos false where tokenizer_config.json says nothing
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(writer, quiet=True)
     return kind
+
+
+def byte_level_post_processor(directory: Path) -> bool:
+    """tokenizer.json's post-processor is (or, in a Sequence, has) a ByteLevel one."""
+    try:
+        post = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8")).get("post_processor") or {}
+    except (OSError, ValueError):
+        return False
+    return any(p.get("type") == "ByteLevel" for p in post.get("processors", [post]))
 
 
 def sentencepiece_vocab(directory: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:

@@ -40,9 +40,22 @@ def rtn_encoder(importance: dict[str, np.ndarray] | None = None) -> Encoder:
         if importance is not None and imp is None and requires_imatrix(name, qtype, ""):
             raise UserError(f"{name}: the importance matrix has no entry for it, and llama.cpp writes {qtype.name} "
                             f"only with one (llama-quantize refuses it too)")
-        return encode(w, qtype, imp)
+        return encode_experts(w, qtype, imp)
 
     return enc
+
+
+def encode_experts(w: np.ndarray, qtype: gguf.GGMLQuantizationType, importance: np.ndarray | None) -> np.ndarray:
+    """encode(), where a 3-D expert stack (n_expert, rows, cols) may come with one importance per expert (n_expert ·
+    cols values, as llama-imatrix collects them): each expert's rows are fitted with its own, as llama-quantize
+    does (llama_tensor_quantize_impl: the importance of row r is expert r // rows')."""
+    if importance is None or w.ndim != 3 or importance.size == w.shape[-1]:
+        return encode(w, qtype, importance)
+    if importance.size != w.shape[0] * w.shape[-1]:
+        raise UserError(f"the importance has {importance.size} values for a tensor of {w.shape[0]} experts of "
+                        f"{w.shape[-1]} columns")
+    per_expert = importance.reshape(w.shape[0], w.shape[-1])
+    return np.concatenate([encode(w[e], qtype, per_expert[e]) for e in range(w.shape[0])])
 
 
 def digest(w_hat: np.ndarray) -> str:

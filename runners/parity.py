@@ -42,6 +42,7 @@ All five models are loaded at once and each window is decoded once per model.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class TorchLM:
 
         self.device = device
         self.model = skeleton(m, device)
+        weights = m.module_weights(weights)  # a mixture of experts: stacks fused as transformers holds them
         self.model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False, assign=True)
         if m.hp.tied_embeddings:
             self.model.tie_weights()
@@ -89,12 +91,31 @@ class TorchLM:
             fn = rounding.get(f"{name}.weight")
             if isinstance(module, torch.nn.Linear) and fn is not None:
                 module.register_forward_pre_hook(lambda _mod, args, fn=fn: (fn(args[0]),))
+            elif hasattr(module, "gate_up_proj") and f"{name}.gate_proj" in rounding:  # a mixture of experts
+                module.forward = functools.partial(rounded_experts, module, rounding[f"{name}.gate_proj"],
+                                                   rounding[f"{name}.down_proj"])
 
     @torch.no_grad()
     def window_logits(self, window: np.ndarray, first: int) -> np.ndarray:
         ids = torch.from_numpy(window.astype(np.int64))[None].to(self.device)
         out = self.model(input_ids=ids, use_cache=False, logits_to_keep=len(window) - first)
         return out.logits[0, :-1].float().cpu().numpy()
+
+
+def rounded_experts(mod, round_in: Rounding, round_down: Rounding, hidden, top_k_index, top_k_weights):
+    """transformers' expert loop (Qwen3MoeExperts, MixtralExperts: each expert's SwiGLU over the tokens routed to it,
+    scaled by their router weights and summed) with the inputs of both matmuls rounded as llama.cpp's MUL_MAT_ID
+    rounds the rows it gathers (row by row, as MUL_MAT: so the whole input may be rounded first)."""
+    out = torch.zeros_like(hidden)
+    x = round_in(hidden)
+    for e in range(mod.gate_up_proj.shape[0]):
+        token, slot = torch.where(top_k_index == e)
+        if len(token) == 0:
+            continue
+        gate, up = torch.nn.functional.linear(x[token], mod.gate_up_proj[e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(round_down(mod.act_fn(gate) * up), mod.down_proj[e])
+        out.index_add_(0, token, y * top_k_weights[token, slot, None].to(y.dtype))
+    return out
 
 
 def activation_rounding(qtype: gguf.GGMLQuantizationType) -> Rounding:
@@ -119,7 +140,8 @@ def activation_rounding(qtype: gguf.GGMLQuantizationType) -> Rounding:
 
 
 def source_weights(m: SourceModel) -> dict[str, torch.Tensor]:
-    return {t.hf_name: m.checkpoint.load(t.hf_name) for t in m.tensors.values() if t.hf_name is not None}
+    return {t.hf_name: m.checkpoint.load(t.hf_name) if t.stack is None else torch.from_numpy(m.load(t.gguf_name))
+            for t in m.tensors.values() if t.hf_name is not None}
 
 
 def gguf_weights(m: SourceModel, reader: gguf.GGUFReader) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -11,6 +11,10 @@ Everything is generated here, deterministically, so the fixtures carry no third-
     tests/fixtures/tiny-gemma3/            Gemma3ForCausalLM (text) + the same tokenizer
     tests/fixtures/tiny-gemma3-vl/         Gemma3ForConditionalGeneration: tiny-gemma3 as the text tower of a
                                            vision-language checkpoint (a small SigLIP tower and projector)
+    tests/fixtures/tiny-qwen3-moe/         Qwen3MoeForCausalLM, experts in transformers 5's fused layout + tiny-qwen2's
+                                           byte-level BPE
+    tests/fixtures/tiny-mixtral/           MixtralForCausalLM, one tensor per expert as published Mixtral checkpoints
+                                           (block_sparse_moe.experts.E.w1/w2/w3) + tiny-llama's SentencePiece
 
 The two models deliberately differ where converters tend to break:
 
@@ -38,11 +42,18 @@ not a multiple of 256 (as Gemma-3-1B's 1152: 32-wide fallback types), and q 128 
 SentencePiece follows Gemma's: no dummy prefix, <pad>/<eos>/<bos>/<unk> as ids 0-3, the chat turn markers as
 user-defined pieces.
 
+tiny-qwen3-moe has Qwen3-MoE's layer: QK-norm, a softmax router over 6 experts of which each token takes the top 2,
+renormalised (norm_topk_prob), SwiGLU experts of 256 (moe_intermediate_size) beside an unused dense
+intermediate_size, stored fused as transformers 5 holds them (mlp.experts.gate_up_proj (E, 2·256, d), down_proj);
+tiny-mixtral has Mixtral's: LLaMA attention (GQA 8/2), 8 experts top-2, stored one tensor per expert under Mixtral's
+published names.  8 experts is also the count llama.cpp's recipes bump attention types for; 6 is not.
+
 Each model is trained for a few hundred AdamW steps on 128-token windows of train.txt (CPU, single thread, fixed
 seeds), saved in bf16, and its train/eval loss written to TRAINING.txt. Run from the repository root:
 
     python scripts/make_fixtures.py            # about two CPU-minutes (training runs on one thread)
-    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, gemma2, gemma3, gemma3_vl)
+    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, gemma2, gemma3,
+                                               # gemma3_vl, qwen3_moe, mixtral)
 
 tiny-gemma3-vl is how Gemma 3's 4B/12B/27B are published: Gemma3ForConditionalGeneration, a config whose text_config
 holds only what differs from Gemma3TextConfig's defaults (here: everything tiny, plus gemma-3-4b's linear rope
@@ -90,8 +101,12 @@ from transformers import (  # noqa: E402
     GemmaTokenizer,
     Phi3Config,
     Phi3ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -541,12 +556,12 @@ def train(model, stream: torch.Tensor, bos: int | None, seed: int) -> float:
 
 
 def train_and_save(name: str, model, tok, out: Path, train_path: Path, eval_path: Path, bos: int | None,
-                   seed: int) -> None:
+                   seed: int, **save) -> None:
     train_stream, eval_stream = token_stream(tok, train_path), token_stream(tok, eval_path)
     train_loss = train(model, train_stream, bos, seed)
     model = model.to(torch.bfloat16).to(torch.float32)  # measure what is shipped: bf16 weights
     eval_loss = mean_loss(model, eval_stream, bos)
-    model.to(torch.bfloat16).save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out, **save)
     n_params = sum(p.numel() for p in model.parameters())
     record = (f"arch={name} params={n_params} steps={STEPS} batch={BATCH} window={WINDOW} lr={PEAK_LR} seed={seed} "
               f"train_tokens={len(train_stream)} train_loss_last20={train_loss:.4f} eval_loss_bf16={eval_loss:.4f} "
@@ -731,8 +746,46 @@ def make_qwen2(train_path: Path, eval_path: Path) -> None:
     rewrite_json(out / "config.json", lambda cfg: None)  # only normalises key order/indentation
 
 
+def make_qwen3_moe(train_path: Path, eval_path: Path) -> None:
+    out = fresh_dir(FIXTURES / "tiny-qwen3-moe")
+    tok = make_qwen2_tokenizer(train_path, out)
+    torch.manual_seed(6)
+    config = Qwen3MoeConfig(
+        vocab_size=640, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=2048,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+    )
+    # transformers 5's own layout (3-D gate_up_proj/down_proj), not the per-expert one save_pretrained restores
+    train_and_save("qwen3_moe", Qwen3MoeForCausalLM(config), tok, out, train_path, eval_path, bos=None, seed=66,
+                   save_original_format=False)
+    rewrite_json(out / "config.json", lambda cfg: None)
+
+
+def make_mixtral(train_path: Path, eval_path: Path) -> None:
+    out = fresh_dir(FIXTURES / "tiny-mixtral")
+    tok = make_llama_tokenizer(train_path, out)
+    torch.manual_seed(7)
+    config = MixtralConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    )
+    train_and_save("mixtral", MixtralForCausalLM(config), tok, out, train_path, eval_path, bos=1, seed=77)
+
+    def classic(cfg: dict) -> None:
+        """Mixtral-8x7B's published layout: rope_theta at the top level."""
+        cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+        cfg["torch_dtype"] = cfg.pop("dtype")
+
+    rewrite_json(out / "config.json", classic)
+
+
 MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "phi3": make_phi3, "gemma2": make_gemma2, "gemma3": make_gemma3,
-          "gemma3_vl": make_gemma3_vl}
+          "gemma3_vl": make_gemma3_vl,
+          "qwen3_moe": make_qwen3_moe, "mixtral": make_mixtral}
 
 
 def main() -> None:

@@ -68,6 +68,20 @@ def tiny_gemma3_vl() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_moe() -> Path:
+    """Qwen3MoeForCausalLM: 6 experts top-2 (renormalised), QK-norm, experts in transformers 5's fused layout
+    (mlp.experts.gate_up_proj / down_proj); tiny-qwen2's byte-level BPE."""
+    return FIXTURES / "tiny-qwen3-moe"
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral() -> Path:
+    """MixtralForCausalLM: 8 experts top-2, GQA 8/2, one tensor per expert under Mixtral's published names
+    (block_sparse_moe.experts.E.w1/w2/w3); tiny-llama's SentencePiece."""
+    return FIXTURES / "tiny-mixtral"
+
+
+@pytest.fixture(scope="session")
 def odd_llama(tmp_path_factory, tiny_llama):
     """tiny-llama's tokenizer on a random one-layer model of three row lengths: 288 (32-blocks), 256 (attn_output:
     2 heads of 128) and 1000 (ffn_down: F16 only); 1000-row tensors in 18-byte blocks are no multiple of the GGUF

@@ -24,7 +24,12 @@ from edgequant.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / ".cache" / "llama-tools"  # scripts/build_llama_tools.sh
-ARCHITECTURES = ["tiny_phi3", "tiny_gemma2", "tiny_gemma3", "tiny_gemma3_vl"]
+DENSE = ["tiny_phi3", "tiny_gemma2", "tiny_gemma3", "tiny_gemma3_vl"]
+MOE = ["tiny_qwen3_moe", "tiny_mixtral"]
+ARCHITECTURES = DENSE + MOE
+# llama.cpp's converter checks a BPE vocabulary's pre-tokenizer by hashing how it splits a fixed text, which a
+# retrained vocabulary changes: for these it is told the pre-tokenizer (scripts/convert_llama_cpp_bypass_pre.py)
+PRE_TOKENIZER = {"tiny_qwen3_moe": "qwen2"}
 # Keys we write that llama.cpp's converter leaves out, with the value llama.cpp assumes when they are absent
 DEFAULTS = {"gemma2.rope.freq_base": 10000.0}
 
@@ -70,7 +75,10 @@ def llama_cpp_conversion(request, tmp_path_factory):
         pytest.skip("llama.cpp's converter and llama-quantize not built (scripts/build_llama_tools.sh)")
     model = request.getfixturevalue(request.param)
     out = tmp_path_factory.mktemp(request.param) / "llama-cpp-f32.gguf"
-    subprocess.run([sys.executable, str(convert_script()), str(model), "--outfile", str(out), "--outtype", "f32"],
+    script = [str(convert_script())]
+    if request.param in PRE_TOKENIZER:
+        script = [str(REPO / "scripts" / "convert_llama_cpp_bypass_pre.py"), PRE_TOKENIZER[request.param]]
+    subprocess.run([sys.executable, *script, str(model), "--outfile", str(out), "--outtype", "f32"],
                    check=True, capture_output=True)
     return model, out
 
@@ -97,7 +105,7 @@ def test_rtn_equals_llama_quantize_of_llama_cpps_conversion(llama_cpp_conversion
     assert {k: ours_kv.get(k) for k in theirs_kv} == theirs_kv
 
 
-@pytest.mark.parametrize("model", ARCHITECTURES)
+@pytest.mark.parametrize("model", DENSE)
 def test_gptq_build_verifies_and_passes_parity(model, request, tmp_path, fixture_text):
     model_dir = request.getfixturevalue(model)
     text = REPO / "tests" / "fixtures" / "text" / "train.txt"
@@ -111,7 +119,7 @@ def test_gptq_build_verifies_and_passes_parity(model, request, tmp_path, fixture
     assert rc == 0 and r["pass"], r["checks"]
 
 
-@pytest.mark.parametrize("model", ARCHITECTURES)
+@pytest.mark.parametrize("model", DENSE)
 def test_sensitivities_are_transformers_gradients(model, request, monkeypatch):
     """The streamed Fisher pass (edgequant.sensitivity: layer by layer, its own head, the adapter's embedding scale
     and logit soft-capping) against autograd through transformers' whole model, with the same sampled labels: the
@@ -200,3 +208,172 @@ def test_vision_language_config_without_a_text_model_type_is_one_line(tiny_gemma
     assert main(["build", str(model), "--target", "F32", "-o", str(tmp_path / "x.gguf"), "--quiet"]) == 2
     assert "text_config.model_type" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def other_layout(model: Path, out: Path) -> Path:
+    """The same model with its experts in the other Hub layout: fused (transformers 5: <mlp>.experts.gate_up_proj
+    (E, 2·ff, d), gate first, and down_proj (E, d, ff)) <-> one tensor per expert (under the family's published
+    names), written here with safetensors, not with transformers or edgequant."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    (out / "model.safetensors").unlink()
+    state = load_file(model / "model.safetensors")
+    config = json.loads((model / "config.json").read_text())
+    mixtral = config["architectures"][0] == "MixtralForCausalLM"
+    module, names = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    new = {}
+    per_expert = re.compile(rf"(.*\.layers\.\d+\.){module}\.experts\.(\d+)\.(\w+)\.weight")
+    for name, t in state.items():
+        if m := re.fullmatch(r"(.*\.layers\.\d+\.)mlp\.experts\.gate_up_proj", name):
+            ff = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                new[f"{m[1]}{module}.experts.{e}.{names[0]}.weight"] = t[e, :ff].clone()
+                new[f"{m[1]}{module}.experts.{e}.{names[1]}.weight"] = t[e, ff:].clone()
+        elif m := re.fullmatch(r"(.*\.layers\.\d+\.)mlp\.experts\.down_proj", name):
+            for e in range(t.shape[0]):
+                new[f"{m[1]}{module}.experts.{e}.{names[2]}.weight"] = t[e].clone()
+        elif m := per_expert.fullmatch(name):
+            continue  # stacked below
+        else:
+            new[name] = t
+    layers = sorted({m[1] for n in state if (m := per_expert.fullmatch(n))})
+    for prefix in layers:
+        n_expert = config.get("num_local_experts") or config["num_experts"]
+        stack = lambda p: torch.stack([state[f"{prefix}{module}.experts.{e}.{p}.weight"] for e in range(n_expert)])  # noqa: E731
+        new[f"{prefix}mlp.experts.gate_up_proj"] = torch.cat([stack(names[0]), stack(names[1])], dim=1)
+        new[f"{prefix}mlp.experts.down_proj"] = stack(names[2])
+        new[f"{prefix}mlp.gate.weight"] = new.pop(f"{prefix}{module}.gate.weight")  # transformers 5 names it so
+    if not layers:  # fused -> per expert: the router under the per-expert layout's block
+        for name in [n for n in new if n.endswith(".mlp.gate.weight")]:
+            new[name.replace(".mlp.gate.", f".{module}.gate.")] = new.pop(name)
+    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("model", MOE)
+def test_both_expert_layouts_build_the_same_gguf(model, request, tmp_path):
+    """Per-expert and fused checkpoints of one model give the same tensors (stacked in expert order, gate before up)."""
+    model_dir = request.getfixturevalue(model)
+    ours = build(model_dir, "F32", tmp_path / "a.gguf")
+    swapped = other_layout(model_dir, tmp_path / "other")
+    theirs = build(swapped, "F32", tmp_path / "b.gguf")
+    a, b = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in (ours, theirs))
+    assert a.keys() == b.keys() and any(n.endswith("ffn_gate_exps.weight") for n in a)
+    for name in a:
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+
+
+@pytest.mark.parametrize("model", MOE)
+def test_expert_importance_is_llama_imatrix_counting_on_transformers(model, request):
+    """Our per-expert importance (the streamed layer pass, experts loaded from the checkpoint's layout) against
+    transformers' whole model (loading the checkpoint its own way) with the experts' routing read off its own
+    forward: per expert, the number of tokens routed to it and Σx² of their inputs to gate/up and to down, as
+    llama-imatrix counts the rows of a MUL_MAT_ID."""
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.importance import collect_importance
+    from edgequant.model import SourceModel
+
+    model_dir = request.getfixturevalue(model)
+    m = SourceModel(str(model_dir))
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 500, (4, 64)))
+    ours = collect_importance(m, ids, torch.device("cpu"))
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref = {}
+    for name, mod in hf.named_modules():
+        if hasattr(mod, "gate_up_proj"):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            n_expert, ff = mod.gate_up_proj.shape[0], mod.down_proj.shape[-1]
+            sums = {"gate": torch.zeros(n_expert, mod.gate_up_proj.shape[-1], dtype=torch.float64),
+                    "down": torch.zeros(n_expert, ff, dtype=torch.float64), "n": torch.zeros(n_expert)}
+            ref[layer] = sums
+
+            def hook(mod, args, sums=sums):
+                h, idx = args[0].double(), args[1]
+                for e in range(mod.gate_up_proj.shape[0]):
+                    token = (idx == e).any(-1)
+                    x = h[token]
+                    gate, up = (x @ mod.gate_up_proj[e].double().T).chunk(2, dim=-1)
+                    sums["gate"][e] += (x ** 2).sum(0)
+                    sums["down"][e] += ((torch.nn.functional.silu(gate) * up) ** 2).sum(0)
+                    sums["n"][e] += int(token.sum())
+            mod.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        hf(ids, use_cache=False)
+    assert ref
+    for layer, sums in ref.items():
+        for kind, stacks in (("gate", ("gate", "up")), ("down", ("down",))):
+            for stack in stacks:
+                got_sum, got_n = ours[f"blk.{layer}.ffn_{stack}_exps.weight"]
+                np.testing.assert_array_equal(got_n, sums["n"].numpy())
+                np.testing.assert_allclose(got_sum.reshape(len(got_n), -1), sums[kind].numpy(), rtol=2e-4, atol=1e-6)
+        assert sums["n"].sum() == ids.numel() * m.hp.config["num_experts_per_tok"]
+
+
+def test_solve_experts_rare_experts_get_the_importance_weighted_fit():
+    """An expert with fewer tokens than input columns, or none, is written exactly as llama-quantize --imatrix
+    writes it with that expert's importance (convert.encode, checked against llama.cpp elsewhere); one with enough
+    tokens gets GPTQ, never above the fit's loss on its Hessian."""
+    from edgequant.convert.codecs import codec
+    from edgequant.convert.encode import encode
+    from edgequant.layerwise import ExpertStats
+    from edgequant.settings import GptqSettings
+    from edgequant.solve import row_losses, solve_experts
+
+    Q = gguf.GGMLQuantizationType
+    g = torch.Generator().manual_seed(0)
+    cols, rows = 256, 64
+    w = torch.randn(3, rows, cols, generator=g) * 0.05
+    stats = ExpertStats(3, cols, torch.device("cpu"))
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5
+    for e, n in ((0, 2000), (1, 40)):  # expert 2: no token
+        x = torch.randn(n, cols, generator=g) @ mix + torch.randn(cols, generator=g)
+        stats.add(e, x, torch.rand(n, generator=g))
+    c = codec(Q.Q4_K)
+    w_hat, blocks, entry = solve_experts(w, stats, c, GptqSettings(), torch.device("cpu"), "test")
+    assert [(x["tokens"], x["solve"]) for x in entry["experts"]] == [(2000, "gptq"), (40, "fit"), (0, "fit")]
+    packed = c.pack(blocks).reshape(-1)
+    per_expert = packed.reshape(3, -1)
+    for e in (1, 2):
+        want = encode(w[e].numpy(), Q.Q4_K, stats.importance(e).numpy())
+        np.testing.assert_array_equal(per_expert[e], want)
+    fit = torch.from_numpy(gguf.quants.dequantize(encode(w[0].numpy(), Q.Q4_K, stats.importance(0).numpy()), Q.Q4_K)).reshape(rows, cols)
+    h = stats.weighted[0].hessian
+    assert (row_losses(w[0], w_hat[0], h) <= row_losses(w[0], fit, h) + 1e-9).all()
+    assert row_losses(w[0], w_hat[0], h).sum() < 0.9 * row_losses(w[0], fit, h).sum()
+    decoded = gguf.quants.dequantize(per_expert[0], Q.Q4_K).reshape(rows, cols)
+    np.testing.assert_array_equal(decoded, w_hat[0].numpy())
+
+
+@pytest.mark.parametrize("model", MOE)
+def test_moe_gptq_build_reports_experts_verifies_and_passes_parity(model, request, tmp_path, fixture_text):
+    """GPTQ on a mixture of experts: --verify passes, the summary lists per expert the calibration tokens routed to
+    it (top-k of every token, per layer) and what was done, and `edgequant parity` passes."""
+    model_dir = request.getfixturevalue(model)
+    text = REPO / "tests" / "fixtures" / "text" / "train.txt"
+    out = tmp_path / "gptq.gguf"
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        rc = main(["build", str(model_dir), "--target", "Q4_K_M", "-o", str(out), "--calib", str(text),
+                   "--calib-samples", "16", "--calib-seqlen", "128", "--device", "cpu", "--verify", "--json"])
+    assert rc == 0
+    s = json.loads(summary.getvalue())
+    config = json.loads((model_dir / "config.json").read_text())
+    stacks = {n: e["experts"] for n, e in s["gptq"].items() if "experts" in e}
+    assert len(stacks) == 3 * config["num_hidden_layers"]
+    for name, experts in stacks.items():
+        assert len(experts) == (config.get("num_local_experts") or config.get("num_experts"))
+        assert sum(e["tokens"] for e in experts) == 16 * 128 * config["num_experts_per_tok"], name
+        assert all(e["solve"] == ("gptq" if e["tokens"] >= 256 else "fit") for e in experts), name
+        assert s["gptq"][name]["gptq_loss"] <= s["gptq"][name]["fit_loss"]
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        rc = main(["parity", str(model_dir), str(out), "--text", str(fixture_text), "--ctx", "128", "--chunks", "4",
+                   "--threads", "2", "--device", "cpu", "--json"])
+    r = json.loads(report.getvalue())
+    assert rc == 0 and r["pass"], r["checks"]

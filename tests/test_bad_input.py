@@ -348,3 +348,28 @@ def test_configs_llama_cpp_would_run_differently(capsys, tmp_path, request, mode
     config = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, **edit}))
     expect_error(capsys, build_argv(d, tmp_path, "Q4_K_M"), fragment)
+
+
+def test_moe_routing_llama_cpp_does_not_run(capsys, tmp_path, tiny_qwen3_moe):
+    """norm_topk_prob false: transformers would not renormalise the top-k weights, llama.cpp's Qwen3-MoE always does."""
+    d = copy_model(tiny_qwen3_moe, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["norm_topk_prob"] = False
+    (d / "config.json").write_text(json.dumps(cfg))
+    expect_error(capsys, build_argv(d, tmp_path), "norm_topk_prob")
+
+
+def test_missing_expert(capsys, tmp_path, tiny_mixtral):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_model(tiny_mixtral, tmp_path)
+    state = load_file(d / "model.safetensors")
+    del state["model.layers.1.block_sparse_moe.experts.5.w3.weight"]
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    expect_error(capsys, build_argv(d, tmp_path), "model.layers.1.block_sparse_moe.experts.5.w3.weight is missing")
+
+
+def test_budget_on_a_mixture_of_experts(capsys, tmp_path, tiny_qwen3_moe):
+    """Type allocation (--target auto:, --size, --bpw) has no expert stacks yet: refused up front, not a traceback."""
+    argv = build_argv(tiny_qwen3_moe, tmp_path, target="auto:Q4_K_M")
+    expect_error(capsys, argv, "mixtures of experts")

@@ -41,6 +41,7 @@ class Model:
     tied: bool = False
     arch: str = "llama"
     n_expert: int = 0
+    stacked: bool = False  # the FFN is n_expert experts in llama.cpp's 3-D ffn_*_exps tensors, plus the router
 
     @property
     def facts(self) -> ArchFacts:
@@ -55,7 +56,12 @@ class Model:
         if not self.tied:
             out.append(("output.weight", None, (rows, self.hidden)))
         for i in range(self.n_layers):
-            out += [(f"blk.{i}.{r}.weight", i, (rows, self.ncols(r))) for r in BLOCK_ROLES]
+            if self.stacked:
+                out += [(f"blk.{i}.{r}.weight", i, (rows, self.ncols(r))) for r in BLOCK_ROLES[:4]]
+                out += [(f"blk.{i}.{r}_exps.weight", i, (self.n_expert, rows, self.ncols(r))) for r in BLOCK_ROLES[4:]]
+                out.append((f"blk.{i}.ffn_gate_inp.weight", i, (self.n_expert, self.hidden)))
+            else:
+                out += [(f"blk.{i}.{r}.weight", i, (rows, self.ncols(r))) for r in BLOCK_ROLES]
             out += [(f"blk.{i}.{n}.weight", i, (self.hidden,)) for n in ("attn_norm", "ffn_norm")]
         return out
 
@@ -269,6 +275,54 @@ def test_eight_experts():
     assert moe.type_of("IQ3_M", "blk.4.ffn_down.weight", 4) == S3
 
 
+MIXTRAL8 = Model(n_layers=16, n_head=8, n_head_kv=2, hidden=256, ffn=512, n_expert=8, stacked=True)
+QWEN3MOE12 = Model(n_layers=16, n_head=8, n_head_kv=4, hidden=256, ffn=256, n_expert=12, stacked=True, arch="qwen3moe")
+QWEN3MOE4_MHA = Model(n_layers=3, n_head=4, n_head_kv=4, hidden=256, ffn=512, n_expert=4, stacked=True, arch="qwen3moe")
+
+
+@pytest.mark.parametrize("model, ftype, name, layer, want", [
+    # 8 experts (Mixtral): attn_v and attn_k at Q8_0 whatever the layer, attn_output at Q5_K ...
+    (MIXTRAL8, "Q4_K_M", "blk.5.attn_v.weight", 5, Q.Q8_0),
+    (MIXTRAL8, "Q4_K_M", "blk.5.attn_k.weight", 5, Q.Q8_0),
+    (MIXTRAL8, "Q4_K_M", "blk.5.attn_output.weight", 5, K5),
+    (MIXTRAL8, "Q3_K_M", "blk.0.attn_v.weight", 0, Q.Q8_0),
+    (MIXTRAL8, "Q3_K_M", "blk.9.attn_output.weight", 9, K5),
+    (MIXTRAL8, "Q5_K_M", "blk.9.attn_output.weight", 9, K5),  # not in the list: the base type
+    (MIXTRAL8, "Q2_K", "blk.9.attn_output.weight", 9, K5),
+    # ... the 3-D ffn_down_exps follow the dense ffn_down rules by their block (use_more_bits at Q4_K_M: blocks
+    # 0, 1, 4, 7, 10, 13, 14, 15 of 16), the gate/up stacks the base type
+    (MIXTRAL8, "Q4_K_M", "blk.1.ffn_down_exps.weight", 1, K6),
+    (MIXTRAL8, "Q4_K_M", "blk.2.ffn_down_exps.weight", 2, K4),
+    (MIXTRAL8, "Q4_K_M", "blk.4.ffn_down_exps.weight", 4, K6),
+    (MIXTRAL8, "Q4_K_M", "blk.14.ffn_down_exps.weight", 14, K6),
+    (MIXTRAL8, "Q4_K_M", "blk.4.ffn_gate_exps.weight", 4, K4),
+    (MIXTRAL8, "Q3_K_M", "blk.0.ffn_down_exps.weight", 0, K5),  # the first 16th
+    (MIXTRAL8, "Q3_K_M", "blk.1.ffn_down_exps.weight", 1, K4),
+    (MIXTRAL8, "Q3_K_M", "blk.1.ffn_up_exps.weight", 1, K3),
+    (MIXTRAL8, "IQ3_M", "blk.4.ffn_down_exps.weight", 4, K4),  # 8 experts: use_more_bits' blocks too
+    (MIXTRAL8, "IQ3_M", "blk.5.ffn_down_exps.weight", 5, S3),
+    # the router is never quantized (kept as the converter stored it: F32)
+    (MIXTRAL8, "Q4_K_M", "blk.3.ffn_gate_inp.weight", 3, Q.F32),
+    (QWEN3MOE12, "Q3_K_M", "blk.3.ffn_gate_inp.weight", 3, Q.F32),
+    # other expert counts: no attention bumps (only the dense rules: Q4_K_M's use_more_bits on attn_v)
+    (QWEN3MOE12, "Q4_K_M", "blk.5.attn_v.weight", 5, K4),
+    (QWEN3MOE12, "Q4_K_M", "blk.4.attn_v.weight", 4, K6),
+    (QWEN3MOE12, "Q4_K_M", "blk.5.attn_k.weight", 5, K4),
+    (QWEN3MOE12, "Q4_K_M", "blk.5.attn_output.weight", 5, K4),
+    (QWEN3MOE12, "Q3_K_M", "blk.5.attn_output.weight", 5, K4),
+    (QWEN3MOE12, "Q3_K_M", "blk.1.attn_v.weight", 1, K5),
+    (QWEN3MOE12, "Q3_K_M", "blk.2.attn_v.weight", 2, K4),
+    # 4+ experts give attn_v Q4_K in the 1-/2-bit recipes even without grouped-query heads
+    (QWEN3MOE4_MHA, "IQ2_XXS", "blk.1.attn_v.weight", 1, K4),
+    (QWEN3MOE4_MHA, "IQ2_XXS", "blk.1.attn_k.weight", 1, XXS2),  # attn_k's Q4_K is for exactly 8
+    (MHA2_TIED, "IQ2_XXS", "blk.1.attn_v.weight", 1, K2),  # the same heads, dense: Q2_K
+])
+def test_mixture_of_experts_rules(model, ftype, name, layer, want):
+    """llama-quant.cpp's expert-count rules, by hand: n_expert == 8 bumps attention; n_expert >= 4 the 1-/2-bit
+    attn_v; expert stacks are placed by their block (its layer_info parses blk.N. once n_expert > 1)."""
+    assert model.type_of(ftype, name, layer) == want
+
+
 def test_requires_imatrix():
     """llama.cpp's list: the 1- to 3-bit lattice types and Q2_K in Q2_K_S, never token_embd or output."""
     for t in (XXS3, S2, XS2, XXS2, S1, M1):
@@ -310,6 +364,13 @@ ORACLE_MODELS = {
     "llama-70b": Model(n_layers=80, n_head=64, n_head_kv=8, hidden=256, ffn=512),
     "qwen2-72b": Model(n_layers=80, n_head=8, n_head_kv=8, hidden=256, ffn=512, arch="qwen2"),
     "experts8": Model(n_layers=4, n_head=8, n_head_kv=2, hidden=256, ffn=512, n_expert=8),
+    # MoE files as the converter writes them (3-D expert stacks, F32 router): Mixtral's 8 experts (llama arch) and
+    # Qwen3-MoE's other counts, 16 blocks so the first/last-eighth rules of ffn_down_exps have blocks on both sides
+    "mixtral-8": Model(n_layers=16, n_head=8, n_head_kv=2, hidden=256, ffn=512, n_expert=8, stacked=True),
+    "qwen3moe-12": Model(n_layers=16, n_head=8, n_head_kv=4, hidden=256, ffn=256, n_expert=12, stacked=True,
+                         arch="qwen3moe"),
+    "qwen3moe-4-mha": Model(n_layers=3, n_head=4, n_head_kv=4, hidden=256, ffn=512, n_expert=4, stacked=True,
+                            arch="qwen3moe"),
 }
 
 
@@ -325,10 +386,12 @@ def _write_f16_gguf(path, model: Model) -> None:
     if model.n_expert:
         w.add_expert_count(model.n_expert)
         w.add_expert_used_count(2)
+        if model.stacked:
+            w.add_expert_feed_forward_length(model.ffn)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     rng = np.random.default_rng(0)
     for name, _, shape in model.tensors():
-        dtype = np.float16 if len(shape) > 1 else np.float32
+        dtype = np.float16 if len(shape) > 1 and "ffn_gate_inp" not in name else np.float32  # the router: F32
         w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -345,7 +408,9 @@ def _llama_quantize(src, dst, ftype: str, with_imatrix: bool, model: Model | Non
     params.ftype = int(FTYPES[ftype])
     params.nthread = 1
     if with_imatrix:
-        matrices = [(n, s[-1]) for n, _, s in model.tensors() if len(s) == 2] if model else [("unused", 1)]
+        # an expert stack's importance is one per expert (n_expert · cols values), as llama-imatrix writes it
+        matrices = ([(n, s[-1] * (s[0] if len(s) == 3 else 1)) for n, _, s in model.tensors() if len(s) >= 2]
+                    if model else [("unused", 1)])
         keep = [(n.encode(), (ctypes.c_float * cols)(*[1.0] * cols)) for n, cols in matrices]
         entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
         for e, (name, data), (_, cols) in zip(entries, keep, matrices):

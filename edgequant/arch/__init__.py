@@ -7,8 +7,8 @@ architecture's GGUF metadata.
 
 from __future__ import annotations
 
-from . import gemma, llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (each registers its adapters)
-from .base import ARCHES, Arch, Hparams, Layout, for_class, permute_rotary, read_hparams, register, unpermute_rotary
+from . import gemma, llama, mistral, moe, phi3, qwen2, qwen3  # noqa: F401  (each registers its adapters)
+from .base import ARCHES, Arch, ExpertStack, Experts, Hparams, Layout, for_class, permute_rotary, read_hparams, register, unpermute_rotary
 
-__all__ = ["ARCHES", "Arch", "Hparams", "Layout", "for_class", "permute_rotary", "read_hparams", "register",
+__all__ = ["ARCHES", "Arch", "ExpertStack", "Experts", "Hparams", "Layout", "for_class", "permute_rotary", "read_hparams", "register",
            "unpermute_rotary"]

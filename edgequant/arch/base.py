@@ -10,7 +10,9 @@ An adapter (Arch) owns what the rest of edgequant must not guess about a model f
   * the architecture's own GGUF metadata and the tensors llama.cpp needs that the checkpoint does not store;
   * what the calibration forward pass needs beyond transformers' decoder layers (the embedding scale);
   * for a vision-language checkpoint whose text tower is the model: where that tower's tensors and config are.
-So a new dense architecture is one small declarative file.
+  * for a mixture of experts (Experts): where the experts are in either Hub layout, and the 3-D tensors llama.cpp
+    stacks them into.
+So a new dense architecture is one small declarative file, and a mixture-of-experts one a few lines more.
 """
 
 from __future__ import annotations
@@ -105,6 +107,86 @@ def unpermute_rotary(w, n_head: int):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@dataclass(frozen=True)
+class ExpertStack:
+    """One llama.cpp 3-D expert tensor (n_expert, rows, cols): the checkpoint tensors it is made of."""
+
+    gguf_name: str
+    name: str  # what it is called here: <layer>.<module>.experts.{gate,up,down}_proj (transformers' own names)
+    parts: tuple[str, ...]  # the checkpoint tensors: one per expert (stacked), or one fused 3-D tensor
+    rows: tuple[int, int] | None  # of a fused tensor, the row range (axis 1) that is this projection: gate_up's halves
+    shape: tuple[int, int, int]
+
+
+# The stacks of an expert FFN in llama.cpp's order of projections, as (GGUF tensor, transformers' projection name)
+EXPERT_TENSORS = ((gguf.MODEL_TENSOR.FFN_GATE_EXP, "gate_proj"), (gguf.MODEL_TENSOR.FFN_UP_EXP, "up_proj"),
+                  (gguf.MODEL_TENSOR.FFN_DOWN_EXP, "down_proj"))
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts FFN as the Hub stores it, in either of its layouts, and as llama.cpp's converter stacks
+    it: ffn_{gate,up,down}_exps of shape (n_expert, rows, cols), expert e's matrix at [e] (GGML ne = {cols, rows,
+    n_expert}); the router (ffn_gate_inp) is an ordinary tensor, mapped by name.
+      per expert  <layer>.<module>.experts.<e>.<name>.weight, one 2-D tensor per expert and projection (the layout
+                  of published Qwen3-MoE and Mixtral checkpoints, and of transformers' save_pretrained);
+      fused       <layer>.<fused>.experts.gate_up_proj (n_expert, 2·ff, d), gate rows first, and .down_proj
+                  (n_expert, d, ff): transformers 5's modules, as save_pretrained(save_original_format=False) writes.
+    """
+
+    count: tuple[str, ...]  # config keys of the number of routed experts, the first present counts
+    used: str = "num_experts_per_tok"  # config key of the experts each token is routed to
+    module: str = "mlp"  # the MoE block under a layer, per-expert layout (Mixtral's "block_sparse_moe")
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert projections: gate, up, down
+    fused: str = "mlp"  # the MoE block under a layer, fused layout
+
+    def n_expert(self, hp: Hparams) -> int:
+        key = next((k for k in self.count if hp.config.get(k)), None)
+        if key is None:
+            raise UserError(f"config.json lacks {' or '.join(self.count)}: the number of experts llama.cpp needs")
+        return int(hp.config[key])
+
+    def stacks(self, prefix: str, bid: int, shapes: dict[str, tuple[int, ...]], n_expert: int) -> list[ExpertStack]:
+        """Layer `bid`'s (checkpoint names under `prefix`) expert stacks, from whichever layout `shapes` (checkpoint
+        name -> shape) has; [] for a layer without experts; UserError for experts missing or misshapen."""
+        fused_gate_up, fused_down = f"{prefix}{self.fused}.experts.gate_up_proj", f"{prefix}{self.fused}.experts.down_proj"
+        out = []
+        if fused_gate_up in shapes or fused_down in shapes:
+            for name in (fused_gate_up, fused_down):
+                if len(shapes.get(name, ())) != 3 or shapes[name][0] != n_expert:
+                    raise UserError(f"checkpoint: {name} should be a (n_expert={n_expert}, rows, cols) tensor, "
+                                    f"found {list(shapes[name]) if name in shapes else 'none'}")
+            (_, ff2, d), (_, d_down, ff) = shapes[fused_gate_up], shapes[fused_down]
+            if ff2 != 2 * ff or d_down != d:
+                raise UserError(f"checkpoint: {fused_gate_up} {list(shapes[fused_gate_up])} and {fused_down} "
+                                f"{list(shapes[fused_down])} disagree on the expert FFN size")
+            ranges = ((fused_gate_up, (0, ff)), (fused_gate_up, (ff, 2 * ff)), (fused_down, None))
+            for (kind, proj), (name, rows) in zip(EXPERT_TENSORS, ranges):
+                shape = (n_expert, ff, d) if rows else (n_expert, d, ff)
+                out.append(ExpertStack(expert_tensor_name(kind, bid), f"{prefix}{self.fused}.experts.{proj}", (name,),
+                                       rows, shape))
+            return out
+        first = f"{prefix}{self.module}.experts.0."
+        if not any(n.startswith(first) for n in shapes):
+            return []
+        for (kind, proj), hf in zip(EXPERT_TENSORS, self.names):
+            parts = tuple(f"{prefix}{self.module}.experts.{e}.{hf}.weight" for e in range(n_expert))
+            missing = [p for p in parts if p not in shapes]
+            if missing:
+                raise UserError(f"checkpoint: {missing[0]} is missing ({len(missing)} of layer {bid}'s {n_expert} "
+                                f"experts' {hf})")
+            seen = {shapes[p] for p in parts}
+            if len(seen) != 1 or len(next(iter(seen))) != 2:
+                raise UserError(f"checkpoint: layer {bid}'s experts' {hf} are not 2-D matrices of one shape: {sorted(seen)}")
+            out.append(ExpertStack(expert_tensor_name(kind, bid), f"{prefix}{self.fused}.experts.{proj}", parts, None,
+                                   (n_expert, *next(iter(seen)))))
+        return out
+
+
+def expert_tensor_name(kind: gguf.MODEL_TENSOR, bid: int) -> str:
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+
+
 # A decoder layer's linears by the input they read, in forward order (the LLaMA family's).
 LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -126,6 +208,7 @@ class Arch:
     # the checkpoint as (checkpoint prefix, the text model's prefix); tensors under no prefix are not the text model's
     text_class: str = ""
     text_tower: tuple[tuple[str, str], ...] = ()
+    experts: Experts | None = None  # a mixture-of-experts FFN: where its experts are (None: a dense model)
 
     @property
     def name(self) -> str:
@@ -192,6 +275,13 @@ class Arch:
 
     def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
         """Keys this architecture's llama.cpp loader reads beyond the common ones (edgequant.metadata)."""
+        if self.experts is not None:  # as llama.cpp's converter writes them, from the same config keys
+            w.add_expert_count(self.experts.n_expert(hp))
+            w.add_expert_used_count(int(hp.config[self.experts.used]))
+
+    def n_expert(self, hp: Hparams) -> int:
+        """Routed experts per MoE layer (0: dense), which llama.cpp's recipes look at."""
+        return 0 if self.experts is None else self.experts.n_expert(hp)
 
     # --- the model's structure ---------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ class LlamaArch(Arch):
         return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(hp))]
 
     def metadata(self, w: gguf.GGUFWriter, hp: Hparams) -> None:
+        super().metadata(w, hp)  # Mixtral's expert counts
         w.add_vocab_size(hp.n_vocab)  # llama.cpp's LLaMA loader reads <arch>.vocab_size
         w.add_rope_dimension_count(hp.head_dim)
 

@@ -146,7 +146,8 @@ def summary(r) -> dict:
         e["params"] += int(np.prod(t.shape))
         e["bytes"] += t.nbytes
     gptq = r.report.get("gptq")
-    tensors = ({n: {"gptq_loss": gptq.loss[n], "fit_loss": gptq.fit_loss[n], "act_order": gptq.act_order.get(n, 0.0)}
+    tensors = ({n: {"gptq_loss": gptq.loss[n], "fit_loss": gptq.fit_loss[n], "act_order": gptq.act_order.get(n, 0.0),
+                    **({"experts": gptq.experts[n]} if n in gptq.experts else {})}
                 for n in gptq.loss} if gptq else {})
     return {"output": str(r.path), "tensors": len(r.plan), "gptq": tensors, "gptq_layers": by_layer(tensors),
             "params": r.n_params, "tensor_bytes": r.nbytes, "file_bytes": r.path.stat().st_size,
@@ -216,6 +217,14 @@ def show(r) -> None:
         act = sum(v["act_order"] for v in s["gptq"].values())
         if act:
             console.print(f"act-order: {act:.4g} of {len(s['gptq'])} tensors solved in descending-Hessian order")
+        experts = [e for v in s["gptq"].values() for e in v.get("experts", [])]
+        if experts:
+            tokens = [e["tokens"] for e in experts]
+            fitted = sum(e["solve"] == "fit" for e in experts)
+            console.print(f"experts: {len(experts)} expert matrices, calibration tokens per expert min {min(tokens):,}, "
+                          f"median {int(np.median(tokens)):,}, max {max(tokens):,}; {fitted} with too few tokens got the "
+                          f"importance-weighted fit; GPTQ's rows kept where they beat it: "
+                          f"{sum(e['gptq_rows'] for e in experts):,} (per expert in the --json summary)")
     if "allocation" in s:
         a = s["allocation"]
         after = f" ({a['predicted_kld_after_gptq']:.4g} after GPTQ)" if "predicted_kld_after_gptq" in a else ""
