@@ -48,6 +48,16 @@ def build(model: Path, target: str, out: Path, *extra) -> Path:
     return out
 
 
+def assert_parity(model_dir: Path, gguf_file: Path, text: Path) -> None:
+    """`edgequant parity` passes: llama.cpp computes what the GGUF's weights say (vs torch, with a noise floor)."""
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        rc = main(["parity", str(model_dir), str(gguf_file), "--text", str(text), "--ctx", "128", "--chunks", "4",
+                   "--threads", "2", "--device", "cpu", "--json"])
+    r = json.loads(report.getvalue())
+    assert rc == 0 and r["pass"], r["checks"]
+
+
 @pytest.mark.parametrize("model", ARCHITECTURES)
 def test_f32_in_llama_cpp_matches_transformers(model, request, tmp_path, fixture_text):
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -111,12 +121,7 @@ def test_gptq_build_verifies_and_passes_parity(model, request, tmp_path, fixture
     text = REPO / "tests" / "fixtures" / "text" / "train.txt"
     out = build(model_dir, "Q4_K_M", tmp_path / "gptq.gguf", "--calib", text, "--calib-samples", 16,
                 "--calib-seqlen", 128, "--device", "cpu", "--verify")
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report):
-        rc = main(["parity", str(model_dir), str(out), "--text", str(fixture_text), "--ctx", "128", "--chunks", "4",
-                   "--threads", "2", "--device", "cpu", "--json"])
-    r = json.loads(report.getvalue())
-    assert rc == 0 and r["pass"], r["checks"]
+    assert_parity(model_dir, out, fixture_text)
 
 
 @pytest.mark.parametrize("model", DENSE)
@@ -371,9 +376,4 @@ def test_moe_gptq_build_reports_experts_verifies_and_passes_parity(model, reques
         assert sum(e["tokens"] for e in experts) == 16 * 128 * config["num_experts_per_tok"], name
         assert all(e["solve"] == ("gptq" if e["tokens"] >= 256 else "fit") for e in experts), name
         assert s["gptq"][name]["gptq_loss"] <= s["gptq"][name]["fit_loss"]
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report):
-        rc = main(["parity", str(model_dir), str(out), "--text", str(fixture_text), "--ctx", "128", "--chunks", "4",
-                   "--threads", "2", "--device", "cpu", "--json"])
-    r = json.loads(report.getvalue())
-    assert rc == 0 and r["pass"], r["checks"]
+    assert_parity(model_dir, out, fixture_text)

@@ -43,7 +43,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import IQ1_M as _GGUF_IQ1_M
 
 from .fields import fp16_field, block_fields
-from .iq1_s import SHIFTED, neighbours
+from .iq1_s import SHIFTED, neighbours, split_levels
 from .lattice import LatticeCodec
 from .lattice_search import F32, FLT_MAX, codebook, search_weights, sequential_max
 from .search_symmetric import nearest_int, sequential_sum
@@ -102,11 +102,7 @@ def best_splits(xb: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndar
                 scale = np.where(take, sumqx / sumq2, scale)
                 best = np.where(take, scale * sumqx, best)
                 i1s, i2s, ks = np.where(take, i1, i1s), np.where(take, i2, i2s), np.where(take, k, ks)
-    rank = np.arange(n)
-    sorted_levels = (rank >= i1s[:, None]).astype(np.int8) + (rank >= i2s[:, None])
-    levels = np.empty_like(sorted_levels)
-    np.put_along_axis(levels, order, sorted_levels, axis=1)
-    return scale, levels, ks
+    return scale, split_levels(order, i1s, i2s), ks
 
 
 def group_negative(k: np.ndarray) -> np.ndarray:

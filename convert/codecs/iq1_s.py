@@ -80,11 +80,17 @@ def best_splits(xb: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndar
                 scale = np.where(take, sumqx / sumq2, scale)
                 best = np.where(take, scale * sumqx, best)
                 i1s, i2s, shift = np.where(take, i1, i1s), np.where(take, i2, i2s), np.where(take, sign, shift)
-    rank = np.arange(n)
-    sorted_levels = (rank >= i1s[:, None]).astype(np.int8) + (rank >= i2s[:, None])
-    levels = np.empty_like(sorted_levels)
-    np.put_along_axis(levels, order, sorted_levels, axis=1)
-    return scale, levels, shift
+    return scale, split_levels(order, i1s, i2s), shift
+
+
+def split_levels(order: np.ndarray, i1: np.ndarray, i2: np.ndarray) -> np.ndarray:
+    """Each weight's level 0/1/2 from the two split points of its group's weights in ascending order (`order`):
+    below i1, from i1, from i2, back in the weights' own order."""
+    rank = np.arange(order.shape[1])
+    ascending = (rank >= i1[:, None]).astype(np.int8) + (rank >= i2[:, None])
+    levels = np.empty_like(ascending)
+    np.put_along_axis(levels, order, ascending, axis=1)
+    return levels
 
 
 def neighbours(levels: np.ndarray, xg: np.ndarray, wg: np.ndarray, scale: np.ndarray, negative: np.ndarray):
