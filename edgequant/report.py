@@ -29,6 +29,7 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1100px
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 2em; }
 table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: right; } th { border-bottom: 1px solid #888; }
 td:first-child, th:first-child { text-align: left; } .muted { color: #666; }
+td.fit { background: #f6d8c8; }
 svg text { font: 11px system-ui, sans-serif; }
 """
 
@@ -66,7 +67,25 @@ def render(s: dict, title: str) -> str:
                   "<p class='muted'>½·tr(E H Eᵀ), E = W − Ŵ, H = 2XᵀX over the calibration activations; the fit is "
                   "what llama-quantize --imatrix would write. Lower is better; the ratio is GPTQ / fit.</p>",
                   loss_chart(s["gptq"])]
+        if any("experts" in e for e in s["gptq"].values()):
+            parts += ["<h2>Experts: calibration tokens and what was solved</h2>",
+                      "<p class='muted'>Tokens routed to each expert (of every calibration token's top-k), per expert "
+                      "tensor; shaded: too few tokens for its Hessian, so the importance-weighted fit was written "
+                      "(what --method imatrix writes); otherwise GPTQ, each row kept only where it beats that fit "
+                      "(hover: rows kept).</p>", experts_table(s["gptq"])]
     return "\n".join(parts + ["</body></html>\n"])
+
+
+def experts_table(gptq: dict[str, dict]) -> str:
+    stacks = {name: e["experts"] for name, e in gptq.items() if "experts" in e}
+    n = max(len(x) for x in stacks.values())
+    head = "".join(f"<th>{i}</th>" for i in range(n))
+    rows = "".join(
+        f"<tr><td>{escape(name)}</td>" + "".join(
+            f"<td class='{'fit' if x['solve'] == 'fit' else 'gptq'}' title='{x['solve']}, {x['gptq_rows']} GPTQ rows'>"
+            f"{x['tokens']:,}</td>" for x in experts) + "</tr>"
+        for name, experts in sorted(stacks.items(), key=lambda kv: (int(kv[0].split('.')[1]), kv[0])))
+    return f"<table><tr><th>tensor \\ expert</th>{head}</tr>{rows}</table>"
 
 
 def describe_calibration(parts: list[dict]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -365,9 +366,17 @@ def test_moe_gptq_build_reports_experts_verifies_and_passes_parity(model, reques
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
         rc = main(["build", str(model_dir), "--target", "Q4_K_M", "-o", str(out), "--calib", str(text),
-                   "--calib-samples", "16", "--calib-seqlen", "128", "--device", "cpu", "--verify", "--json"])
+                   "--calib-samples", "16", "--calib-seqlen", "128", "--device", "cpu", "--verify", "--json",
+                   "--report", str(tmp_path / "r.html")])
     assert rc == 0
     s = json.loads(summary.getvalue())
+    html = (tmp_path / "r.html").read_text()  # the report's expert table: every tensor's counts and solves
+    table = html[html.index("<h2>Experts"):]
+    for name, e in s["gptq"].items():
+        if "experts" in e:
+            cells = re.search(rf"<tr><td>{re.escape(name)}</td>(.*?)</tr>", table)[1]
+            shown = re.findall(r"<td class='(\w+)' title='[^']*'>([\d,]+)</td>", cells)
+            assert shown == [(x["solve"], f"{x['tokens']:,}") for x in e["experts"]], name
     config = json.loads((model_dir / "config.json").read_text())
     stacks = {n: e["experts"] for n, e in s["gptq"].items() if "experts" in e}
     assert len(stacks) == 3 * config["num_hidden_layers"]
