@@ -39,11 +39,11 @@ def check_plan(plan: list[TensorPlan], ftype: str, method: str) -> None:
     if missing:
         raise UserError(f"--target {ftype}: its {', '.join(missing)} tensors are not implemented yet; "
                         f"edgequant writes {', '.join(t.name for t in CODECS if t.name != 'Q8_K')}")
-    if method == "gptq":
-        from .gptq.vector import LATTICES  # the codebook types vector GPTQ can write
+    lattice = {t.qtype.name for t in plan if t.qtype in CODECS and not codec(t.qtype).scalar_grid}
+    if method == "gptq" and lattice:
+        from .gptq.vector import LATTICES  # the codebook types vector GPTQ can write (imports torch: only here)
 
-        lattice = sorted({t.qtype.name for t in plan if t.qtype in CODECS and not codec(t.qtype).scalar_grid
-                          and t.qtype.name not in LATTICES})
+        lattice = sorted(lattice - set(LATTICES))
         if lattice:
             raise UserError(f"--method gptq --target {ftype}: GPTQ cannot quantize onto the {', '.join(lattice)} "
                             f"codebook yet: use --method imatrix (with --imatrix FILE or --calib SOURCE)")

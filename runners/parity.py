@@ -127,7 +127,7 @@ def activation_rounding(qtype: gguf.GGMLQuantizationType) -> Rounding:
     if qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
         dtype = torch.float16 if qtype == gguf.GGMLQuantizationType.F16 else torch.bfloat16
         return lambda x: x.to(dtype).float()
-    if qtype not in native.WEIGHT_TYPES:
+    if qtype not in native.DOT_TYPES:  # the lattice i-quants too: Q8_K activations, as the K-quants
         raise UserError(f"parity has no model of llama.cpp's activation rounding for {qtype.name} weights")
     act = native.activation_type(qtype)
 

@@ -116,8 +116,6 @@ REFUSED_LOW_BIT = [
     (["--target", "IQ3_XS", "--method", "rtn"], "blk.0.", "is IQ3_XXS", "importance matrix", "--imatrix", "--calib"),
     (["--target", "Q2_K_S", "--method", "rtn"], "is Q2_K", "importance matrix"),
     (["--target", "IQ1_M", "--method", "rtn"], "IQ1_M", "importance matrix", "--imatrix"),
-    # vector GPTQ has no description of IQ1_M's blocks yet (before calibration: the default method never starts)
-    (["--target", "IQ1_M", "--method", "gptq"], "--method gptq", "IQ1_M", "--method imatrix"),
 ]
 
 

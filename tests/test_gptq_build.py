@@ -29,6 +29,7 @@ def calib(request):
     ("tiny_qwen2", "IQ4_XS", {Q.IQ4_XS, Q.IQ4_NL, Q.Q5_1, Q.Q8_0}),  # rows of 320: IQ4_NL; attn_v's Q5_K: Q5_1
     ("tiny_llama", "IQ3_XXS", {Q.IQ3_XXS}),  # the lattice types: vector GPTQ (edgequant/gptq/vector.py)
     ("tiny_llama", "IQ2_XXS", {Q.IQ2_XXS}),
+    ("tiny_llama", "IQ1_M", {Q.IQ1_M}),
 ])
 def test_gptq_build_is_exact_and_beats_the_fit(model, target, expected_types, request, tmp_path, calib):
     out = tmp_path / "m.gguf"
@@ -286,3 +287,23 @@ def test_iq4_xs_build_resumes_and_is_read_by_inspect_report_and_eval(tiny_llama,
     r = json.loads(capsys.readouterr().out)
     assert r["model_info"]["tensor_types"]["IQ4_XS"] == sum(t["bytes"] for t in xs)
     assert 0 < r["kld"]["mean"] < 0.5 and r["same_top_pct"] > 50
+
+
+def test_lattice_gptq_file_passes_parity(tiny_llama, tmp_path, calib):
+    """llama.cpp computes what a vector-GPTQ file's weights say: `edgequant parity` models its Q8_K activations for
+    the lattice types (native's dot kernels) and passes, within the noise floor."""
+    import contextlib
+    import io
+    import json
+
+    from edgequant.cli import main
+
+    out = tmp_path / "m.gguf"
+    build(str(tiny_llama), "IQ3_XXS", out, method="gptq", calib=calib, quiet=True)
+    text = tiny_llama.parent / "text" / "eval.txt"
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        rc = main(["parity", str(tiny_llama), str(out), "--text", str(text), "--ctx", "128", "--chunks", "4",
+                   "--threads", "2", "--device", "cpu", "--json"])
+    r = json.loads(report.getvalue())
+    assert rc == 0 and r["pass"], r["checks"]

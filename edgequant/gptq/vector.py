@@ -78,6 +78,10 @@ LATTICES = {
     "IQ2_S": Lattice(8, 16, "free", "IQ2_S", _db(0.5, 0.25)),
     "IQ1_S": Lattice(8, 32, "none", "IQ1_S",
                      lambda b: b.d.astype(F32)[..., None] * (F32(2) * b.scales.astype(F32) + F32(1)), _iq1_shift),
+    # IQ1_M: a scale per 16 weights and a shift per 8, so described per 8 with each scale read twice
+    "IQ1_M": Lattice(8, 8, "none", "IQ1_M",
+                     lambda b: np.repeat(b.d.astype(F32)[..., None] * (F32(2) * b.scales.astype(F32) + F32(1)), 2, axis=-1),
+                     _iq1_shift),
 }
 
 
