@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from edgequant.cli import main
+from parity_check import assert_parity
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / ".cache" / "llama-tools"  # scripts/build_llama_tools.sh
@@ -48,15 +49,6 @@ def build(model: Path, target: str, out: Path, *extra) -> Path:
     assert main(["build", str(model), "--target", target, "-o", str(out), "--quiet", *map(str, extra)]) == 0
     return out
 
-
-def assert_parity(model_dir: Path, gguf_file: Path, text: Path) -> None:
-    """`edgequant parity` passes: llama.cpp computes what the GGUF's weights say (vs torch, with a noise floor)."""
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report):
-        rc = main(["parity", str(model_dir), str(gguf_file), "--text", str(text), "--ctx", "128", "--chunks", "4",
-                   "--threads", "2", "--device", "cpu", "--json"])
-    r = json.loads(report.getvalue())
-    assert rc == 0 and r["pass"], r["checks"]
 
 
 @pytest.mark.parametrize("model", ARCHITECTURES)

@@ -11,6 +11,7 @@ import pytest
 from edgequant.build import build
 from edgequant.settings import CalibOptions
 from edgequant.write import digest
+from parity_check import assert_parity
 
 Q = gguf.GGMLQuantizationType
 
@@ -292,18 +293,7 @@ def test_iq4_xs_build_resumes_and_is_read_by_inspect_report_and_eval(tiny_llama,
 def test_lattice_gptq_file_passes_parity(tiny_llama, tmp_path, calib):
     """llama.cpp computes what a vector-GPTQ file's weights say: `edgequant parity` models its Q8_K activations for
     the lattice types (native's dot kernels) and passes, within the noise floor."""
-    import contextlib
-    import io
-    import json
-
-    from edgequant.cli import main
-
     out = tmp_path / "m.gguf"
     build(str(tiny_llama), "IQ3_XXS", out, method="gptq", calib=calib, quiet=True)
     text = tiny_llama.parent / "text" / "eval.txt"
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report):
-        rc = main(["parity", str(tiny_llama), str(out), "--text", str(text), "--ctx", "128", "--chunks", "4",
-                   "--threads", "2", "--device", "cpu", "--json"])
-    r = json.loads(report.getvalue())
-    assert rc == 0 and r["pass"], r["checks"]
+    assert_parity(tiny_llama, out, text)
