@@ -37,7 +37,7 @@ import torch
 from edgequant.convert.codecs import Codec
 
 from .fitter import fit
-from .solver import Solution, concat_blocks, inverse_cholesky
+from .solver import Solution, concat_blocks, damped, inverse_cholesky
 
 F32 = np.float32
 BLOCK = 256  # every lattice type's super-block
@@ -51,13 +51,17 @@ class Lattice:
     dim: weights per codebook point; sub: weights per sub-block scale; signs: "parity" (7 stored bits per 8
     weights, even count of negatives), "free" (8 bits per 8) or "none" (IQ1_S); grid: gguf-py's codebook name;
     scale(blocks) -> (rows, nb, 256 // sub) float32, the multiplier of a point's values exactly as the codec's
-    dequantize computes it; shift(blocks) -> the same shape, IQ1_S's ±δ added to a point (None: no shift)."""
+    dequantize computes it; shift(blocks) -> the same shape, IQ1_S's ±δ added to a point (None: no shift).
+    unit, scale_bits: every type's sub-block scale is unit·d·(l + ½) for its stored integer l in [0, 2^scale_bits)
+    (equal in float32 to `scale`, the factors being powers of two): what --refine steps."""
 
     dim: int
     sub: int
     signs: str
     grid: str
     scale: Callable
+    unit: float
+    scale_bits: int = 4
     shift: Callable | None = None
 
 
@@ -71,17 +75,18 @@ def _iq1_shift(b):
 
 
 LATTICES = {
-    "IQ3_XXS": Lattice(4, 32, "parity", "IQ3_XXS", _db(0.5, 0.5)),
-    "IQ3_S": Lattice(4, 32, "free", "IQ3_S", lambda b: b.d.astype(F32)[..., None] * (F32(1) + F32(2) * b.scales.astype(F32))),
-    "IQ2_XXS": Lattice(8, 32, "parity", "IQ2_XXS", _db(0.5, 0.25)),
-    "IQ2_XS": Lattice(8, 16, "parity", "IQ2_XS", _db(0.5, 0.25)),
-    "IQ2_S": Lattice(8, 16, "free", "IQ2_S", _db(0.5, 0.25)),
+    "IQ3_XXS": Lattice(4, 32, "parity", "IQ3_XXS", _db(0.5, 0.5), 0.5),
+    "IQ3_S": Lattice(4, 32, "free", "IQ3_S", lambda b: b.d.astype(F32)[..., None] * (F32(1) + F32(2) * b.scales.astype(F32)),
+                     2.0),
+    "IQ2_XXS": Lattice(8, 32, "parity", "IQ2_XXS", _db(0.5, 0.25), 0.25),
+    "IQ2_XS": Lattice(8, 16, "parity", "IQ2_XS", _db(0.5, 0.25), 0.25),
+    "IQ2_S": Lattice(8, 16, "free", "IQ2_S", _db(0.5, 0.25), 0.25),
     "IQ1_S": Lattice(8, 32, "none", "IQ1_S",
-                     lambda b: b.d.astype(F32)[..., None] * (F32(2) * b.scales.astype(F32) + F32(1)), _iq1_shift),
+                     lambda b: b.d.astype(F32)[..., None] * (F32(2) * b.scales.astype(F32) + F32(1)), 2.0, 3, _iq1_shift),
     # IQ1_M: a scale per 16 weights and a shift per 8, so described per 8 with each scale read twice
     "IQ1_M": Lattice(8, 8, "none", "IQ1_M",
                      lambda b: np.repeat(b.d.astype(F32)[..., None] * (F32(2) * b.scales.astype(F32) + F32(1)), 2, axis=-1),
-                     _iq1_shift),
+                     2.0, 3, _iq1_shift),
 }
 
 
@@ -94,16 +99,18 @@ def codebook_values(name: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01) -> Solution:
+def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, refine: int = 0,
+                  refine_damp: float = 0.1) -> Solution:
     """Vector GPTQ of W (rows = output features, cols = input features) given H = 2XᵀX, onto lattice `codec`
-    (module docstring).  On the CPU (a CUDA H's work comes to the host: no GPU path yet); Ŵ goes back to H's device.
-    Loss as solver.Solution's: ½ tr(E (H + λI) Eᵀ), split over columns."""
+    (module docstring), on H's device (the block fits through the fit contract, which takes lattice fits to the
+    host); then `refine` rounds of refine_lattice on H + λ'I, λ' = refine_damp · mean(diag H) (or GPTQ's λ if
+    larger), as solver.solve's.  Loss as solver.Solution's: ½ tr(E (H + λI) Eᵀ), split over columns."""
     if codec.name not in LATTICES:
         raise ValueError(f"{codec.name}: vector GPTQ has no lattice description of this type")
     lat = LATTICES[codec.name]
     device = H.device if isinstance(H, torch.Tensor) else torch.device("cpu")
-    W = torch.as_tensor(W, dtype=torch.float32).detach().cpu()
-    H = torch.as_tensor(H, dtype=torch.float32).detach().cpu().clone()
+    W = torch.as_tensor(W, dtype=torch.float32).detach().to(device)
+    H = torch.as_tensor(H, dtype=torch.float32).detach().to(device, copy=True)
     rows, cols = W.shape
     codec.check_shape(cols)
     if block_size % lat.dim or (block_size % BLOCK and BLOCK % block_size):
@@ -113,12 +120,13 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
     U, lam, damp = inverse_cholesky(H, damp)
     importance = H.diagonal() + lam
     dim = lat.dim
-    P = torch.from_numpy(codebook_values(lat.grid))  # (K, dim)
+    P = torch.from_numpy(codebook_values(lat.grid)).to(device)  # (K, dim)
+    eye = torch.eye(dim, device=device)
     PP = (P[:, :, None] * P[:, None, :]).reshape(len(P), dim * dim)  # (K, dim²): p_i p_j
     Wt = W.T.contiguous()  # (cols, rows): a column is a contiguous row
-    Err = torch.empty(cols, rows)
-    index = torch.empty(cols // dim, rows, dtype=torch.int64)
-    neg = torch.empty(cols, rows, dtype=torch.bool)
+    Err = torch.empty(cols, rows, device=device)
+    index = torch.empty(cols // dim, rows, dtype=torch.int64, device=device)
+    neg = torch.empty(cols, rows, dtype=torch.bool, device=device)
     fits = []
     scale = shift = None
     for i1 in range(0, cols, block_size):
@@ -126,17 +134,18 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
         for j in range(i1, i2, dim):
             if j % BLOCK == 0:  # entering a codec block: all its columns are up to date
                 fits.append(fit(codec, Wt[j:j + BLOCK].T, importance[j:j + BLOCK]).blocks())
-                scale = torch.from_numpy(lat.scale(fits[-1]).reshape(rows, -1).T.copy())  # (sub-blocks, rows)
-                shift = None if lat.shift is None else torch.from_numpy(lat.shift(fits[-1]).reshape(rows, -1).T.copy())
+                scale = torch.from_numpy(lat.scale(fits[-1]).reshape(rows, -1).T.copy()).to(device)  # (sub-blocks, rows)
+                shift = None if lat.shift is None else \
+                    torch.from_numpy(lat.shift(fits[-1]).reshape(rows, -1).T.copy()).to(device)
             g = slice(j, j + dim)
             Ugg = U[g, g]
-            Uinv = torch.linalg.solve_triangular(Ugg, torch.eye(dim), upper=True)
+            Uinv = torch.linalg.solve_triangular(Ugg, eye, upper=True)
             A = Uinv @ Uinv.T  # (H⁻¹_gg)⁻¹ of the columns not yet fixed
             w = Wt[g]  # (dim, rows), updated by every earlier error
             s = scale[(j % BLOCK) // lat.sub]
             W8 = A8 = None
             if lat.signs == "parity" and dim < 8 and j % 8 == 0:
-                U8inv = torch.linalg.solve_triangular(U[j:j + 8, j:j + 8], torch.eye(8), upper=True)
+                U8inv = torch.linalg.solve_triangular(U[j:j + 8, j:j + 8], torch.eye(8, device=device), upper=True)
                 W8, A8 = Wt[j:j + 8], U8inv @ U8inv.T
             sigma = choose_signs(lat, w, neg, j, A, W8, A8)
             t = w if shift is None else w - s * shift[(j % BLOCK) // lat.sub]
@@ -166,11 +175,84 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
             Err[g] = err
             Wt[j + dim:i2].addmm_(U[g, j + dim:i2].T, err, alpha=-1)
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err[i1:i2], alpha=-1)
-    blocks = concat_blocks([write(codec, lat, f, index[c // dim:(c + BLOCK) // dim], neg[c:c + BLOCK])
-                            for f, c in zip(fits, range(0, cols, BLOCK))])
+    fitted = concat_blocks(fits)
+    if refine:
+        fitted = refine_lattice(W, damped(H, max(refine_damp * float(H.diagonal().mean()), lam)), lat, P, fitted,
+                                index, neg, refine, block_size)
+    blocks = write(codec, lat, fitted, index, neg)
     w_hat = torch.from_numpy(codec.dequantize(blocks)).to(device)  # where the caller goes on with it, as solve's
-    column_loss = (Err.square().sum(1) / 2).numpy()
+    if refine:
+        E = w_hat - W
+        column_loss = ((E @ damped(H, lam)) * E).sum(0).div_(2).cpu().numpy()
+    else:
+        column_loss = (Err.square().sum(1) / 2).cpu().numpy()
     return Solution(blocks, w_hat, float(column_loss.sum(dtype=np.float64)), column_loss, damp)
+
+
+@torch.no_grad()
+def refine_lattice(W, H, lat: Lattice, P, fitted, index, neg, iterations: int, block_size: int):
+    """After vector GPTQ, exact coordinate descent on what the GGUF stores, as refine.py does for the scalar grids:
+    each round refits every sub-block's integer scale l (Ŵ of a sub-block is unit·d·(l + ½) times its points' fixed
+    values, so refine.refit_scales' integer Newton step applies as is), then moves each group of `dim` weights to
+    the codebook point of least exact loss with every other weight's error known (signs and IQ1's shifts kept):
+    for a change Δ of Ŵ[r, J], ΔL = 2Δ·G[r, J] + Δᵀ H_JJ Δ, G = (Ŵ - W) H, kept current.  Only decreases are taken.
+    W (rows, cols), H (damped) and P (K, dim) on one device; fitted: the fitted blocks of all the columns (d,
+    scales, IQ1's shift); index (cols/dim, rows) and neg (cols, rows) are updated in place.  Returns fitted with
+    the new scales."""
+    from .refine import refit_scales, torch_refit
+
+    device, dim = H.device, lat.dim
+    rows, cols = W.shape
+    nb = cols // BLOCK
+    stored = fitted.scales.shape[-1]  # scales per block
+    group = BLOCK // stored
+    on_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=F32)).to(device)  # noqa: E731
+    d = on_dev(np.repeat(F32(lat.unit) * fitted.d.astype(F32), stored, axis=1))  # (rows, groups)
+    sc = on_dev(fitted.scales.reshape(rows, -1).astype(F32) + F32(0.5))
+    sign = torch.where(neg.T, -1.0, 1.0) if lat.signs != "none" else torch.ones(rows, cols, device=device)
+    shift = None if lat.shift is None else on_dev(np.repeat(lat.shift(fitted).reshape(rows, -1), lat.sub, axis=1))
+    idx = index.T.contiguous()  # (rows, groups of dim)
+    lo, hi = 0.5, 2 ** lat.scale_bits - 0.5
+    zero = torch.zeros(rows, nb * stored, device=device)
+    PP = (P[:, :, None] * P[:, None, :]).reshape(len(P), dim * dim)
+
+    def values():  # the fixed factor of every weight: sign · point (+ shift), (rows, cols)
+        v = P[idx].reshape(rows, cols)
+        return v * sign if shift is None else v + shift
+
+    for _ in range(iterations):
+        refit_scales(W, H, values(), d, sc, None, None, lo, hi, zero, block_size, torch_refit)
+        s = torch.repeat_interleave(d * sc, group, dim=1)  # (rows, cols): each weight's sub-block scale
+        Gt = H @ (s * values() - W).T  # (cols, rows)
+        St, Sg = s.T.contiguous(), sign.T.contiguous()
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            Dt = torch.zeros(i2 - i1, rows, device=device)
+            for j in range(i1, i2, dim):
+                J, Jb = slice(j, j + dim), slice(j - i1, j - i1 + dim)
+                HJJ, sg, sj = H[J, J], Sg[J], St[j]
+                old = P[idx[:, j // dim]].T  # (dim, rows)
+                w_cur = sj * sg * old if shift is None else sj * (old + shift[:, J].T)
+                lin = sg * (Gt[J] - HJJ @ w_cur)  # ΔL(p) = s²·pᵀ(σσᵀ⊙H)p + 2s·lin·p + const
+                if lat.signs == "none":
+                    quad = (PP @ HJJ.reshape(-1))[None, :]
+                else:
+                    quad = (HJJ[:, :, None] * (sg[:, None, :] * sg[None, :, :])).reshape(dim * dim, -1).T @ PP.T
+                score = sj[:, None].square() * quad + 2 * sj[:, None] * (lin.T @ P.T)  # (rows, K)
+                best, new = score.min(1)
+                cur = score.gather(1, idx[:, j // dim, None])[:, 0]
+                move = best < cur - 1e-6 * cur.abs()  # not a float tie
+                if not bool(move.any()):
+                    continue
+                new = torch.where(move, new, idx[:, j // dim])
+                delta = sj * sg * (P[new].T - old)  # the shift cancels; Ŵ changes by s·σ⊙(p' - p)
+                idx[:, j // dim] = new
+                Dt[Jb] = delta
+                Gt[j + dim:i2] += H[j + dim:i2, J] @ delta
+            Gt[i2:].addmm_(H[i2:, i1:i2], Dt)
+    index.copy_(idx.T)
+    scales = (sc - 0.5).round().to(torch.int64).cpu().numpy().reshape(fitted.scales.shape)
+    return dataclasses.replace(fitted, scales=scales.astype(fitted.scales.dtype))
 
 
 def best_points(P, PP, A, t, s, sigma, unsigned: bool):
@@ -203,23 +285,25 @@ def choose_signs(lat: Lattice, w: torch.Tensor, neg: torch.Tensor, j: int, A: to
         # the first of two groups of 4 (IQ3_XXS): where the 8's least weight is here, its flip is made here
         odd = (W8 < 0).sum(0) % 2 == 1
         least = (A8.diagonal()[:, None] * W8.square()).argmin(0)
-        n ^= odd[None, :] & (torch.arange(dim)[:, None] == least[None, :])
+        n ^= odd[None, :] & (torch.arange(dim, device=w.device)[:, None] == least[None, :])
     if lat.signs == "parity" and (j + dim) % 8 == 0:
         before = neg[j + dim - 8:j].sum(0) if dim < 8 else 0
         odd = (n.sum(0) + before) % 2 == 1
         least = (A.diagonal()[:, None] * w.square()).argmin(0)
-        n ^= odd[None, :] & (torch.arange(dim)[:, None] == least[None, :])
+        n ^= odd[None, :] & (torch.arange(dim, device=w.device)[:, None] == least[None, :])
     neg[j:j + dim] = n
     return torch.where(n, -1.0, 1.0)
 
 
 def write(codec: Codec, lat: Lattice, fitted, index: torch.Tensor, neg: torch.Tensor):
-    """One codec block's Blocks: the fitted scales (and shift) with the chosen indices (groups, rows) and signs
-    (256, rows)."""
+    """The row's Blocks: the fitted scales (and shift) of its codec blocks with the chosen indices (groups, rows)
+    and signs (cols, rows)."""
     rows = index.shape[1]
-    fields = {"index": index.T.numpy().reshape(rows, 1, -1).astype(fitted.index.dtype)}
+    nb = fitted.d.shape[1]
+    index, neg = index.cpu(), neg.cpu()
+    fields = {"index": index.T.numpy().reshape(rows, nb, -1).astype(fitted.index.dtype)}
     if lat.signs != "none":
-        bits = (neg.T.reshape(rows, 1, 32, 8).to(torch.int64) << torch.arange(8)).sum(-1)
+        bits = (neg.T.reshape(rows, nb, 32, 8).to(torch.int64) << torch.arange(8)).sum(-1)
         if lat.signs == "parity":
             bits &= 127
         fields["signs"] = bits.numpy().astype(fitted.signs.dtype)
