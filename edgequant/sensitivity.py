@@ -17,8 +17,9 @@ The embedding table is a linear over one-hot tokens: row v (a token) is used whe
 is the token's frequency (estimated with Good-Turing's missing mass for tokens the windows never hold) and its column
 weight ḡ of the first layer's input.  A tied table is both, and its two estimates add.
 
-The pass streams layers as layerwise does: forward over all windows keeping each layer's input on the host, then
-backward from the head, one layer at a time, from the stored inputs.  No weight gradient is formed.
+The pass streams layers as layerwise does: forward over all windows keeping each layer's input (on the host, or on
+the GPU where it has room: keep_on), then backward from the head, one layer at a time, from the stored inputs.  No
+weight gradient is formed.
 """
 
 from __future__ import annotations
@@ -73,18 +74,25 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
         if task is not None:
             progress.advance(task)
 
+    activations = (len(layers) + 3) * ids.numel() * m.hp.n_embd * 4
+    store = keep_on(device, activations, 0.25)
     with torch.no_grad():
-        inputs = [layerwise.embed(m, m.checkpoint.load(f"{layout.embed}.weight").to(device), ids).cpu()]
-    for i, layer in enumerate(layers):  # forward: each layer's inputs kept on the host
+        inputs = [layerwise.embed(m, m.checkpoint.load(f"{layout.embed}.weight").to(device), ids).to(store)]
+    resident = False  # the layers' weights stay on the GPU for the backward half, where all of them fit
+    for i, layer in enumerate(layers):  # forward: each layer's inputs kept (on the host unless the GPU has room)
         layerwise.materialize(layer, layerwise.load_weights(layer, arch.layer_prefix(i), m), device)
+        if i == 0:
+            weights = sum(p.numel() * p.element_size() for p in layer.parameters()) * len(layers)
+            resident = store.type == "cuda" and keep_on(device, weights + activations, 0.6).type == "cuda"
         with torch.no_grad():
             x = inputs[-1]
             out = torch.empty_like(x)
             for b in range(0, len(x), batch):
                 r = layer(x[b:b + batch].to(device), **kwargs[i])
-                out[b:b + batch] = (r[0] if isinstance(r, tuple) else r).cpu()
+                out[b:b + batch] = (r[0] if isinstance(r, tuple) else r).to(store)
         inputs.append(out)
-        layer.to("meta")
+        if not resident:
+            layer.to("meta")
         advance()
 
     found: dict[str, list[Sensitivity]] = {}
@@ -112,7 +120,7 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
             cdf = logp.detach().exp().cumsum(-1)
             y = torch.searchsorted(cdf, u[b:b + step] * cdf[:, -1:]).clamp_(max=m.hp.n_vocab - 1)
             logp.gather(1, y).sum().backward()
-        grads[b:b + step] = x.grad.cpu()
+        grads[b:b + step] = x.grad.to(store)
     grads = grads.reshape(inputs[-1].shape)
     found.setdefault(names[head_name], []).append(sums.sensitivity("head", tokens))
     del head
@@ -120,7 +128,8 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
 
     for i in reversed(range(len(layers))):  # backward: layer i's output gradients -> its input's
         layer = layers[i]
-        layerwise.materialize(layer, layerwise.load_weights(layer, arch.layer_prefix(i), m), device)
+        if not resident:
+            layerwise.materialize(layer, layerwise.load_weights(layer, arch.layer_prefix(i), m), device)
         for p in layer.parameters():
             p.requires_grad_(False)
         linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
@@ -131,7 +140,7 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
             with sums.watching(linears):
                 r = layer(x, **kwargs[i])
                 (r[0] if isinstance(r, tuple) else r).backward(grads[b:b + batch].to(device))
-            below[b:b + batch] = x.grad.cpu()
+            below[b:b + batch] = x.grad.to(store)
         for name in linears:
             found.setdefault(names[f"{arch.layer_prefix(i)}{name}.weight"], []).append(sums.sensitivity(name, tokens))
         grads = below
@@ -139,12 +148,23 @@ def measure(m: SourceModel, ids: torch.Tensor, device: torch.device, seed: int =
         advance()
 
     counts = np.bincount(ids.cpu().numpy().ravel(), minlength=m.hp.n_vocab).astype(np.float64)
-    grads = grads.double() * arch.embedding_scale(m.hp)  # the gradient of the rows, where the model scales them
+    grads = grads.cpu().double() * arch.embedding_scale(m.hp)  # the gradient of the rows, where the model scales them
     found.setdefault(names[f"{layout.embed}.weight"], []).append(
         Sensitivity(token_frequencies(counts), (grads ** 2).reshape(-1, grads.shape[-1]).mean(0).numpy(), False))
     if task is not None:
         progress.remove_task(task)
     return found
+
+
+def keep_on(device: torch.device, nbytes: int, share: float) -> torch.device:
+    """Where the pass keeps what its forward half hands to its backward half (`nbytes`): on the GPU when that is at
+    most `share` of its free memory, else on the host.  An 8B's 16k tokens of layer inputs and gradients (9 GB) and
+    then its 32 float32 layers (28 GB) stay on an 80 GB GPU: no pageable round trips of activations to the host and
+    every layer's weights read once, not twice; the pass frees all of it before the solves."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes <= free * share else torch.device("cpu")
 
 
 def token_frequencies(counts: np.ndarray) -> np.ndarray:
