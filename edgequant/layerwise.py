@@ -438,10 +438,15 @@ class Passes:
 
         def collect(_mod, args, kwargs):
             h, idx, r = (*args, *kwargs.values())[:3]  # (tokens, d), (tokens, k) expert ids, (tokens, k) weights
-            for e in range(n_expert):
-                token, slot = torch.where(idx == e)
-                if len(token) == 0:
+            # the (token, slot) pairs grouped by expert, each expert's in row order (as torch.where(idx == e) gives
+            # them, so the sums are the same), with one host sync per batch for the counts instead of one per expert
+            # (128 experts x 32 batches a layer for Qwen3-30B-A3B's calibration)
+            order = torch.argsort(idx.reshape(-1), stable=True)
+            counts = torch.bincount(idx.reshape(-1), minlength=n_expert).tolist()
+            for e, pairs in enumerate(order.split(counts)):
+                if len(pairs) == 0:
                     continue
+                token, slot = pairs // idx.shape[1], pairs % idx.shape[1]
                 xe, re = h[token], r[token, slot]
                 into.add(e, xe, re)
                 gate, up = nn.functional.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)

@@ -136,3 +136,79 @@ def test_llama_cpp_computes_what_transformers_computes(tiny, tmp_path, fixture_t
     err = np.linalg.norm((ours - ours.mean(-1, keepdims=True)) - centered) / np.linalg.norm(centered)
     assert err < 1e-2
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.97
+
+
+# --- mixtures of experts: Mixtral-8x7B and Qwen3-30B-A3B shapes (scripts/gpu_e2e_8b.sh's MoE speed runs) ---------
+
+@pytest.mark.parametrize("config, params", [("mixtral-8x7b", 46_702_792_704), ("qwen3-30b-a3b", 30_532_122_624)])
+def test_moe_configs_have_the_published_parameter_counts(config, params):
+    """transformers builds each MoE config (meta device) with the published model's parameter count, and the script's
+    per-expert Hub names map onto its modules one for one (experts stacked, as edgequant loads them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    c = {k: v for k, v in synth.CONFIGS[config].items() if k != "tokenizer"}
+    cfg = AutoConfig.for_model(c["model_type"], **{k: v for k, v in c.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    ours = [s for group in synth.tensor_shapes(c).values() for _, s in group]
+    assert sum(synth.numel(s) for s in ours) == sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for config in ("tiny-mixtral", "tiny-qwen3-moe"):
+        out[config] = tmp_path_factory.mktemp("synthetic") / config
+        synth.make(out[config], config, "cpu", seed=0, layers=1, log=lambda _: None)
+    return out
+
+
+def test_tiny_moe_routing_spreads_over_experts(tmp_path):
+    """Random token ids through the tiny Qwen3-MoE (two layers, one window of 2048): every one of the 128 experts
+    gets tokens in both layers and none more than 3x its share (with QK-norm weights of 1, positions converge and
+    the second layer leaves experts without a token)."""
+    from transformers import AutoModelForCausalLM
+
+    synth.make(tmp_path / "m", "tiny-qwen3-moe", "cpu", seed=0, log=lambda _: None)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    counts = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda _m, _a, out: counts.append(torch.bincount(out[-1].reshape(-1), minlength=128)))
+    with torch.no_grad():
+        model(torch.randint(3, 605, (1, 2048), generator=torch.Generator().manual_seed(0)))
+    assert len(counts) == 2
+    for c in counts:
+        share = 2048 * 8 / 128
+        assert int(c.sum()) == 2048 * 8 and int(c.min()) > 0 and float(c.max()) < 3 * share, c.tolist()
+
+
+@pytest.mark.parametrize("config, n_expert, tokenizer", [("tiny-mixtral", 8, "llama"), ("tiny-qwen3-moe", 128, "gpt2")])
+def test_tiny_moe_builds_and_runs_in_llama_cpp(tiny_moe, tmp_path, config, n_expert, tokenizer):
+    """RTN Q4_K_M of each tiny MoE: the experts stacked into llama.cpp's 3-D tensors, the router kept F32, the
+    fixture's tokenizer; llama.cpp loads it and its logits are finite."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "m.gguf"
+    build(str(tiny_moe[config]), "Q4_K_M", out, method="rtn", quiet=True)
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    c = synth.CONFIGS[config]
+    ff = c.get("moe_intermediate_size") or c["intermediate_size"]
+    assert [int(x) for x in tensors["blk.0.ffn_gate_exps.weight"].shape] == [c["hidden_size"], ff, n_expert]
+    assert [int(x) for x in tensors["blk.0.ffn_down_exps.weight"].shape] == [ff, c["hidden_size"], n_expert]
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == Q.F32
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == tokenizer
+    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    ids = llm.tokenize(b"The old farmer", add_bos=True)
+    llm.eval(ids)
+    assert np.isfinite(np.asarray(llm.scores[len(ids) - 1])).all()
+
+
+def test_tiny_mixtral_gptq_solves_every_expert(tiny_moe, tmp_path):
+    """GPTQ Q4_K_M of the tiny Mixtral on the CPU: every expert of every stack reached by calibration tokens and
+    reported."""
+    calib = CalibOptions(sources=[str(REPO / "tests" / "fixtures" / "text" / "train.txt")], samples=8, seqlen=256, device="cpu")
+    result = build(str(tiny_moe["tiny-mixtral"]), "Q4_K_M", tmp_path / "m.gguf", method="gptq", calib=calib, quiet=True)
+    experts = result.report["gptq"].experts
+    assert set(experts) == {f"blk.0.ffn_{p}_exps.weight" for p in ("gate", "up", "down")}
+    assert all(len(v) == 8 and all(e["tokens"] > 0 for e in v) for v in experts.values())
+    assert sum(e["tokens"] for e in experts["blk.0.ffn_down_exps.weight"]) == 8 * 256 * 2
