@@ -8,6 +8,10 @@ g-FTYPE / ga-FTYPE (GPTQ, recipe / auto), and the sweep's b<BPW> (GPTQ, `--bpw B
     python scripts/plot_budget_sweep.py RES_DIR --text wiki.test.raw --svg docs/budget-sweep-bench-a.svg \
         --tsv docs/budget-sweep-bench-a.tsv
 
+`--with TSV` adds the points of an earlier run's --tsv (e.g. the K-quant frontier beside an i-quant run's; the
+points of each run are what that run measured: llama.cpp's imatrix is recomputed per run), `--only g i` keeps the
+listed series (the frontier: GPTQ and llama.cpp + imatrix fixed recipes).
+
 Bits per weight are the file's: 8 × file bytes / parameters (llama.cpp's files are ours ± 256 bytes of metadata, so
 the i- builds are placed at the im- builds' size).  The predicted KLD is the allocation's own (after GPTQ for GPTQ
 builds): the sweep's line shows how well the allocator's estimate tracks what llama.cpp measures.
@@ -48,7 +52,7 @@ def rows(res: Path, text: str) -> list[dict]:
         prefix, _, ftype = name.partition("-")
         if not ftype and name.startswith("b"):
             prefix, ftype = "b", ""
-        build = builds.get(name) or builds.get(f"im-{ftype}")  # llama.cpp's files: our recipe build's size
+        build = builds.get(name) or builds.get(f"im-{ftype}") or builds.get(f"g-{ftype}")  # llama.cpp's: ours
         value = kld(res, name, text)
         if build is None or value is None:
             continue
@@ -56,6 +60,19 @@ def rows(res: Path, text: str) -> list[dict]:
         predicted = a.get("predicted_kld_after_gptq", a.get("predicted_kld"))
         out.append({"name": name, "series": prefix, "ftype": ftype, "file_bytes": build["file_bytes"],
                     "bpw": 8 * build["file_bytes"] / build["params"], "kld": value, "predicted": predicted})
+    return out
+
+
+def read_tsv(path: Path) -> list[dict]:
+    """The points of an earlier --tsv."""
+    out = []
+    for line in path.read_text().splitlines()[1:]:
+        name, size, bpw, value, predicted = (line.split("\t") + [""])[:5]
+        prefix, _, ftype = name.partition("-")
+        if not ftype and name.startswith("b"):
+            prefix = "b"
+        out.append({"name": name, "series": prefix, "ftype": ftype, "file_bytes": int(size), "bpw": float(bpw),
+                    "kld": float(value), "predicted": float(predicted) if predicted else None})
     return out
 
 
@@ -109,14 +126,16 @@ def svg(points: list[dict], title: str) -> str:
             if prefix == "i":
                 out.append(f"<text x='{cx:.1f}' y='{cy - 8:.1f}' text-anchor='middle' fill='#555'>{p['ftype']}</text>")
     lx = left + w + 20
-    for i, (prefix, label, colour, marker) in enumerate(SERIES):
+    shown = [s for s in SERIES if any(p["series"] == s[0] for p in points)]
+    for i, (prefix, label, colour, marker) in enumerate(shown):
         ly = top + 10 + 18 * i
         shape = (f"<rect x='{lx}' y='{ly - 8}' width='8' height='8' fill='{colour}'/>" if marker == "square" else
                  f"<circle cx='{lx + 4}' cy='{ly - 4}' r='4' fill='{colour}'/>")
         out.append(f"{shape}<text x='{lx + 14}' y='{ly}'>{label}</text>")
-    ly = top + 10 + 18 * len(SERIES)
-    out.append(f"<line x1='{lx}' x2='{lx + 10}' y1='{ly - 4}' y2='{ly - 4}' stroke='#1f5fbf' stroke-dasharray='4 3'/>"
-               f"<text x='{lx + 14}' y='{ly}'>the sweep, as the allocator predicted it</text>")
+    ly = top + 10 + 18 * len(shown)
+    if sweep:
+        out.append(f"<line x1='{lx}' x2='{lx + 10}' y1='{ly - 4}' y2='{ly - 4}' stroke='#1f5fbf' stroke-dasharray='4 3'/>"
+                   f"<text x='{lx + 14}' y='{ly}'>the sweep, as the allocator predicted it</text>")
     out.append("</svg>")
     return "\n".join(out)
 
@@ -128,8 +147,12 @@ def main() -> int:
     ap.add_argument("--svg", type=Path)
     ap.add_argument("--tsv", type=Path)
     ap.add_argument("--title", default="bench-a: KLD vs F16 against file size (wiki.test.raw, 300 × 512)")
+    ap.add_argument("--with", dest="earlier", type=Path, nargs="*", default=[], help="earlier runs' --tsv files")
+    ap.add_argument("--only", nargs="*", help="the series to keep (name prefixes: i im ia g ga b)")
     args = ap.parse_args()
-    points = rows(args.res, args.text)
+    points = rows(args.res, args.text) + [p for t in args.earlier for p in read_tsv(t)]
+    if args.only:
+        points = [p for p in points if p["series"] in args.only]
     if not points:
         print(f"plot_budget_sweep: no builds with a KLD on {args.text} in {args.res}", file=sys.stderr)
         return 2
