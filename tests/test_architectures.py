@@ -377,4 +377,7 @@ def test_moe_gptq_build_reports_experts_verifies_and_passes_parity(model, reques
         assert sum(e["tokens"] for e in experts) == 16 * 128 * config["num_experts_per_tok"], name
         assert all(e["solve"] == ("gptq" if e["tokens"] >= 256 else "fit") for e in experts), name
         assert s["gptq"][name]["gptq_loss"] <= s["gptq"][name]["fit_loss"]
-    assert_parity(model_dir, out, fixture_text)
+    # 16 windows, not 4: a token whose top-k experts are a near tie can route differently in llama.cpp (Q8 activations)
+    # and in torch, a discrete jump that 512 tokens' PPL does not average out (tiny-mixtral's file built on one CPU
+    # gave a 0.16 % PPL gap on 4 windows, 0.045 % on 16, KL gap 2.4e-4 / 2.2e-4 against limits 4.6e-4 / 6.3e-4)
+    assert_parity(model_dir, out, fixture_text, chunks=16)
