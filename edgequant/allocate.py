@@ -464,10 +464,10 @@ def measure_options(m: SourceModel, plan: list[TensorPlan], sens: dict[str, list
     options = {}
     for t in todo:
         # HF's row order: the sensitivities' (GGUF may permute rows, as llama's q/k; rows are fitted independently)
-        w = m.checkpoint.load(hf[t.name]).float()
+        w = m.checkpoint.load(hf[t.name])
         uses = sens[t.name]
         rows = sample_rows(uses, w.shape)
-        w = w[rows].to(device)
+        w = w[torch.from_numpy(rows)].to(device).float()  # only the measured rows converted (exactly, from bf16/f16)
         importance = next((torch.from_numpy(u.cols).float().to(device) for u in uses if u.linear), None) if weighted else None
         cols = [torch.from_numpy(u.cols).to(device) for u in uses]
         options[t.name] = []
