@@ -1,0 +1,109 @@
+/* eq_lattice_book_of (lattice_books.h): the neighbour lists of lattice_search.codebook, computed in C from the
+ * generated level vectors (iq_grids.h) the first time a fit asks for them. */
+
+#include "lattice_books.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "iq_grids.h"
+#include "kernels.h"
+
+typedef struct {
+    int type, size, dim, kmax, bits, nwant;
+    const uint16_t *u;
+    pthread_once_t once;
+    eq_lattice_book book;
+    int ok;
+} book_slot;
+
+/* (levels per coordinate, bits, nwant) as lattice_search.CODEBOOKS (ggml's init). */
+static book_slot SLOTS[] = {
+    {EQ_IQ2_XXS, 256, 8, 3, 2, 2, eq_iq2xxs_u, PTHREAD_ONCE_INIT, {0}, 0},
+    {EQ_IQ2_XS, 512, 8, 3, 2, 2, eq_iq2xs_u, PTHREAD_ONCE_INIT, {0}, 0},
+    {EQ_IQ2_S, 1024, 8, 3, 2, 1, eq_iq2s_u, PTHREAD_ONCE_INIT, {0}, 0},
+    {EQ_IQ3_XXS, 256, 4, 8, 3, 2, eq_iq3xxs_u, PTHREAD_ONCE_INIT, {0}, 0},
+    {EQ_IQ3_S, 512, 4, 8, 3, 3, eq_iq3s_u, PTHREAD_ONCE_INIT, {0}, 0},
+};
+#define NSLOTS ((int)(sizeof SLOTS / sizeof SLOTS[0]))
+
+static void build(book_slot *s) {
+    const int dim = s->dim, bits = s->bits, size = s->size, kmax = s->kmax;
+    const int nu = 1 << (bits * dim), mask = (1 << bits) - 1;
+    int16_t *kmap = malloc(sizeof *kmap * (size_t)nu);
+    int32_t *start = calloc((size_t)nu, sizeof *start);
+    uint16_t *count = calloc((size_t)nu, sizeof *count);
+    float *odd = malloc(sizeof *odd * (size_t)size * (size_t)dim);
+    int *d2 = malloc(sizeof *d2 * (size_t)size);
+    size_t cap = 1 << 16, used = 0;
+    uint16_t *flat = malloc(sizeof *flat * cap);
+    if (!kmap || !start || !count || !odd || !d2 || !flat) goto fail;
+    for (int u = 0; u < nu; ++u) kmap[u] = -1;
+    for (int p = 0; p < size; ++p) {
+        kmap[s->u[p]] = (int16_t)p;
+        for (int k = 0; k < dim; ++k) odd[p * dim + k] = (float)(2 * ((s->u[p] >> (bits * k)) & mask) + 1);
+    }
+    /* every level vector the rounding can produce (each level in [0, kmax)) that is not a point */
+    int total = 1;
+    for (int k = 0; k < dim; ++k) total *= kmax;
+    for (int e = 0; e < total; ++e) {
+        int u = 0, rest = e, lev[8];
+        for (int k = 0; k < dim; ++k, rest /= kmax) {
+            lev[k] = rest % kmax;
+            u |= lev[k] << (bits * k);
+        }
+        if (kmap[u] >= 0) continue;
+        for (int p = 0; p < size; ++p) {
+            int s2 = 0;
+            for (int k = 0; k < dim; ++k) {
+                const int diff = (2 * lev[k] + 1) - (int)odd[p * dim + k];
+                s2 += diff * diff;
+            }
+            d2[p] = s2;
+        }
+        /* the nwant smallest distinct distances, then the points at each, in index order: (distance, index) */
+        start[u] = (int32_t)used;
+        int below = -1; /* the previous distinct distance taken */
+        for (int w = 0; w < s->nwant; ++w) {
+            int next = -1;
+            for (int p = 0; p < size; ++p)
+                if (d2[p] > below && (next < 0 || d2[p] < next)) next = d2[p];
+            if (next < 0) break;
+            for (int p = 0; p < size; ++p) {
+                if (d2[p] != next) continue;
+                if (used == cap) {
+                    uint16_t *grown = realloc(flat, sizeof *flat * (cap *= 2));
+                    if (!grown) goto fail;
+                    flat = grown;
+                }
+                flat[used++] = (uint16_t)p;
+                count[u]++;
+            }
+            below = next;
+        }
+    }
+    free(d2);
+    s->book = (eq_lattice_book){dim, kmax, bits, size, kmap, start, count, flat, odd};
+    s->ok = 1;
+    return;
+fail:
+    free(kmap), free(start), free(count), free(odd), free(d2), free(flat);
+}
+
+#define ONCE(i) \
+    static void build_##i(void) { build(&SLOTS[i]); }
+ONCE(0)
+ONCE(1)
+ONCE(2)
+ONCE(3)
+ONCE(4)
+static void (*const BUILDERS[NSLOTS])(void) = {build_0, build_1, build_2, build_3, build_4};
+
+const eq_lattice_book *eq_lattice_book_of(int type) {
+    for (int i = 0; i < NSLOTS; ++i)
+        if (SLOTS[i].type == type) {
+            pthread_once(&SLOTS[i].once, BUILDERS[i]);
+            return SLOTS[i].ok ? &SLOTS[i].book : NULL;
+        }
+    return NULL;
+}

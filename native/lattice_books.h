@@ -1,0 +1,24 @@
+/* The lattice i-quants' codebooks as the fits search them (convert/codecs/lattice_search.py's `Codebook`): each
+ * point's odd levels 2l+1, the point of every level vector u (kmap) and, for each u off the codebook, ggml's
+ * neighbour list (iq2xs_init_impl / iq3xs_init_impl): the points at the nwant smallest distinct squared distances
+ * from 2u+1, by (distance, index).  Derived from iq_grids.h (gguf-py's grids) at first use, once per process. */
+
+#ifndef EQ_LATTICE_BOOKS_H
+#define EQ_LATTICE_BOOKS_H
+
+#include <stdint.h>
+
+typedef struct {
+    int dim, kmax, bits, size; /* coordinates per point, levels per coordinate, bits per level in u, points */
+    const int16_t *kmap;       /* 1 << (bits * dim): the point of u, -1 off the codebook */
+    const int32_t *start;      /* per u: its neighbours are flat[start[u] .. start[u] + count[u]) */
+    const uint16_t *count;
+    const uint16_t *flat;
+    const float *odd; /* size * dim: 2l + 1 */
+} eq_lattice_book;
+
+/* The book of `type` (EQ_IQ2_XXS, EQ_IQ2_XS, EQ_IQ2_S, EQ_IQ3_XXS, EQ_IQ3_S), built on first use (thread-safe);
+ * NULL for other types or if memory ran out. */
+const eq_lattice_book *eq_lattice_book_of(int type);
+
+#endif
