@@ -32,7 +32,7 @@ GRIDS = {"IQ2_XXS": "eq_iq2xxs_grid", "IQ2_XS": "eq_iq2xs_grid", "IQ2_S": "eq_iq
 # The same points as level vectors (convert/codecs/lattice_search.py's `level_vector`), for the fits' neighbour lists
 # (native/lattice_books.c): type -> (array, bits per coordinate).
 LEVEL_VECTORS = {"IQ2_XXS": ("eq_iq2xxs_u", 2), "IQ2_XS": ("eq_iq2xs_u", 2), "IQ2_S": ("eq_iq2s_u", 2),
-                 "IQ3_XXS": ("eq_iq3xxs_u", 3), "IQ3_S": ("eq_iq3s_u", 3)}
+                 "IQ3_XXS": ("eq_iq3xxs_u", 3), "IQ3_S": ("eq_iq3s_u", 3), "IQ1_S": ("eq_iq1s_u", 2)}
 
 
 def grids_header() -> str:

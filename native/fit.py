@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType
 from . import _isa
 from ._kernels import ffi, lib
 
-NEEDS_IMPORTANCE = (GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS)  # as the codecs' needs_importance
+NEEDS_IMPORTANCE = (GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ1_S)  # as the codecs' needs_importance
 
 
 def supports(qtype: GGMLQuantizationType) -> bool:

@@ -1,5 +1,5 @@
-/* The lattice i-quants' fits (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S): convert/codecs/lattice_search.py's search
- * and the codecs' fit (iq2_xxs.py ... iq3_s.py), one sub-block at a time, every float32 operation the numpy code's
+/* The lattice i-quants' fits (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; IQ1_S, IQ1_M below): convert/codecs/
+ * lattice_search.py's search and the codecs' fit (iq2_xxs.py ... iq3_s.py, iq1_s.py, iq1_m.py), one sub-block at a time, every float32 operation the numpy code's
  * in its order (and so ggml's quantize_row_iq*_impl's, which the numpy docstrings follow).  Included by fit_rows.h,
  * after its helpers (nearest_int, search_qp).
  *
@@ -380,6 +380,283 @@ static void fit_iq3_s(const float *x, const float *imp, void *block) {
         for (int g = 0; g < 8; ++g) out[2 + 8 * slot + g] = (uint8_t)index[8 * s + g];
         for (int k = 0; k < 4; ++k) out[74 + 4 * slot + k] = signs[4 * s + k];
         ++slot;
+    }
+}
+
+/* ---- IQ1_S / IQ1_M (iq1_s.py, iq1_m.py): levels -1/0/1 shifted by +-delta, an exhaustive split search ---- */
+
+#define IQ1_DELTA 0.125f
+
+/* iq1_s.SHIFTED: the values of levels 0, 1, 2 under the + shift (negative 0) and the - shift (negative 1). */
+static inline void iq1_values(int negative, float v[3]) {
+    const float delta = negative ? -IQ1_DELTA : IQ1_DELTA;
+    v[0] = -1 + delta, v[1] = delta, v[2] = 1 + delta;
+}
+
+/* numpy's float order (argsort kind="stable"): a before b, NaN last. */
+static inline int sorts_before(float a, float b) { return a < b || (b != b && a == a); }
+
+/* Stable ascending order of n <= 32 values (numpy's argsort(kind="stable"); glibc's qsort in ggml's build, a merge
+ * sort, keeps equal values in order too). */
+static void stable_order(const float *x, int n, int *order) {
+    for (int i = 0; i < n; ++i) {
+        int j = i;
+        while (j > 0 && sorts_before(x[i], x[order[j - 1]])) {
+            order[j] = order[j - 1];
+            --j;
+        }
+        order[j] = i;
+    }
+}
+
+/* iq1_s.split_levels: level (rank >= i1) + (rank >= i2) of each weight, back in the weights' own order. */
+static void iq1_split_levels(const int *order, int n, int i1, int i2, int *levels) {
+    for (int r = 0; r < n; ++r) levels[order[r]] = (r >= i1) + (r >= i2);
+}
+
+/* iq1_s.neighbours for one group of 8: kmap of its levels, else the neighbour of least sum((wt*diff)*diff), diff =
+ * scale * v[level] - x (first on a tie; NaN as inf; none below FLT_MAX: the first). */
+static int iq1_group_point(const eq_lattice_book *b, const int *levels, const float *x, const float *wt, float scale,
+                           int negative, int *on) {
+    int u = 0;
+    for (int k = 0; k < 8; ++k) u |= levels[k] << (2 * k);
+    const int at = b->kmap[u];
+    *on = at >= 0;
+    if (at >= 0) return at;
+    float v[3];
+    iq1_values(negative, v);
+    const uint16_t *nb = b->flat + b->start[u];
+    float best = INFINITY;
+    int pick = nb[0];
+    for (int j = 0; j < b->count[u]; ++j) {
+        const float *odd = b->odd + nb[j] * 8; /* 2l + 1 */
+        float d2 = 0.0f;
+        for (int k = 0; k < 8; ++k) {
+            const float diff = scale * v[((int)odd[k] - 1) >> 1] - x[k];
+            d2 += (wt[k] * diff) * diff;
+        }
+        if (d2 < best) {
+            best = d2;
+            pick = nb[j];
+        }
+    }
+    return best < FLT_MAX ? pick : nb[0];
+}
+
+/* The points of a sub-block's n / 8 groups under per-group shifts, then the refit (`again`): sums (wt*q)*x and
+ * (wt*q)*q; where a group was off the codebook and both sums are > 0, scale = sumqx / sumq2. */
+static float iq1_points(const eq_lattice_book *b, const float *x, const float *wt, int n, const int *levels, float scale,
+                        const int *negative, uint16_t *index) {
+    int all_on = 1;
+    for (int g = 0; g < n / 8; ++g) {
+        int on;
+        index[g] = (uint16_t)iq1_group_point(b, levels + 8 * g, x + 8 * g, wt + 8 * g, scale, negative[g], &on);
+        all_on &= on;
+    }
+    float sumqx = 0.0f, sumq2 = 0.0f;
+    for (int g = 0; g < n / 8; ++g) {
+        float v[3];
+        iq1_values(negative[g], v);
+        const float *odd = b->odd + index[g] * 8;
+        for (int k = 0; k < 8; ++k) {
+            const float q = v[((int)odd[k] - 1) >> 1], wq = wt[8 * g + k] * q;
+            sumqx += wq * x[8 * g + k];
+            sumq2 += wq * q;
+        }
+    }
+    return !all_on && sumqx > 0 && sumq2 > 0 ? sumqx / sumq2 : scale;
+}
+
+/* max |x| of a sub-block as sequential_max(abs). */
+static inline float iq1_absmax(const float *x, int n) {
+    float m = fabsf(x[0]);
+    for (int i = 1; i < n; ++i) m = m > fabsf(x[i]) ? m : fabsf(x[i]);
+    return m;
+}
+
+/* IQ1_S sub-block of 32 (IQ1_S._fit_chunk): returns 0 when no split was accepted (skipped), else the scale (> 0 or
+ * NaN), the 4 indices, *negative: the shift is -delta. */
+static int iq1_s_sub_block(const eq_lattice_book *b, const float *x, const float *wt, float *scale_out, uint16_t *index,
+                           int *negative) {
+    int order[32], levels[32];
+    float sumx[33], sumw[33];
+    stable_order(x, 32, order);
+    sumx[0] = sumw[0] = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+        sumx[j + 1] = sumx[j] + wt[order[j]] * x[order[j]];
+        sumw[j + 1] = sumw[j] + wt[order[j]];
+    }
+    float best = -FLT_MAX, scale = iq1_absmax(x, 32);
+    int bi1 = -1, bi2 = -1, shift = 0;
+    for (int i1 = 0; i1 <= 32; ++i1) {
+        const float a = sumx[i1] - sumx[0], aw = sumw[i1] - sumw[0];
+        for (int i2 = i1; i2 <= 32; ++i2) {
+            const float bx = sumx[i2] - sumx[i1], bw = sumw[i2] - sumw[i1];
+            const float cx = sumx[32] - sumx[i2], cw = sumw[32] - sumw[i2];
+            for (int neg = 0; neg < 2; ++neg) {
+                float p[3];
+                iq1_values(neg, p);
+                const float sumqx = a * p[0] + bx * p[1] + cx * p[2];
+                const float sumq2 = aw * p[0] * p[0] + bw * p[1] * p[1] + cw * p[2] * p[2];
+                if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+                    scale = sumqx / sumq2;
+                    best = scale * sumqx;
+                    bi1 = i1, bi2 = i2, shift = neg ? -1 : 1;
+                }
+            }
+        }
+    }
+    if (!shift) return 0;
+    iq1_split_levels(order, 32, bi1, bi2, levels);
+    if (scale < 0) { /* flip the levels and the shift */
+        for (int i = 0; i < 32; ++i) levels[i] = 2 - levels[i];
+        scale = -scale;
+        shift = -shift;
+    }
+    *negative = shift == -1;
+    const int neg4[4] = {*negative, *negative, *negative, *negative};
+    *scale_out = iq1_points(b, x, wt, 32, levels, scale, neg4, index);
+    return 1;
+}
+
+/* IQ1_S super-block (iq1_s.IQ1_S.fit), 50 bytes; importance required (fit_rows refuses NULL). */
+static void fit_iq1_s(const float *x, const float *imp, void *block) {
+    const eq_lattice_book *b = eq_lattice_book_of(EQ_IQ1_S);
+    float wt[256], scale[8];
+    uint16_t index[32];
+    int negative[8];
+    lattice_weights(x, imp, 0, 1, wt);
+    for (int s = 0; s < 8; ++s) {
+        const float *xb = x + 32 * s;
+        scale[s] = 0.0f, negative[s] = 0;
+        if (iq1_absmax(xb, 32) < 1e-12f || !iq1_s_sub_block(b, xb, wt + 32 * s, &scale[s], index + 4 * s, &negative[s])) {
+            scale[s] = 0.0f, negative[s] = 0; /* GROUP_MAX_EPS_IQ1_S, or no split: skipped */
+            for (int k = 0; k < 4; ++k) index[4 * s + k] = 0;
+        }
+    }
+    float max_scale = 0.0f;
+    for (int s = 0; s < 8; ++s) max_scale = max_scale > scale[s] ? max_scale : scale[s];
+    const float d = max_scale / 15.0f, id = 1.0f / d;
+    const int unset = max_scale == 0; /* d, the scales and the shifts stay 0 */
+    uint8_t *out = block;
+    put_u16(out, unset ? 0 : eq_float_to_half(d * 1.125f));
+    for (int s = 0; s < 8; ++s) {
+        const int ls = unset ? 0 : clamp_int(nearest_int(0.5f * (id * scale[s] - 1.0f)), 0, 7);
+        uint32_t qh = (uint32_t)ls << 12 | (uint32_t)(negative[s] && !unset) << 15;
+        for (int k = 0; k < 4; ++k) {
+            out[2 + 4 * s + k] = (uint8_t)index[4 * s + k];
+            qh |= (uint32_t)(index[4 * s + k] >> 8) << (3 * k);
+        }
+        put_u16(out + 34 + 2 * s, (uint16_t)qh);
+    }
+}
+
+/* IQ1_M sub-block of 16 (IQ1_M._fit_chunk): returns 0 when no split was accepted, else the scale, the 2 indices and
+ * each group's shift (negative[2]). */
+static int iq1_m_sub_block(const eq_lattice_book *b, const float *x, const float *wt, float *scale_out, uint16_t *index,
+                           int *negative) {
+    int order[16], levels[16];
+    float px[2][17], pw[2][17];
+    stable_order(x, 16, order);
+    px[0][0] = px[1][0] = pw[0][0] = pw[1][0] = 0.0f;
+    for (int j = 0; j < 16; ++j) { /* each half's prefix sums advance only on its own weights */
+        const int mine = order[j] >= 8;
+        const float wx = wt[order[j]] * x[order[j]], ws = wt[order[j]];
+        px[mine][j + 1] = px[mine][j] + wx, pw[mine][j + 1] = pw[mine][j] + ws;
+        px[!mine][j + 1] = px[!mine][j], pw[!mine][j + 1] = pw[!mine][j];
+    }
+    float v[2][3], c1[2], c2[2], tx[2][2], tw[2][2]; /* [shift: 0 +, 1 -] and [half][shift] */
+    for (int s = 0; s < 2; ++s) {
+        iq1_values(s, v[s]);
+        c1[s] = v[s][0] * v[s][0] - v[s][1] * v[s][1];
+        c2[s] = v[s][1] * v[s][1] - v[s][2] * v[s][2];
+        for (int h = 0; h < 2; ++h) {
+            tx[h][s] = px[h][16] * v[s][2];
+            tw[h][s] = pw[h][16] * v[s][2] * v[s][2];
+        }
+    }
+    float best = -FLT_MAX, scale = iq1_absmax(x, 16);
+    int bi1 = -1, bi2 = -1, bk = -1;
+    for (int i1 = 0; i1 <= 16; ++i1) {
+        for (int i2 = i1; i2 <= 16; ++i2) {
+            float qx[2][2], q2[2][2];
+            for (int h = 0; h < 2; ++h) {
+                const float sx = px[h][i1] + px[h][i2];
+                for (int s = 0; s < 2; ++s) {
+                    qx[h][s] = tx[h][s] - sx;
+                    q2[h][s] = tw[h][s] + pw[h][i1] * c1[s] + pw[h][i2] * c2[s];
+                }
+            }
+            for (int k = 0; k < 4; ++k) { /* ggml's k: the shifts of the halves, +/+, +/-, -/+, -/- */
+                const int s0 = k >> 1, s1 = k & 1;
+                const float sumqx = qx[0][s0] + qx[1][s1], sumq2 = q2[0][s0] + q2[1][s1];
+                if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+                    scale = sumqx / sumq2;
+                    best = scale * sumqx;
+                    bi1 = i1, bi2 = i2, bk = k;
+                }
+            }
+        }
+    }
+    if (bk < 0) return 0;
+    iq1_split_levels(order, 16, bi1, bi2, levels);
+    if (scale < 0) { /* flip the levels and both shifts */
+        for (int i = 0; i < 16; ++i) levels[i] = 2 - levels[i];
+        scale = -scale;
+        bk = 3 - bk;
+    }
+    negative[0] = bk >= 2, negative[1] = bk & 1;
+    *scale_out = iq1_points(b, x, wt, 16, levels, scale, negative, index);
+    return 1;
+}
+
+/* IQ1_M super-block (iq1_m.IQ1_M.fit), 56 bytes. */
+static void fit_iq1_m(const float *x, const float *imp, void *block) {
+    const eq_lattice_book *b = eq_lattice_book_of(EQ_IQ1_S);
+    float wt[256], scale[16];
+    uint16_t index[32];
+    int negative[32], ls[16];
+    lattice_weights(x, imp, 0, 1, wt);
+    for (int s = 0; s < 16; ++s) {
+        const float *xb = x + 16 * s;
+        if (iq1_absmax(xb, 16) < 1e-7f || !iq1_m_sub_block(b, xb, wt + 16 * s, &scale[s], index + 2 * s, negative + 2 * s)) {
+            scale[s] = 0.0f; /* GROUP_MAX_EPS_IQ1_M, or no split: skipped */
+            index[2 * s] = index[2 * s + 1] = 0;
+            negative[2 * s] = negative[2 * s + 1] = 0;
+        }
+    }
+    float max_scale = 0.0f;
+    for (int s = 0; s < 16; ++s) max_scale = max_scale > scale[s] ? max_scale : scale[s];
+    float d = max_scale / 15.0f;
+    const float id = 1.0f / d;
+    for (int s = 0; s < 16; ++s) ls[s] = clamp_int(nearest_int(0.5f * (id * scale[s] - 1.0f)), 0, 7);
+    /* the refit of d over the super-block: q = v * (2*ls + 1), sums in weight order */
+    float sumqx = 0.0f, sumq2 = 0.0f;
+    for (int g = 0; g < 32; ++g) {
+        float v[3];
+        iq1_values(negative[g], v);
+        const float *odd = b->odd + index[g] * 8, m = 2.0f * (float)ls[g / 2] + 1.0f;
+        for (int k = 0; k < 8; ++k) {
+            const float q = v[((int)odd[k] - 1) >> 1] * m, wq = wt[8 * g + k] * q;
+            sumqx += wq * x[8 * g + k];
+            sumq2 += wq * q;
+        }
+    }
+    if (sumq2 > 0) d = sumqx / sumq2;
+    const int unset = max_scale == 0; /* d, the scales and the shift bits stay 0 */
+    const uint16_t dh = unset ? 0 : eq_float_to_half(d * 1.1125f);
+    uint8_t *out = block;
+    for (int g = 0; g < 32; ++g) out[g] = (uint8_t)index[g];
+    for (int s = 0; s < 16; ++s) {
+        uint8_t qh = 0;
+        for (int h = 0; h < 2; ++h)
+            qh |= (uint8_t)((((index[2 * s + h] >> 8) & 7) | (negative[2 * s + h] && !unset) << 3) << (4 * h));
+        out[32 + s] = qh;
+    }
+    for (int k = 0; k < 4; ++k) {
+        uint32_t sc = (uint32_t)((dh >> (4 * k)) & 15) << 12;
+        for (int m = 0; m < 4; ++m) sc |= (uint32_t)(unset ? 0 : ls[4 * k + m]) << (3 * m);
+        put_u16(out + 48 + 2 * k, (uint16_t)sc);
     }
 }
 

@@ -916,6 +916,8 @@ static super_block_fit super_block_fit_of(int type) {
     case EQ_IQ2_XS: return fit_iq2_xs;
     case EQ_IQ2_S: return fit_iq2_s;
     case EQ_IQ3_S: return fit_iq3_s;
+    case EQ_IQ1_S: return fit_iq1_s;
+    case EQ_IQ1_M: return fit_iq1_m;
     default: return NULL;
     }
 }
@@ -938,11 +940,12 @@ static int fit_supported(int type) { return super_block_fit_of(type) != NULL || 
 static int fit_rows(int type, const float *x, void *out, int64_t rows, int64_t n, const float *importance) {
     const int block = eq_block_size(type), size = eq_type_size(type);
     if (!fit_supported(type) || block <= 0 || n <= 0 || n % block) return -1;
-    /* ggml has no unweighted IQ2_XXS/IQ2_XS fit (the codecs refuse it); the lattice types need their neighbour lists */
-    if ((type == EQ_IQ2_XXS || type == EQ_IQ2_XS) && !importance) return -1;
+    /* ggml has no unweighted IQ2_XXS/IQ2_XS/IQ1_S fit (the codecs refuse it); the lattice types need their neighbour lists */
+    if ((type == EQ_IQ2_XXS || type == EQ_IQ2_XS || type == EQ_IQ1_S) && !importance) return -1;
     if ((type == EQ_IQ2_XXS || type == EQ_IQ2_XS || type == EQ_IQ2_S || type == EQ_IQ3_XXS || type == EQ_IQ3_S) &&
         !eq_lattice_book_of(type))
         return -1;
+    if ((type == EQ_IQ1_S || type == EQ_IQ1_M) && !eq_lattice_book_of(EQ_IQ1_S)) return -1;
     const int64_t nb = n / block;
     const super_block_fit fit_k = super_block_fit_of(type);
     const legacy_fit fit_legacy = legacy_fit_of(type);

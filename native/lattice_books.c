@@ -24,6 +24,7 @@ static book_slot SLOTS[] = {
     {EQ_IQ2_S, 1024, 8, 3, 2, 1, eq_iq2s_u, PTHREAD_ONCE_INIT, {0}, 0},
     {EQ_IQ3_XXS, 256, 4, 8, 3, 2, eq_iq3xxs_u, PTHREAD_ONCE_INIT, {0}, 0},
     {EQ_IQ3_S, 512, 4, 8, 3, 3, eq_iq3s_u, PTHREAD_ONCE_INIT, {0}, 0},
+    {EQ_IQ1_S, 2048, 8, 3, 2, 3, eq_iq1s_u, PTHREAD_ONCE_INIT, {0}, 0}, /* IQ1_M's too: the same grid */
 };
 #define NSLOTS ((int)(sizeof SLOTS / sizeof SLOTS[0]))
 
@@ -97,7 +98,8 @@ ONCE(1)
 ONCE(2)
 ONCE(3)
 ONCE(4)
-static void (*const BUILDERS[NSLOTS])(void) = {build_0, build_1, build_2, build_3, build_4};
+ONCE(5)
+static void (*const BUILDERS[NSLOTS])(void) = {build_0, build_1, build_2, build_3, build_4, build_5};
 
 const eq_lattice_book *eq_lattice_book_of(int type) {
     for (int i = 0; i < NSLOTS; ++i)

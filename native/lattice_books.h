@@ -17,7 +17,8 @@ typedef struct {
     const float *odd; /* size * dim: 2l + 1 */
 } eq_lattice_book;
 
-/* The book of `type` (EQ_IQ2_XXS, EQ_IQ2_XS, EQ_IQ2_S, EQ_IQ3_XXS, EQ_IQ3_S), built on first use (thread-safe);
+/* The book of `type` (EQ_IQ2_XXS, EQ_IQ2_XS, EQ_IQ2_S, EQ_IQ3_XXS, EQ_IQ3_S, EQ_IQ1_S: level l is the value
+ * l - 1, and IQ1_M uses it too), built on first use (thread-safe);
  * NULL for other types or if memory ran out. */
 const eq_lattice_book *eq_lattice_book_of(int type);
 
