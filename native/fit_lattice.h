@@ -26,38 +26,44 @@ static inline int group_u(const eq_lattice_book *b, const float *xv, float iscal
 
 /* lattice_search.nearest_points for one group: kmap[u], else the neighbour of least sum((waux * diff) * diff), diff
  * = scale * odd - xval (the first on a tie; a NaN distance counts as inf; none below FLT_MAX: the first).  *on: u is
- * a point. */
+ * a point.  The distances of LANES neighbours at a time (each lane one neighbour's sum, in coordinate order as
+ * numpy's: the same float operations), from the book's padded coordinate-major lists. */
 static inline int group_point(const eq_lattice_book *b, int u, const float *xv, const float *wa, float scale, int *on) {
     const int at = b->kmap[u];
     *on = at >= 0;
     if (at >= 0) return at;
     const uint16_t *nb = b->flat + b->start[u];
-    const int count = b->count[u];
-    float best = INFINITY;
-    int pick = nb[0];
-    for (int j = 0; j < count; ++j) {
-        const float *q = b->odd + nb[j] * b->dim;
-        float d2 = 0.0f;
-        for (int k = 0; k < b->dim; ++k) {
-            const float diff = scale * q[k] - xv[k];
-            d2 += (wa[k] * diff) * diff;
+    const int padded = b->nb_padded[u], dim = b->dim;
+    const float *q = b->nb_odd + b->nb_start[u];
+    const vf vs = vsplat(scale);
+    float best = INFINITY, d2[LANES];
+    int pick = 0;
+    for (int j = 0; j < padded; j += LANES) {
+        vf acc = vsplat(0.0f);
+        for (int k = 0; k < dim; ++k) {
+            const vf diff = vs * vload(q + k * padded + j) - vsplat(xv[k]);
+            acc += (vsplat(wa[k]) * diff) * diff;
         }
-        if (d2 < best) { /* NaN never wins, as numpy's inf */
-            best = d2;
-            pick = nb[j];
-        }
+        vstore(d2, acc);
+        for (int l = 0; l < LANES; ++l)
+            if (d2[l] < best) { /* NaN never wins, as numpy's inf; the +inf padding neither */
+                best = d2[l];
+                pick = j + l;
+            }
     }
-    return best < FLT_MAX ? pick : nb[0];
+    return nb[best < FLT_MAX ? pick : 0];
 }
 
 /* sumqx = sum((wt * xval) * q), sumq2 = sum((wt * q) * q) over the sub-block, in element order. */
 static inline void lattice_sums(const eq_lattice_book *b, const float *xval, const float *wt, int n, const uint16_t *idx,
                                 float *sumqx, float *sumq2) {
     float sx = 0.0f, s2 = 0.0f;
-    for (int i = 0; i < n; ++i) {
-        const float q = b->odd[idx[i / b->dim] * b->dim + i % b->dim];
-        sx += wt[i] * xval[i] * q;
-        s2 += wt[i] * q * q;
+    for (int g = 0, i = 0; g < n / b->dim; ++g) { /* element order, without a division per element */
+        const float *point = b->odd + idx[g] * b->dim;
+        for (int k = 0; k < b->dim; ++k, ++i) {
+            sx += wt[i] * xval[i] * point[k];
+            s2 += wt[i] * point[k] * point[k];
+        }
     }
     *sumqx = sx;
     *sumq2 = s2;

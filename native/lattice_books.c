@@ -3,6 +3,7 @@
 
 #include "lattice_books.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 
@@ -84,9 +85,28 @@ static void build(book_slot *s) {
         }
     }
     free(d2);
-    s->book = (eq_lattice_book){dim, kmax, bits, size, kmap, start, count, flat, odd};
+    d2 = NULL;
+    /* the padded coordinate-major copy of every list */
+    int32_t *nb_start = calloc((size_t)nu, sizeof *nb_start);
+    uint16_t *nb_padded = calloc((size_t)nu, sizeof *nb_padded);
+    size_t floats = 0;
+    if (!nb_start || !nb_padded) goto fail_nb;
+    for (int u = 0; u < nu; ++u) {
+        nb_start[u] = (int32_t)floats;
+        nb_padded[u] = (uint16_t)((count[u] + EQ_NB_PAD - 1) / EQ_NB_PAD * EQ_NB_PAD);
+        floats += (size_t)nb_padded[u] * (size_t)dim;
+    }
+    float *nb_odd = malloc(sizeof *nb_odd * (floats ? floats : 1));
+    if (!nb_odd) goto fail_nb;
+    for (int u = 0; u < nu; ++u)
+        for (int k = 0; k < dim; ++k)
+            for (int j = 0; j < nb_padded[u]; ++j)
+                nb_odd[nb_start[u] + k * nb_padded[u] + j] = j < count[u] ? odd[flat[start[u] + j] * dim + k] : INFINITY;
+    s->book = (eq_lattice_book){dim, kmax, bits, size, kmap, start, count, flat, odd, nb_start, nb_padded, nb_odd};
     s->ok = 1;
     return;
+fail_nb:
+    free(nb_start), free(nb_padded);
 fail:
     free(kmap), free(start), free(count), free(odd), free(d2), free(flat);
 }

@@ -15,7 +15,15 @@ typedef struct {
     const uint16_t *count;
     const uint16_t *flat;
     const float *odd; /* size * dim: 2l + 1 */
+    /* the same neighbours' 2l + 1, coordinate-major per list, for searches over EQ_NB_PAD neighbours at a time: u's
+     * coordinate k of neighbour j at nb_odd[nb_start[u] + k * nb_padded[u] + j], nb_padded[u] = count[u] rounded up
+     * to EQ_NB_PAD, the padding +inf (a distance that is inf or NaN, never below a real one) */
+    const int32_t *nb_start;
+    const uint16_t *nb_padded;
+    const float *nb_odd;
 } eq_lattice_book;
+
+#define EQ_NB_PAD 8 /* the widest vector of fit_lattice.h's searches (AVX: 8 float lanes) */
 
 /* The book of `type` (EQ_IQ2_XXS, EQ_IQ2_XS, EQ_IQ2_S, EQ_IQ3_XXS, EQ_IQ3_S, EQ_IQ1_S: level l is the value
  * l - 1, and IQ1_M uses it too), built on first use (thread-safe);
