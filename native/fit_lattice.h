@@ -429,24 +429,29 @@ static int iq1_group_point(const eq_lattice_book *b, const int *levels, const fl
     const int at = b->kmap[u];
     *on = at >= 0;
     if (at >= 0) return at;
-    float v[3];
-    iq1_values(negative, v);
+    /* LANES neighbours at a time (group_point's layout): v[level] = ((2l+1) - 1) * 0.5 - 1 + delta, exact, so the
+     * very values of iq1_values; the +inf padding gives an inf or NaN distance, which never wins */
     const uint16_t *nb = b->flat + b->start[u];
-    float best = INFINITY;
-    int pick = nb[0];
-    for (int j = 0; j < b->count[u]; ++j) {
-        const float *odd = b->odd + nb[j] * 8; /* 2l + 1 */
-        float d2 = 0.0f;
+    const int padded = b->nb_padded[u];
+    const float *q = b->nb_odd + b->nb_start[u];
+    const vf vs = vsplat(scale), delta = vsplat(negative ? -IQ1_DELTA : IQ1_DELTA);
+    float best = INFINITY, d2[LANES];
+    int pick = 0;
+    for (int j = 0; j < padded; j += LANES) {
+        vf acc = vsplat(0.0f);
         for (int k = 0; k < 8; ++k) {
-            const float diff = scale * v[((int)odd[k] - 1) >> 1] - x[k];
-            d2 += (wt[k] * diff) * diff;
+            const vf v = (vload(q + k * padded + j) - vsplat(1.0f)) * vsplat(0.5f) - vsplat(1.0f) + delta;
+            const vf diff = vs * v - vsplat(x[k]);
+            acc += (vsplat(wt[k]) * diff) * diff;
         }
-        if (d2 < best) {
-            best = d2;
-            pick = nb[j];
-        }
+        vstore(d2, acc);
+        for (int l = 0; l < LANES; ++l)
+            if (d2[l] < best) {
+                best = d2[l];
+                pick = j + l;
+            }
     }
-    return best < FLT_MAX ? pick : nb[0];
+    return nb[best < FLT_MAX ? pick : 0];
 }
 
 /* The points of a sub-block's n / 8 groups under per-group shifts, then the refit (`again`): sums (wt*q)*x and

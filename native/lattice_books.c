@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "iq_grids.h"
@@ -28,6 +29,7 @@ static book_slot SLOTS[] = {
     {EQ_IQ1_S, 2048, 8, 3, 2, 3, eq_iq1s_u, PTHREAD_ONCE_INIT, {0}, 0}, /* IQ1_M's too: the same grid */
 };
 #define NSLOTS ((int)(sizeof SLOTS / sizeof SLOTS[0]))
+#define MAX_D2 784 /* the largest squared distance between level vectors: IQ3_*, 4 * 14^2 (IQ2_*, IQ1_S: 8 * 4^2) */
 
 static void build(book_slot *s) {
     const int dim = s->dim, bits = s->bits, size = s->size, kmax = s->kmax;
@@ -36,14 +38,19 @@ static void build(book_slot *s) {
     int32_t *start = calloc((size_t)nu, sizeof *start);
     uint16_t *count = calloc((size_t)nu, sizeof *count);
     float *odd = malloc(sizeof *odd * (size_t)size * (size_t)dim);
-    int *d2 = malloc(sizeof *d2 * (size_t)size);
+    /* int16 (every distance <= MAX_D2): the loops over p vectorize in SSE2, which has no 32-bit multiply */
+    int16_t *d2 = malloc(sizeof *d2 * (size_t)size);
+    int16_t *pod = malloc(sizeof *pod * (size_t)size * (size_t)dim); /* 2l + 1, coordinate-major */
     size_t cap = 1 << 16, used = 0;
     uint16_t *flat = malloc(sizeof *flat * cap);
-    if (!kmap || !start || !count || !odd || !d2 || !flat) goto fail;
+    if (!kmap || !start || !count || !odd || !d2 || !pod || !flat) goto fail;
     for (int u = 0; u < nu; ++u) kmap[u] = -1;
     for (int p = 0; p < size; ++p) {
         kmap[s->u[p]] = (int16_t)p;
-        for (int k = 0; k < dim; ++k) odd[p * dim + k] = (float)(2 * ((s->u[p] >> (bits * k)) & mask) + 1);
+        for (int k = 0; k < dim; ++k) {
+            pod[k * size + p] = (int16_t)(2 * ((s->u[p] >> (bits * k)) & mask) + 1);
+            odd[p * dim + k] = (float)pod[k * size + p];
+        }
     }
     /* every level vector the rounding can produce (each level in [0, kmax)) that is not a point */
     int total = 1;
@@ -55,37 +62,36 @@ static void build(book_slot *s) {
             u |= lev[k] << (bits * k);
         }
         if (kmap[u] >= 0) continue;
-        for (int p = 0; p < size; ++p) {
-            int s2 = 0;
-            for (int k = 0; k < dim; ++k) {
-                const int diff = (2 * lev[k] + 1) - (int)odd[p * dim + k];
-                s2 += diff * diff;
-            }
-            d2[p] = s2;
+        for (int p = 0; p < size; ++p) d2[p] = 0;
+        for (int k = 0; k < dim; ++k) {
+            const int16_t c = (int16_t)(2 * lev[k] + 1), *col = pod + k * size;
+            for (int p = 0; p < size; ++p) d2[p] = (int16_t)(d2[p] + (c - col[p]) * (c - col[p]));
         }
-        /* the nwant smallest distinct distances, then the points at each, in index order: (distance, index) */
+        /* the nwant smallest distinct distances, then the points at each, in index order: (distance, index), by
+         * counting (a distance is at most dim * (2 * kmax - 2)^2 <= MAX_D2) */
+        int hist[MAX_D2 + 1] = {0};
+        for (int p = 0; p < size; ++p) hist[d2[p]]++;
+        int first[MAX_D2 + 1], taken = 0, n_keep = 0, cutoff = -1;
+        for (int d = 0; d <= MAX_D2 && taken < s->nwant; ++d)
+            if (hist[d]) {
+                first[d] = n_keep;
+                n_keep += hist[d];
+                cutoff = d;
+                ++taken;
+            }
+        while (used + (size_t)n_keep > cap) {
+            uint16_t *grown = realloc(flat, sizeof *flat * (cap *= 2));
+            if (!grown) goto fail;
+            flat = grown;
+        }
         start[u] = (int32_t)used;
-        int below = -1; /* the previous distinct distance taken */
-        for (int w = 0; w < s->nwant; ++w) {
-            int next = -1;
-            for (int p = 0; p < size; ++p)
-                if (d2[p] > below && (next < 0 || d2[p] < next)) next = d2[p];
-            if (next < 0) break;
-            for (int p = 0; p < size; ++p) {
-                if (d2[p] != next) continue;
-                if (used == cap) {
-                    uint16_t *grown = realloc(flat, sizeof *flat * (cap *= 2));
-                    if (!grown) goto fail;
-                    flat = grown;
-                }
-                flat[used++] = (uint16_t)p;
-                count[u]++;
-            }
-            below = next;
-        }
+        for (int p = 0; p < size; ++p)
+            if (d2[p] <= cutoff && hist[d2[p]]) flat[used + first[d2[p]]++] = (uint16_t)p;
+        used += (size_t)n_keep;
+        count[u] = (uint16_t)n_keep;
     }
-    free(d2);
-    d2 = NULL;
+    free(d2), free(pod);
+    d2 = pod = NULL;
     /* the padded coordinate-major copy of every list */
     int32_t *nb_start = calloc((size_t)nu, sizeof *nb_start);
     uint16_t *nb_padded = calloc((size_t)nu, sizeof *nb_padded);
@@ -108,7 +114,7 @@ static void build(book_slot *s) {
 fail_nb:
     free(nb_start), free(nb_padded);
 fail:
-    free(kmap), free(start), free(count), free(odd), free(d2), free(flat);
+    free(kmap), free(start), free(count), free(odd), free(d2), free(pod), free(flat);
 }
 
 #define ONCE(i) \
