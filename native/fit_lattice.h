@@ -5,7 +5,9 @@
  *
  * The numpy search runs every trial on many sub-blocks at once and keeps each sub-block's best with masks; here a
  * sub-block runs its trials in order and keeps the best with the same comparisons, which is the same computation per
- * sub-block.  Sub-blocks that numpy skips (`zero`) are not searched: numpy overwrites their results. */
+ * sub-block.  Sub-blocks that numpy skips (`zero`) are not searched: numpy overwrites their results.  What is
+ * vectorized is what numpy computes independently per candidate: a group's distances to its neighbours, LANES
+ * neighbours at a time; the sums over a sub-block stay sequential. */
 
 #ifndef EQ_FIT_LATTICE_H
 #define EQ_FIT_LATTICE_H
@@ -240,8 +242,8 @@ static void fit_iq3_xxs(const float *x, const float *imp, void *block) {
 
 /* The IQ2_XXS/IQ2_XS common part: importance required (fit_rows refuses NULL), weights with sigma2 = sum(x^2)/256,
  * even signs; n-weight sub-blocks; IQ2_XXS's first scale from make_qp_quants. */
-static float iq2_even_sub_blocks(const eq_lattice_book *b, const float *x, const float *imp, int n, int xxs, float *scale,
-                                 uint8_t *signs, uint16_t *index) {
+static void iq2_even_sub_blocks(const eq_lattice_book *b, const float *x, const float *imp, int n, int xxs, float *scale,
+                                uint8_t *signs, uint16_t *index) {
     float wt[256], xval[256];
     lattice_weights(x, imp, 0, 0, wt);
     for (int j = 0; j < 32; ++j) signs[j] = even_signs8(x + 8 * j, wt + 8 * j, xval + 8 * j);
@@ -269,7 +271,6 @@ static float iq2_even_sub_blocks(const eq_lattice_book *b, const float *x, const
         }
         scale[s] = sc;
     }
-    return 0.0f;
 }
 
 /* IQ2_XXS super-block (iq2_xxs.IQ2_XXS.fit), 66 bytes. */
