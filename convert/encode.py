@@ -81,6 +81,7 @@ def _encode_native(w: np.ndarray, qtype: gguf.GGMLQuantizationType, importance: 
                    rows: int | None) -> np.ndarray:
     """The C fits, in chunks of `rows` rows on the thread pool (None: one call here), into one array."""
     codec(qtype).check_shape(w.shape[1])
+    codec(qtype).check_importance(importance)  # IQ2_XXS/IQ2_XS/IQ1_S: refused without one, as the numpy fit refuses
     w = np.ascontiguousarray(w, dtype=np.float32)
     out = np.empty((w.shape[0], native_fit.row_bytes(qtype, w.shape[1])), dtype=np.uint8)
     if rows is None:

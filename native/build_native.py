@@ -14,8 +14,8 @@ from gguf import quants as gguf_quants
 from gguf.quants import IQ4_NL
 
 HERE = Path("native")
-SOURCES = [str(HERE / name) for name in ("dispatch.c", "scalar.c", "avx2.c", "neon.c", "fit.c", "fit_avx2.c", "widen.c")]
-HEADERS = [str(HERE / name) for name in ("blocks.h", "dequant.h", "kernels.h", "fit.h", "fit_rows.h", "widen.h", "iq_grids.h", "lattice.h")]
+SOURCES = [str(HERE / name) for name in ("dispatch.c", "scalar.c", "avx2.c", "neon.c", "fit.c", "fit_avx2.c", "widen.c", "lattice_books.c")]
+HEADERS = [str(HERE / name) for name in ("blocks.h", "dequant.h", "kernels.h", "fit.h", "fit_rows.h", "widen.h", "iq_grids.h", "lattice.h", "lattice_books.h", "fit_lattice.h")]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 SOURCE_FLAGS = {str(HERE / name): ["-mavx2", "-mfma", "-mf16c"] for name in ("avx2.c", "fit_avx2.c")} if X86_64 else {}
 # ggml's kvalues_iq4nl (the 16 int8 values an IQ4_NL/IQ4_XS index selects), handed to the C sources from gguf-py,
@@ -28,6 +28,11 @@ DEFINES = ["-DEQ_IQ4NL_VALUES=" + ",".join(map(str, IQ4NL_VALUES))]
 # int8 values -1/0/1.
 GRIDS = {"IQ2_XXS": "eq_iq2xxs_grid", "IQ2_XS": "eq_iq2xs_grid", "IQ2_S": "eq_iq2s_grid", "IQ3_XXS": "eq_iq3xxs_grid",
          "IQ3_S": "eq_iq3s_grid", "IQ1_S": "eq_iq1s_grid"}
+
+# The same points as level vectors (convert/codecs/lattice_search.py's `level_vector`), for the fits' neighbour lists
+# (native/lattice_books.c): type -> (array, bits per coordinate).
+LEVEL_VECTORS = {"IQ2_XXS": ("eq_iq2xxs_u", 2), "IQ2_XS": ("eq_iq2xs_u", 2), "IQ2_S": ("eq_iq2s_u", 2),
+                 "IQ3_XXS": ("eq_iq3xxs_u", 3), "IQ3_S": ("eq_iq3s_u", 3), "IQ1_S": ("eq_iq1s_u", 2)}
 
 
 def grids_header() -> str:
@@ -43,6 +48,14 @@ def grids_header() -> str:
         lines.append(f"extern const {word} {name}[{len(values)}];")
         body = ",".join(f"0x{v:x}" for v in values)
         defs.append(f"const {word} {name}[{len(values)}] = {{{body}}};")
+    for qtype, (name, bits) in LEVEL_VECTORS.items():
+        # each point's level vector u = l0 | l1 << bits | ...: l the coordinate's position in gguf-py's grid_map
+        cls = getattr(gguf_quants, qtype)
+        grid_map = list(cls.grid_map)
+        levels = [[grid_map.index(v) for v in p] for p in cls.grid.reshape(cls.grid_shape).astype("int64").tolist()]
+        values = [sum(l << (bits * k) for k, l in enumerate(p)) for p in levels]
+        lines.append(f"extern const uint16_t {name}[{len(values)}];")
+        defs.append(f"const uint16_t {name}[{len(values)}] = {{{','.join(map(str, values))}}};")
     signs = bytes(gguf_quants.IQ2_XXS.ksigns)
     lines.append("extern const uint8_t eq_ksigns_iq2xs[128];")
     defs.append("const uint8_t eq_ksigns_iq2xs[128] = {" + ",".join(str(b) for b in signs) + "};")

@@ -3,10 +3,11 @@
  * A fresh C rendering of our numpy codecs (convert/codecs/search_affine.py, search_symmetric.py, kquant_scales.py,
  * legacy_*.py, q*_*.py, iquant_nl.py, iq4_*.py), one group at a time: every float32 operation is the numpy code's,
  * in its order and association, so the bytes are the same.  They are the reference; tests/test_fit_conformance.py
- * compares all three.
+ * compares all three.  (The lattice types' numpy search is convert/codecs/lattice_search.py.)
  *
- * Types (GGML codes, as in kernels.h): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS with and
- * without an importance vector, Q8_0 (which ignores it).  Compiled with -ffp-contract=off: no fused multiply-add may
+ * Types (GGML codes, as in kernels.h): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, and the
+ * lattice i-quants IQ3_XXS, IQ3_S, IQ2_S, IQ1_M (fit_lattice.h) with and without an importance vector, IQ2_XXS,
+ * IQ2_XS and IQ1_S only with one (as ggml), Q8_0 (which ignores it).  Compiled with -ffp-contract=off: no fused multiply-add may
  * change a rounding.
  */
 

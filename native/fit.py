@@ -15,6 +15,8 @@ from gguf import GGMLQuantizationType
 from . import _isa
 from ._kernels import ffi, lib
 
+NEEDS_IMPORTANCE = (GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ1_S)  # as the codecs' needs_importance
+
 
 def supports(qtype: GGMLQuantizationType) -> bool:
     return bool(lib.eq_fit_supported(int(qtype)))
@@ -33,6 +35,8 @@ def quantize(w: np.ndarray, qtype: GGMLQuantizationType, importance: np.ndarray 
         out = np.empty((rows, row_bytes(qtype, n)), dtype=np.uint8)
     if out.shape != (rows, row_bytes(qtype, n)) or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"{qtype.name}: out must be C-contiguous uint8 {(rows, row_bytes(qtype, n))}")
+    if importance is None and qtype in NEEDS_IMPORTANCE:
+        raise ValueError(f"{qtype.name}: ggml quantizes this type only with an importance vector")
     imp = ffi.NULL
     if importance is not None:
         importance = np.ascontiguousarray(importance, dtype=np.float32)

@@ -10,6 +10,7 @@
  *   search_symmetric.make_qx_quants            search_qx         weighted symmetric scale from 19 trial grids
  *   search_symmetric.make_q3_quants            search_q3         symmetric scale by coordinate descent (one group)
  *   iquant_nl.sub_block_scales                 search_iq4        weighted scale onto the IQ4 table, 16 trial grids
+ *   lattice_search.search                      lattice_search    scale and codebook points (fit_lattice.h), per sub-block
  *
  * What keeps the bytes equal: sums accumulate element after element from 0 (or from the first term where numpy's
  * in_order_sum(from_zero=False) does), products associate left to right as numpy evaluates them, nearest_int is
@@ -199,7 +200,8 @@ static inline float qp_error(const float *x, const float *w, int n, int nmax, fl
     return s;
 }
 
-/* make_qp_quants (n <= 16): returns the scale, codes in L (negative levels wrap as uint8). */
+/* make_qp_quants (n <= 32: the K-quants' 16 scales, IQ2_XXS's sub-blocks of 32): returns the scale, codes in L
+ * (negative levels wrap as uint8). */
 static float search_qp(const float *x, const float *w, int n, int nmax, uint8_t *L) {
     float top = 0.0f;
     for (int i = 0; i < n; ++i) top = top > x[i] ? top : x[i];
@@ -218,8 +220,8 @@ static float search_qp(const float *x, const float *w, int n, int nmax, uint8_t 
             iscale = is;
         }
     }
-    int32_t code[16];
-    float wx[16], sumlx = 0.0f, suml2 = 0.0f;
+    int32_t code[32];
+    float wx[32], sumlx = 0.0f, suml2 = 0.0f;
     for (int i = 0; i < n; ++i) {
         const float l = (float)min_int(nmax, nearest_int(iscale * x[i]));
         wx[i] = w[i] * x[i];
@@ -894,6 +896,8 @@ static void fit_iq4_xs(const float *x, const float *imp, void *block) {
     b->d = eq_float_to_half(d);
 }
 
+#include "fit_lattice.h"
+
 /* ---- rows ---- */
 
 typedef void (*super_block_fit)(const float *x, const float *imp, void *block);
@@ -907,6 +911,13 @@ static super_block_fit super_block_fit_of(int type) {
     case EQ_Q5_K: return fit_q5_k;
     case EQ_Q6_K: return fit_q6_k;
     case EQ_IQ4_XS: return fit_iq4_xs;
+    case EQ_IQ3_XXS: return fit_iq3_xxs;
+    case EQ_IQ2_XXS: return fit_iq2_xxs;
+    case EQ_IQ2_XS: return fit_iq2_xs;
+    case EQ_IQ2_S: return fit_iq2_s;
+    case EQ_IQ3_S: return fit_iq3_s;
+    case EQ_IQ1_S: return fit_iq1_s;
+    case EQ_IQ1_M: return fit_iq1_m;
     default: return NULL;
     }
 }
@@ -929,6 +940,12 @@ static int fit_supported(int type) { return super_block_fit_of(type) != NULL || 
 static int fit_rows(int type, const float *x, void *out, int64_t rows, int64_t n, const float *importance) {
     const int block = eq_block_size(type), size = eq_type_size(type);
     if (!fit_supported(type) || block <= 0 || n <= 0 || n % block) return -1;
+    /* ggml has no unweighted IQ2_XXS/IQ2_XS/IQ1_S fit (the codecs refuse it); the lattice types need their neighbour lists */
+    if ((type == EQ_IQ2_XXS || type == EQ_IQ2_XS || type == EQ_IQ1_S) && !importance) return -1;
+    if ((type == EQ_IQ2_XXS || type == EQ_IQ2_XS || type == EQ_IQ2_S || type == EQ_IQ3_XXS || type == EQ_IQ3_S) &&
+        !eq_lattice_book_of(type))
+        return -1;
+    if ((type == EQ_IQ1_S || type == EQ_IQ1_M) && !eq_lattice_book_of(EQ_IQ1_S)) return -1;
     const int64_t nb = n / block;
     const super_block_fit fit_k = super_block_fit_of(type);
     const legacy_fit fit_legacy = legacy_fit_of(type);

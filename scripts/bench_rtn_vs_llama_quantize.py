@@ -4,6 +4,9 @@
   edgequant build MODEL --method rtn --target Q4_K_M -o out.gguf    EDGEQUANT_THREADS=T OMP_NUM_THREADS=T
   llama-quantize MODEL-F16.gguf out.gguf Q4_K_M T                   (its F16 input made once by edgequant --target F16)
 
+With --imatrix FILE both build importance-weighted: `edgequant build ... --method imatrix --imatrix FILE` against
+`llama-quantize --imatrix FILE ...` (the lattice i-quants' ftypes need it).
+
 Each command is a whole process (edgequant's Python/torch start-up included, the inputs in the page cache after an
 untimed first read).  For every model and thread count T the two tools run in turn, REPS times each, the first of
 each pair alternating; the table gives the median and the spread of the wall time, the ratio of the fastest runs,
@@ -67,17 +70,22 @@ def read_through(*dirs: Path) -> None:
                     pass
 
 
-def bench_model(model: Path, work: Path, threads: list[int], reps: int, target: str, log) -> dict:
+def bench_model(model: Path, work: Path, threads: list[int], reps: int, target: str, log,
+                imatrix: Path | None = None) -> dict:
     f16 = work / f"{model.name}-F16.gguf"
     if not f16.is_file():
         run(edgequant(str(model), "--target", "F16", "-o", str(f16)))
     read_through(model, f16)
     ours, theirs = work / "edgequant.gguf", work / "llama-quantize.gguf"
-    result = {"model": str(model), "target": target, "runs": {}}
+    result = {"model": str(model), "target": target, "imatrix": str(imatrix) if imatrix else None, "runs": {}}
+    # with an imatrix: the importance-weighted round-to-nearest build (edgequant's `--method imatrix`, which is
+    # llama-quantize --imatrix's fit), the only kind the lattice i-quants allow
+    method = ["--method", "imatrix", "--imatrix", str(imatrix)] if imatrix else ["--method", "rtn"]
+    theirs_flags = ["--imatrix", str(imatrix)] if imatrix else []
     for t in threads:
         env = {**os.environ, "EDGEQUANT_THREADS": str(t), "OMP_NUM_THREADS": str(t)}
-        cmds = {"edgequant": (edgequant(str(model), "--method", "rtn", "--target", target, "-o", str(ours)), env),
-                "llama-quantize": ([str(QUANTIZE), str(f16), str(theirs), target, str(t)], None)}
+        cmds = {"edgequant": (edgequant(str(model), *method, "--target", target, "-o", str(ours)), env),
+                "llama-quantize": ([str(QUANTIZE), *theirs_flags, str(f16), str(theirs), target, str(t)], None)}
         times: dict[str, list[float]] = {k: [] for k in cmds}
         cpu: dict[str, list[float]] = {k: [] for k in cmds}
         loads = []
@@ -145,6 +153,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--target", default="Q4_K_M")
+    p.add_argument("--imatrix", type=Path, help="an imatrix file: importance-weighted builds on both sides "
+                   "(edgequant --method imatrix --imatrix FILE, llama-quantize --imatrix FILE)")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-rtn-vs-llama-quantize"),
                    help="F16 inputs and synthetic models are kept here between runs")
     p.add_argument("--json", type=Path, help="write all runs here")
@@ -161,11 +171,12 @@ def main() -> int:
     def log(s: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)
 
-    results = [bench_model(m.resolve(), a.work, a.threads, a.reps, a.target, log) for m in a.models]
+    results = [bench_model(m.resolve(), a.work, a.threads, a.reps, a.target, log, a.imatrix) for m in a.models]
     extrapolated = layers = None
     if a.synthetic_layers:
         layers = l1, l2 = sorted(a.synthetic_layers)
-        small, large = [bench_model(synthetic(a.work, n), a.work, a.threads, a.reps, a.target, log) for n in layers]
+        small, large = [bench_model(synthetic(a.work, n), a.work, a.threads, a.reps, a.target, log, a.imatrix)
+                        for n in layers]
         results += [small, large]
         extrapolated = extrapolate(small, large, l1, l2)
     print(table(results, extrapolated, layers))

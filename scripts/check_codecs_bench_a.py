@@ -1,9 +1,10 @@
 """Quantize every weight matrix of bench-a with our codecs and with libggml; report the % of identical blocks.
 
-    python scripts/check_codecs_bench_a.py [--types Q4_K Q5_K ...] [--model ../shared/models/bench-a]
+    python scripts/check_codecs_bench_a.py [--types Q4_K Q5_K ...] [--model ../shared/models/bench-a] [--native]
 
 Each matrix is quantized without and with a random importance vector (one per matrix, fixed seed); IQ2_XXS and
-IQ2_XS only with one (ggml asserts it).
+IQ2_XS (and IQ1_S) only with one (ggml asserts it).  --native checks the C fits (edgequant.native.fit, the best build
+this CPU runs) instead of the numpy codecs.
 Exits 1 unless every block of every type is byte-identical.
 """
 
@@ -31,7 +32,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=pathlib.Path, default=REPO.parent / "shared" / "models" / "bench-a")
     ap.add_argument("--types", nargs="+", default=DEFAULT_TYPES)
+    ap.add_argument("--native", action="store_true", help="check native/fit.c's bytes instead of the numpy codecs'")
     args = ap.parse_args()
+    if args.native:
+        from edgequant.native import fit
 
     matrices = [(name, t.numpy()) for name, t in Checkpoint(args.model).items() if t.ndim == 2]
     print(f"{len(matrices)} matrices, {sum(w.size for _, w in matrices) / 1e6:.1f}M weights")
@@ -49,7 +53,7 @@ def main() -> int:
                 raw = ggml_oracle.ggml_bytes(c.qtype, w, importance)
                 t_ggml += time.perf_counter() - t
                 t = time.perf_counter()
-                ours = c.quantize(w, importance)
+                ours = fit.quantize(w, c.qtype, importance) if args.native else c.quantize(w, importance)
                 t_ours += time.perf_counter() - t
                 blocks_same = (ours.reshape(-1, c.type_size) == raw.reshape(-1, c.type_size)).all(axis=1)
                 same += int(blocks_same.sum())

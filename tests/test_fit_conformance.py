@@ -47,7 +47,7 @@ except ImportError:
 F32 = np.float32
 N = 512  # two super-blocks per row
 TYPES = sorted(t.name for t in CODECS)
-C_TYPES = [t for t in TYPES if t != "Q8_K" and codec(t).scalar_grid]  # the types native/fit.c writes (no lattice ones yet)
+C_TYPES = [t for t in TYPES if t != "Q8_K"]  # the types native/fit.c writes
 KINDS = ["random", "adversarial", "overflowing"]
 WEIGHTINGS = ["plain", "importance"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
@@ -421,9 +421,58 @@ def test_c_supported_types_and_errors():
         fit.quantize(np.zeros((2, 96), F32), Q.Q4_K)  # 96 is not a multiple of 256
     with pytest.raises(ValueError, match="importance"):
         fit.quantize(np.zeros((2, 256), F32), Q.Q4_K, np.ones(128, F32))
+    with pytest.raises(ValueError, match="only with an importance"):
+        fit.quantize(np.zeros((2, 256), F32), Q.IQ2_XXS)  # ggml asserts; the codecs refuse
     with pytest.raises(ValueError, match="out must be"):
         fit.quantize(np.zeros((2, 256), F32), Q.Q4_K, out=np.zeros((2, 100), np.uint8))
 
+
+LATTICE_C_TYPES = [t for t in C_TYPES if not codec(t).scalar_grid]
+
+
+def lattice_edge_rows(rng: np.random.Generator) -> np.ndarray:
+    """Rows at scales from 1e-30 to 1e10, zero rows and zero sub-blocks (IQ3_S's shifted slots; the skip thresholds
+    1e-8 and 1e-15), tiny values just around those thresholds, one weight per sub-block, all-negative groups and
+    odd counts of negatives (the even-sign flip), ties in magnitude."""
+    g = rng.standard_normal((8, N)).astype(F32)
+    rows = [g[0] * F32(s) for s in (1e-30, 1e-12, 1e-6, 1e-2, 1.0, 1e3, 1e10)]
+    rows.append(np.zeros(N, F32))
+    holes = g[1].copy()
+    holes[(np.arange(N) // 32) % 3 == 1] = 0  # every third 32-weight sub-block empty
+    rows.append(holes)
+    tiny = g[2].copy()
+    tiny[(np.arange(N) // 16) % 4 == 0] *= F32(1e-9)  # sub-blocks straddling the 1e-8 skip threshold
+    tiny[(np.arange(N) // 16) % 4 == 1] *= F32(1e-16)  # ... and 1e-15
+    rows.append(tiny)
+    one = np.zeros(N, F32)
+    one[::16] = g[3, ::16]
+    rows.append(one)
+    rows.append(-np.abs(g[4]))
+    odd = np.abs(g[5])
+    odd[::8] *= -1  # one negative per 8: the even-sign rule flips the least weighted one
+    rows.append(odd)
+    rows.append(np.sign(g[6]).astype(F32) * F32(0.75))  # every magnitude tied
+    rows.append(np.round(g[7] * 4).astype(F32))  # small integers: exact lattice points at some trial scales
+    return np.stack(rows).astype(F32)
+
+
+@native
+@pytest.mark.parametrize("name", LATTICE_C_TYPES)
+def test_c_lattice_edge_rows(name):
+    """The lattice fits in C on lattice_edge_rows: the numpy codec's bytes and libggml's, every build, with and
+    without importance where the type allows none, and with importance that is zero on whole sub-blocks."""
+    c, fit = codec(name), fitter.native_fit
+    w = lattice_edge_rows(np.random.default_rng(19))
+    holey = IMPORTANCE.copy()
+    holey[256 + 16:256 + 48] = 0
+    for importance in (None, IMPORTANCE, holey, np.ones(N, F32)):
+        if importance is None and c.needs_importance:
+            continue
+        with np.errstate(all="ignore"):
+            expected = c.quantize(w, importance)
+        for isa in ISAS:
+            assert np.array_equal(fit.quantize(w, c.qtype, importance, isa=isa), expected), (isa, importance is None)
+        assert np.array_equal(expected.reshape(-1), ggml_oracle.quantize_chunk(c.qtype, w, importance).reshape(-1))
 
 def test_c_neon_build_under_qemu(tmp_path):
     """The portable build as AArch64 compiles it (NEON vectors) writes the numpy codecs' bytes too: native/tests/
@@ -454,6 +503,8 @@ def test_c_neon_build_under_qemu(tmp_path):
     for name in C_TYPES:
         c = codec(name)
         for importance, arg in ((None, "-"), (IMPORTANCE, str(imp_path))):
+            if importance is None and c.needs_importance:
+                continue
             run = subprocess.run([qemu, str(exe), str(int(c.qtype)), str(len(w)), str(N), str(weights), arg],
                                  capture_output=True, timeout=300)
             assert run.returncode == 0, run.stderr

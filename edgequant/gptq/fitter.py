@@ -11,8 +11,9 @@ first that covers the codec, the device and the weighting runs it:
 
     triton  the K-quants' importance-weighted fits and IQ4_NL/IQ4_XS's on a CUDA device, without host round trips
             (triton_fit)
-    c       every type native/fit.c writes, when the extension is built: on the CPU (from a GPU, through the host)
-    numpy   the codec's own `fit`: every type, any device (through the host); IQ2_XXS/IQ2_XS only weighted
+    c       every type native/fit.c writes (all but Q8_K), when the extension is built: on the CPU (from a GPU, through
+            the host); IQ2_XXS/IQ2_XS/IQ1_S only weighted
+    numpy   the codec's own `fit`: every type, any device (through the host); IQ2_XXS/IQ2_XS/IQ1_S only weighted
 
 tests/test_fit_conformance.py checks each backend against numpy and libggml: a new type or backend is added there.
 """
@@ -119,7 +120,7 @@ class NumpyFit(Backend):
     name = "numpy"
 
     def covers(self, codec: Codec, weighted: bool) -> bool:
-        return weighted or not codec.needs_importance  # ggml has no unweighted IQ2_XXS/IQ2_XS fit
+        return weighted or not codec.needs_importance  # ggml has no unweighted IQ2_XXS/IQ2_XS/IQ1_S fit
 
     def fit(self, codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
         return Fit.of(codec, codec.fit(host(w), host(importance)), w.device)
@@ -133,7 +134,8 @@ class NativeFit(Backend):
         self.isa, self.name = isa, "c" if isa == "best" else f"c-{isa}"
 
     def covers(self, codec: Codec, weighted: bool) -> bool:
-        return native_fit is not None and native_fit.supports(codec.qtype)
+        # as numpy's: ggml has no unweighted IQ2_XXS/IQ2_XS/IQ1_S fit, and neither has native/fit.c
+        return native_fit is not None and native_fit.supports(codec.qtype) and (weighted or not codec.needs_importance)
 
     def fit(self, codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> Fit:
         codec.check_shape(w.shape[1])
