@@ -202,8 +202,9 @@ def free_port() -> int:
 def spawn(n: int, argv: list[str], threads: int | None = None) -> int:
     """Run `python -m edgequant.cli *argv` as n ranks on this machine (torchrun's environment, one CPU thread share
     each unless OMP_NUM_THREADS is set) and wait: the first rank to fail stops the others, and its exit status is
-    returned (128 + signal for a rank killed by one).  Rank 0's stderr is this process's; the other ranks' is kept
-    in a file and shown only for a rank that failed, so an error reads once."""
+    returned (128 + signal for a rank killed by one; rank 0's where it failed too).  Rank 0's stderr is this
+    process's; the other ranks' is kept in a file, and the last line of a failed one shown only where rank 0 did not
+    fail (and say why) itself, so an error reads once."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(n),
            "LOCAL_WORLD_SIZE": str(n)}
     env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // n)))
@@ -215,20 +216,20 @@ def spawn(n: int, argv: list[str], threads: int | None = None) -> int:
             procs.append(subprocess.Popen([sys.executable, "-m", "edgequant.cli", *argv],
                                           env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=log,
                                           stdout=None if r == 0 else subprocess.DEVNULL))
-        status = 0
-        while any(p.poll() is None for p in procs):
-            failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                status = _status(failed[0][1])
-                _show(*failed[0], logs)
-                break
+        while any(p.poll() is None for p in procs) and not any(p.returncode for p in procs):
             time.sleep(0.2)
-        else:
-            failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-            if failed:
-                status = _status(failed[0][1])
-                _show(*failed[0], logs)
-        return status
+        failed = [r for r, p in enumerate(procs) if p.returncode]
+        if not failed:
+            return 0
+        if failed[0] != 0:  # rank 0 usually fails the same way a moment later, and says why: its line is enough
+            try:
+                procs[0].wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        if procs[0].returncode:
+            return _status(procs[0].returncode)
+        _show(failed[0], procs[failed[0]].returncode, logs)
+        return _status(procs[failed[0]].returncode)
     finally:
         for p in procs:
             if p.poll() is None:
