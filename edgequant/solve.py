@@ -183,7 +183,8 @@ def solve_experts(w: torch.Tensor, stats, c, settings: GptqSettings, device: tor
     loss on that Hessian (rows are independent given H, so the choice is exact), so no expert is solved worse than
     --method imatrix would on its calibration tokens; else the importance-weighted fit alone.  Only one expert's
     Hessian is formed at a time.  (Ŵ stack, the codec's blocks of all experts' rows in order, the report entry:
-    loss, fit_loss, and per expert its tokens and what was done.)  which: the experts to solve (default all; the
+    loss, fit_loss, act_order, rows and ordered (the rows solved in act-order), and per expert its tokens and what
+    was done.)  which: the experts to solve (default all; the
     others' Ŵ are left unset, and the blocks are None if it is empty)."""
     import torch
 
@@ -221,7 +222,7 @@ def solve_experts(w: torch.Tensor, stats, c, settings: GptqSettings, device: tor
         ordered += e_ordered
         experts.append({"tokens": n, "solve": "gptq", "gptq_rows": int(better.sum())})
     entry = {"loss": loss, "fit_loss": fit_loss, "act_order": ordered / max(len(which) * w.shape[1], 1),
-             "experts": experts}
+             "experts": experts, "rows": len(which) * w.shape[1], "ordered": ordered}
     return w_hat, concat_blocks(parts, axis=0) if parts else None, entry
 
 
@@ -291,8 +292,7 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
                 mine = world.share_of(n_expert)
                 w_hat, blocks, entry = solve_experts(w.detach().float(), stats, c, settings, device,
                                                      f"{hf_name} (layer {index})", range(mine.start, mine.stop))
-                entry["rows"] = (mine.stop - mine.start) * w.shape[1]
-                entry["ordered"] = round(entry.pop("act_order") * max(entry["rows"], 1))
+                del entry["act_order"]  # joined over the ranks from rows and ordered
                 world.share_rows(w_hat)
                 new[hf_name] = w_hat
             else:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,7 +132,7 @@ def test_killed_two_process_build_resumes_in_one_process(tiny_llama, llama_refer
     assert time.perf_counter() - t0 < 120  # not the collectives' timeout
     work = tmp_path / "m.gguf.work"
     assert sorted(p.name for p in work.iterdir()) == ["calibration.npz", "hidden-0.npy", "layer-0.npz", "manifest.json"]
-    assert tuple(__import__("numpy").load(work / "hidden-0.npy").shape[:2]) == (2, SAMPLES)  # both streams, all windows
+    assert tuple(np.load(work / "hidden-0.npy").shape[:2]) == (2, SAMPLES)  # both streams, all windows
     resumed = cli(tiny_llama, out, text)
     assert resumed.returncode == 0, resumed.stderr
     assert "(layers done: 1)" in resumed.stderr
@@ -152,3 +153,18 @@ def test_what_several_processes_cannot_do_is_one_line_and_exit_2(tiny_llama, tmp
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and lines[0].startswith("edgequant build: error:"), (extra, done.stderr)
         assert not list(tmp_path.iterdir()), extra
+
+
+def test_killed_one_process_build_resumes_under_torchrun(tiny_llama, llama_reference, tmp_path, text):
+    """One process killed after layer 0; torchrun's two processes resume it (each reads its own windows of the saved
+    hidden states) to the uninterrupted build's bytes."""
+    out = tmp_path / "m.gguf"
+    killed = cli(tiny_llama, out, text, env={"EDGEQUANT_TEST_KILL_AFTER_LAYER": "0"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+            "edgequant.cli", "build", str(tiny_llama), "-t", "Q4_K_M", "--calib", text, "--calib-samples",
+            str(SAMPLES), "--calib-seqlen", str(SEQLEN), "--device", "cpu", "--quiet", "-o", str(out)]
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(layers done: 1)" in resumed.stderr
+    assert sha256(out) == llama_reference
