@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -97,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     from ..convert.gguf_out import check_output_path
 
     ranks = ranks_option(args)
+    if distributed.launched() and ranks not in (1, int(os.environ["WORLD_SIZE"])):
+        raise UserError(f"--gpus/--processes {ranks} in one of {os.environ['WORLD_SIZE']} processes started by torchrun: "
+                        f"leave the option out")
     if ranks > 1 and not distributed.launched():
         return distributed.spawn(ranks, args.argv)
     target, budget = budget_request(args.target, args.size, args.bpw, DEFAULT_TARGET)
