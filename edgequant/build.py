@@ -25,6 +25,7 @@ import numpy as np
 
 from .budget import Budget, BudgetSpec, budget_bytes
 from .convert.gguf_out import GGUFLayout, TensorPlan, check_output_path
+from .distributed import SINGLE, World
 from .errors import UserError
 from .model import SourceModel
 from .plan import calibrates, check_plan, parse_target, plan_tensors
@@ -61,20 +62,23 @@ class BuildResult:
 def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibOptions | None = None,
           encoder: Encoder | None = None, verify: bool = False, quiet: bool = False,
           work_dir: Path | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-          budget: BudgetSpec | None = None, speed_floor: float = 0.95) -> BuildResult:
+          budget: BudgetSpec | None = None, speed_floor: float = 0.95, world: World = SINGLE) -> BuildResult | None:
     """`encoder` overrides `method` (tests use it to inject failures).  `verify`: re-read the written file and check
     that gguf-py dequantizes every GPTQ tensor to exactly the weights the solver produced.  `work_dir` (default
     OUT.work next to the output) keeps GPTQ's finished layers: a killed build run again resumes from them, and
     writes the same bytes; it is removed once the GGUF is written.  `allow_pickle`, `trust_remote_code`: see
     edgequant.checkpoint.  `budget` (edgequant.budget.budget_request): the file's size, within which the tensors'
     types are chosen; `target`'s recipe is then only the plan the allocation starts from.  `speed_floor`: with a
-    budget, the least predicted speed in llama.cpp against the recipe of that size (edgequant.allocate; 0: none)."""
+    budget, the least predicted speed in llama.cpp against the recipe of that size (edgequant.allocate; 0: none).
+    world: the processes a GPTQ build is spread over (edgequant.distributed; every rank calls build() alike); the
+    writer (rank 0) writes the file and returns the result, the others None."""
+    quiet = quiet or not world.writer
     with Progress(quiet) as progress:
         t0 = time.perf_counter()
         loading = progress.add_task(f"loading {model}", total=None)
         ftype = parse_target(target)
         check_output_path(out)
-        for partial in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):  # atomic_output's, left by a killed build
+        for partial in () if not world.writer else out.parent.glob(f".{glob.escape(out.name)}.*.partial"):  # atomic_output's, left by a killed build
             partial.unlink(missing_ok=True)
         m = SourceModel(model, allow_pickle, trust_remote_code)
         # plan
@@ -93,6 +97,10 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
                                 f"text: use --method gptq (the default) or imatrix")
         result = BuildResult(out, plan, sum(int(np.prod(t.shape)) for t in plan))
         calib = calib or CalibOptions()
+        if world.size > 1 and (encoder is not None or method != "gptq" or not calibrates(method, plan) or allowed):
+            raise UserError(f"{world.size} processes spread GPTQ's calibration and solves over them: only a --method "
+                            f"gptq build to a fixed quantized --target (no --size/--bpw/auto:) can use them; run this "
+                            f"one as one process")
         work = None
         if encoder is None and method == "gptq" and calibrates(method, plan):
             from .workdir import WorkDir, build_identity  # torch: only GPTQ builds need it
@@ -107,7 +115,7 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             windows = None
             if encoder is None and (allowed is not None or (calibrates(method, plan) and calib.imatrix is None)):
                 t0 = time.perf_counter()
-                windows = calibration_windows(m, calib, work, progress)
+                windows = calibration_windows(m, calib, work, progress, world)
                 sampling = sum(p.get("seconds", 0.0) for p in windows.parts)  # self-calibration's generation
                 result.seconds["calibration"] = time.perf_counter() - t0 - sampling
                 if sampling:
@@ -124,7 +132,7 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
                 solved = Solved(encoder)
             else:
                 t0 = time.perf_counter()
-                solved = solve_plan(method, m, plan, calib, windows, work, progress, digests=verify)
+                solved = solve_plan(method, m, plan, calib, windows, work, progress, digests=verify, world=world)
                 solve = solved.report["gptq"].seconds.get("solve", 0.0) if "gptq" in solved.report else 0.0
                 if method != "rtn":
                     result.seconds["calibration"] = (result.seconds.get("calibration", 0.0)
@@ -134,6 +142,8 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
             result.report = solved.report
             if allowed is not None:
                 result.report["allocation"] = allocation
+            if not world.writer:
+                return None
             # write
             t0 = time.perf_counter()
             digests = None
@@ -145,7 +155,7 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
                           f"checked", file=sys.stderr)
             write_gguf(out, m, ftype, plan, solved.encoder, progress, digests, solved.packed, mixed=allowed is not None)
         except UserError:  # bad input: what is in the work directory would not help a rerun
-            if work is not None:
+            if work is not None and world.writer:
                 work.remove()
             raise
         if work is not None:
@@ -155,12 +165,15 @@ def build(model: str, target: str, out: Path, method: str = "rtn", calib: CalibO
     return result
 
 
-def calibration_windows(m: SourceModel, calib: CalibOptions, work: WorkDir | None, progress) -> Calibration:
-    """The build's calibration windows: drawn once, and for GPTQ kept in `work`, where a rerun finds them."""
+def calibration_windows(m: SourceModel, calib: CalibOptions, work: WorkDir | None, progress,
+                        world: World = SINGLE) -> Calibration:
+    """The build's calibration windows: drawn once (by the writer, handed to the other ranks), and for GPTQ kept in
+    `work`, where a rerun finds them."""
     from .calibration import draw
 
     make = lambda: draw(calib, m, progress)  # noqa: E731
-    return work.calibration(make) if work is not None else make()
+    windows = (work.calibration(make) if work is not None else make()) if world.writer else None
+    return world.agree(windows)
 
 
 def allocate_types(m: SourceModel, plan: list[TensorPlan], budget: Budget, layout: GGUFLayout, calib: CalibOptions,

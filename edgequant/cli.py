@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that starts copies of itself
     try:
         return args.func(args) or 0
     except UserError as e:

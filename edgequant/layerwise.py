@@ -48,36 +48,62 @@ GRAM_ROWS = 1024
 
 
 class Stats:
-    """Σ xᵀx over `n` activation rows of one linear input (fp32). H = 2S/n; llama-imatrix's importance = diag(S)/n.
+    """Σ xᵀx over `n` activation rows of one linear input. H = 2S/n; llama-imatrix's importance = diag(S)/n.
     With a full-precision stream (asymmetric), cross = Σ x_fpᵀ x over the same rows.  dtype: what the GEMMs read,
-    float32 or (CUDA) bfloat16; their sums are float32 either way."""
+    float32 or (CUDA) bfloat16.  Each add() (one batch of windows) is a float32 product, summed into float64: the
+    batches' products are the same bits however the windows are spread over processes, and their float64 sum is
+    exact in practice (distributed.World.sum_), so the sums do not depend on the number of processes.  finish()
+    adds the processes' sums and leaves float32 S and cross for the solver."""
 
     def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float32):
-        self._s = torch.zeros(dim, dim, device=device)
-        self._mirrored = True  # the blocks below the diagonal are current
-        self.n = 0
+        self._sum = torch.zeros(dim, dim, device=device, dtype=torch.float64)  # blocks on and right of the diagonal
+        self._cross: torch.Tensor | None = None
+        self._s: torch.Tensor | None = None
         self.cross: torch.Tensor | None = None
+        self.n = 0
         self.dtype = dtype
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        if self._s is not None:
+            raise RuntimeError("Stats.add after finish()")
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         for i in range(0, x.shape[1], GRAM_ROWS):
-            _addmm(self._s[i : i + GRAM_ROWS, i:], x[:, i : i + GRAM_ROWS].T, x[:, i:])
-        self._mirrored = False
+            self._sum[i : i + GRAM_ROWS, i:] += _mm(x[:, i : i + GRAM_ROWS].T, x[:, i:]).double()
         if x_fp is not None:
-            if self.cross is None:
-                self.cross = torch.zeros_like(self._s)
-            _addmm(self.cross, x_fp.reshape(-1, x.shape[-1]).to(self.dtype).T, x)
+            if self._cross is None:
+                self._cross = torch.zeros_like(self._sum)
+            x_fp = x_fp.reshape(-1, x.shape[-1]).to(self.dtype)
+            for i in range(0, x.shape[1], GRAM_ROWS):
+                self._cross[i : i + GRAM_ROWS] += _mm(x_fp[:, i : i + GRAM_ROWS].T, x).double()
         self.n += x.shape[0]
+
+    def finish(self, world=None) -> Stats:
+        """The sums over every process of `world` (distributed.World; this process alone by default), in float32,
+        the blocks below the diagonal mirrored.  Every rank must call it, with or without rows of its own, and with
+        the same asymmetric setting."""
+        if self._s is not None:
+            return self
+        from .distributed import SINGLE
+
+        world = world or SINGLE
+        world.sum_(self._sum)
+        if world.size > 1:
+            n = torch.tensor([self.n], dtype=torch.float64, device=self._sum.device)
+            self.n = int(world.sum_(n).item())
+        s = self._sum.float()
+        self._sum = None
+        for i in range(GRAM_ROWS, len(s), GRAM_ROWS):
+            s[i : i + GRAM_ROWS, :i] = s[:i, i : i + GRAM_ROWS].T
+        self._s = s
+        if self._cross is not None:
+            self.cross = world.sum_(self._cross).float()
+            self._cross = None
+        return self
 
     @property
     def s(self) -> torch.Tensor:
-        """Σ xᵀx, whole (the upper blocks mirrored when sums were added since the last read)."""
-        if not self._mirrored:
-            for i in range(GRAM_ROWS, len(self._s), GRAM_ROWS):
-                self._s[i : i + GRAM_ROWS, :i] = self._s[:i, i : i + GRAM_ROWS].T
-            self._mirrored = True
-        return self._s
+        """Σ xᵀx, whole (finish()ed in this process alone if it was not yet)."""
+        return self.finish()._s
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -85,15 +111,13 @@ class Stats:
 
     @property
     def importance(self) -> torch.Tensor:
-        return self._s.diagonal() / max(self.n, 1)
+        return self.s.diagonal() / max(self.n, 1)
 
 
-def _addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b in acc's float32, whatever a and b are."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32, whatever a and b are.  (Callers add it to float64 as .double(): torch's CPU add of a
+    float32 tensor into a float64 one converts element by element, 5-10x slower than converting first; same bits.)"""
+    return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
 
 
 class ExpertStats:
@@ -108,7 +132,7 @@ class ExpertStats:
     Only the experts a token reached hold a Stats (allocated on first use)."""
 
     def __init__(self, n_expert: int, dim: int, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.sq = torch.zeros(n_expert, dim, device=device)
+        self.sq = torch.zeros(n_expert, dim, device=device, dtype=torch.float64)  # float64: as Stats' sums
         self.counts = torch.zeros(n_expert, dtype=torch.long)
         self.weighted: list[Stats | None] = [None] * n_expert
         self.dim, self.device, self.dtype = dim, device, dtype
@@ -122,11 +146,29 @@ class ExpertStats:
             self.weighted[e] = Stats(self.dim, self.device, self.dtype)
         self.weighted[e].add(x * r.reshape(-1, 1).to(x.dtype))
 
+    def finish(self, world=None) -> ExpertStats:
+        """The sums over every process of `world` (Stats.finish); an expert some process routed tokens to gets a
+        Stats on every process."""
+        from .distributed import SINGLE
+
+        world = world or SINGLE
+        if world.size > 1:
+            counts = world.sum_(self.counts.to(self.sq.device, torch.float64))
+            self.counts = counts.round().long().cpu()
+            world.sum_(self.sq)
+        for e in range(len(self.weighted)):
+            if self.weighted[e] is None and self.counts[e] > 0:
+                self.weighted[e] = Stats(self.dim, self.device, self.dtype)
+            if self.weighted[e] is not None:
+                self.weighted[e].finish(world)
+        self.sq = self.sq.float()
+        return self
+
     def importance(self, e: int) -> torch.Tensor:
         """llama-imatrix's importance of expert e: mean x² per column; ones for an expert no token reached (as
         llama-quantize reads an imatrix entry of count 0)."""
-        n = int(self.counts[e])
-        return self.sq[e] / n if n else torch.ones_like(self.sq[e])
+        n, sq = int(self.counts[e]), self.sq[e].float()
+        return sq / n if n else torch.ones_like(sq)
 
     def check_finite(self, what: str) -> None:
         check_finite(self.sq, what)
@@ -264,12 +306,17 @@ def materialize(module: nn.Module, weights: dict[str, torch.Tensor], device: tor
 TOKENS_PER_BATCH = 8192
 
 
+def batch_of(ids: torch.Tensor) -> int:
+    """Windows per forward pass for windows like ids (TOKENS_PER_BATCH)."""
+    return max(1, min(8, TOKENS_PER_BATCH // ids.shape[1]))
+
+
 @torch.no_grad()
 def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torch.device, batch: int | None = None,
         progress=None, quiet: bool = True, start: int = 0, hidden: torch.Tensor | None = None,
         on_hidden: Callable[[int, torch.Tensor], None] | None = None, precision: str = "fp32",
         requantize: bool = False, sequential: bool = False, asymmetric: bool = False,
-        on_done: Callable[[object], None] | None = None) -> dict[str, float]:
+        on_done: Callable[[object], None] | None = None, world=None) -> dict[str, float]:
     """Drive the layer-by-layer pass. Returns seconds per phase.  precision: how the forward passes and the sums
     xᵀx run their matmuls on a GPU (PRECISIONS; on_layer, i.e. the solver, stays in float32).
     requantize: on_layer always returns new weights, so the collecting pass's outputs are dropped and the last pass
@@ -280,24 +327,34 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
 
     To resume, `start` is the first layer to run and `hidden` its inputs, as on_hidden(start - 1, hidden) received
     them from an earlier run (on_hidden(i, ·) gets layer i's outputs, which are layer i+1's inputs; with asymmetric,
-    both streams stacked, (2, windows, L, d))."""
+    both streams stacked, (2, windows, L, d)).
+
+    world (distributed.World): this process runs the windows world.windows() gives it (the hidden states it gets,
+    holds and hands on_hidden are those windows'; `hidden` on resume may be all windows' or its own), and every sum
+    is finish()ed over the world before on_layer sees it."""
     seconds = {"calibration forward": 0.0, "solve": 0.0}
-    batch = batch or max(1, min(8, TOKENS_PER_BATCH // ids.shape[1]))
+    batch = batch or batch_of(ids)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     precision = precision if device.type == "cuda" else "fp32"  # CPUs: float32 (and builds reproduce bit for bit)
     requantize = requantize or sequential or asymmetric
+    from .distributed import SINGLE
+
+    world = world or SINGLE
+    mine = world.windows(len(ids), batch)
     model = skeleton(m, device)
     arch, layout = m.arch, m.arch.layout
     kwargs = layer_kwargs(model, ids.to(device), arch)
     if start == 0:
-        hidden = embed(m, m.checkpoint.load(f"{layout.embed}.weight").to(device), ids.to(device))  # (n, L, d)
+        hidden = embed(m, m.checkpoint.load(f"{layout.embed}.weight").to(device), ids[mine].to(device))  # (n, L, d)
         hidden = torch.stack([hidden, hidden]) if asymmetric else hidden
     else:
-        hidden = hidden.to(device)
+        if hidden.shape[-3] == len(ids) and mine != slice(0, len(ids)):
+            hidden = hidden[..., mine, :, :]
+        hidden = hidden.to(device).contiguous()
     layers = model.get_submodule(layout.layers)
     task = progress.add_task("calibrating", total=len(layers) + 1, completed=start) if progress is not None else None
-    passes = Passes(kwargs, batch, seconds, precision, arch.input_groups, experts=arch.experts)
+    passes = Passes(kwargs, batch, seconds, precision, arch.input_groups, experts=arch.experts, world=world)
     head_name = arch.head_weight(m.hp)
     reader = ThreadPoolExecutor(max_workers=1)  # reads layer i + 1 (after the last layer, the head) while i is solved
     with reader:
@@ -331,6 +388,7 @@ def run(m: SourceModel, ids: torch.Tensor, on_layer: LayerCallback, device: torc
                 stats.add(norm(hidden[0, b : b + batch]), norm(hidden[1, b : b + batch]))
             else:
                 stats.add(norm(hidden[b : b + batch]))
+    stats.finish(world)
     check_finite(stats.s, f"the calibration activations entering {head_name}")
     del hidden  # the head's solve needs the memory more (an 8B's activations: 4 GiB per stream)
     if device.type == "cuda":  # and the layers' cached blocks would stay reserved beside its own (24 GiB for 17)
@@ -379,6 +437,7 @@ class Passes:
     groups: tuple[tuple[str, ...], ...] = ()  # the adapter's input groups (Arch.input_groups)
     kwargs: dict | None = None  # the layer's being run
     experts: object = None  # the adapter's Experts (a mixture of experts), or None
+    world: object = None  # distributed.World, over which the sums are finish()ed
 
     def precise(self):
         return matmuls_in(self.mode)
@@ -465,6 +524,8 @@ class Passes:
         finally:
             handle.remove()
         self.seconds["calibration forward"] += time.perf_counter() - t0
+        into.finish(self.world)
+        into_down.finish(self.world)
         into.check_finite(f"the calibration activations entering {prefix}{path} (layer {index})")
         into_down.check_finite(f"the calibration activations entering {prefix}{path}.down_proj (layer {index})")
         names = {p: f"{prefix}{path}.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
@@ -559,6 +620,8 @@ class Passes:
         for replay in replays:
             if replay is not None:
                 replay.pass_done()
+        for st in stats.values():
+            st.finish(self.world)
         return stats, out
 
     def inputs(self, layer, x: torch.Tensor, names: list[str], shared: bool, stop: bool,

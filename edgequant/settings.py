@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,8 +49,12 @@ class CalibOptions:
         import torch
 
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            return torch.device(self.device)
-        except RuntimeError as e:
-            raise UserError(f"--device {self.device}: {e}") from None
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError as e:
+                raise UserError(f"--device {self.device}: {e}") from None
+        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # one GPU per rank
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return device

@@ -33,6 +33,7 @@ from .convert.codecs import codec
 from .convert.encode import FLOAT_TYPES
 from .convert.gguf_out import TensorPlan
 from .convert.imatrix_file import read_imatrix
+from .distributed import SINGLE, World
 from .errors import UserError
 from .model import SourceModel, hf_to_gguf
 from .plan import calibrates
@@ -60,7 +61,7 @@ class Solved:
 
 
 def solve_plan(method: str, m: SourceModel, plan: list[TensorPlan], calib: CalibOptions, windows: Calibration | None,
-               work: WorkDir | None = None, progress=None, digests: bool = False) -> Solved:
+               work: WorkDir | None = None, progress=None, digests: bool = False, world: World = SINGLE) -> Solved:
     """Solve `plan` by `method` on the calibration `windows` (None where the method needs none: rtn, an imatrix
     file).  GPTQ needs `work`, where its finished layers stay for a rerun to resume from.  digests: record a digest
     of each solved Ŵ (for --verify)."""
@@ -75,7 +76,7 @@ def solve_plan(method: str, m: SourceModel, plan: list[TensorPlan], calib: Calib
 
         sums = collect_importance(m, windows.ids, calib.torch_device(), progress)
         return Solved(rtn_encoder(mean_importance(sums)), report={"calibration": windows.parts})
-    report = gptq_layers(m, plan, windows.ids, calib.torch_device(), calib.gptq, work, progress, digests)
+    report = gptq_layers(m, plan, windows.ids, calib.torch_device(), calib.gptq, work, progress, digests, world)
     return Solved(rtn_encoder(), {name: functools.partial(work.packed, name) for name in report.loss},
                   {"gptq": report, "calibration": windows.parts})
 
@@ -173,14 +174,17 @@ def one_cpu_thread(device: torch.device):
 MIN_EXPERT_TOKENS_PER_COLUMN = 1.0
 
 
-def solve_experts(w: torch.Tensor, stats, c, settings: GptqSettings, device: torch.device, what: str):
+def solve_experts(w: torch.Tensor, stats, c, settings: GptqSettings, device: torch.device, what: str,
+                  which: range | None = None):
     """An expert stack (n_expert, rows, cols) solved expert by expert, each on its own Hessian (layerwise.ExpertStats:
     the tokens routed to it, weighted by the router weight squared): GPTQ where enough tokens reached it
     (MIN_EXPERT_TOKENS_PER_COLUMN), and then per row whichever of GPTQ and the importance-weighted fit has the lower
     loss on that Hessian (rows are independent given H, so the choice is exact), so no expert is solved worse than
     --method imatrix would on its calibration tokens; else the importance-weighted fit alone.  Only one expert's
     Hessian is formed at a time.  (Ŵ stack, the codec's blocks of all experts' rows in order, the report entry:
-    loss, fit_loss, and per expert its tokens and what was done.)"""
+    loss, fit_loss, act_order, rows and ordered (the rows solved in act-order), and per expert its tokens and what
+    was done.)  which: the experts to solve (default all; the
+    others' Ŵ are left unset, and the blocks are None if it is empty)."""
     import torch
 
     from .gptq.solver import concat_blocks, pick_rows
@@ -192,7 +196,8 @@ def solve_experts(w: torch.Tensor, stats, c, settings: GptqSettings, device: tor
     # would stall the GPU 2 x 384 times a layer of Qwen3-30B-A3B
     losses: list[tuple[torch.Tensor, torch.Tensor]] = []
     cols = w.shape[-1]
-    for e in range(w.shape[0]):
+    which = range(w.shape[0]) if which is None else which
+    for e in which:
         rows, n = w[e].contiguous(), int(stats.counts[e])
         imp = stats.importance(e).to(rows.device)
         fitted = fit(c, rows, imp)
@@ -225,26 +230,63 @@ def solve_experts(w: torch.Tensor, stats, c, settings: GptqSettings, device: tor
     if losses:  # summed in expert order in float64, as Python floats
         for e_loss, e_fit in torch.stack([torch.stack(p) for p in losses]).double().cpu().tolist():
             loss, fit_loss = loss + e_loss, fit_loss + e_fit
-    entry = {"loss": loss, "fit_loss": fit_loss, "act_order": ordered / (w.shape[0] * w.shape[1]), "experts": experts}
-    return w_hat, concat_blocks(parts, axis=0), entry
+    entry = {"loss": loss, "fit_loss": fit_loss, "act_order": ordered / max(len(which) * w.shape[1], 1),
+             "experts": experts, "rows": len(which) * w.shape[1], "ordered": ordered}
+    return w_hat, concat_blocks(parts, axis=0) if parts else None, entry
+
+
+def solve_rows(w: torch.Tensor, mine: slice, stats, c, settings: GptqSettings, device: torch.device, what: str,
+               qtype: str):
+    """Rows `mine` of w (GGUF orientation) solved on their Hessian, ROWS_PER_SOLVE at a time: (Ŵ of w's shape, its
+    rows `mine` set; their blocks, None if there are none; the report entry: loss, fit_loss, rows, and ordered, the
+    rows solved in act-order).  Rows are independent given H, so how they are split changes no bits."""
+    import torch
+
+    from .gptq.solver import concat_blocks
+    from .gptq.target import asymmetric_target
+
+    h = stats.hessian
+    w_hat, parts, loss, fit_loss, act_ordered = torch.empty_like(w), [], 0.0, 0.0, 0
+    for r in range(mine.start, mine.stop, ROWS_PER_SOLVE):
+        rows = w[r : min(r + ROWS_PER_SOLVE, mine.stop)]
+        target = rows
+        if settings.asymmetric and stats.cross is not None:
+            target = asymmetric_target(rows, stats.s, stats.cross, settings.damp, settings.asymmetric)
+        try:
+            with one_cpu_thread(device):
+                blocks, w_rows, ordered = solve_in_order(target, h, c, settings)
+        except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
+            raise UserError(f"{what} cannot be quantized to {qtype}: {e} "
+                            f"(largest |weight| {float(w.abs().max()):.3g})") from None
+        parts.append(blocks)
+        w_hat[r : r + len(rows)] = w_rows
+        loss += hessian_loss(target, w_rows, h)
+        act_ordered += ordered
+        del w_rows
+        fit_loss += hessian_loss(target, importance_weighted_fit(c, rows, h.diagonal()), h)
+        del target
+    entry = {"loss": loss, "fit_loss": fit_loss, "rows": mine.stop - mine.start, "ordered": act_ordered}
+    return w_hat, concat_blocks(parts, axis=0) if parts else None, entry
 
 
 def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, device: torch.device,
-                settings: GptqSettings, work: WorkDir, progress=None, digests: bool = False) -> GptqReport:
+                settings: GptqSettings, work: WorkDir, progress=None, digests: bool = False,
+                world: World = SINGLE) -> GptqReport:
     """Run GPTQ over the whole model now (the layers not already in `work`), each layer's packed blocks saved to
-    `work` as it finishes.  digests: record a digest of each solved Ŵ (for --verify)."""
-    import torch
+    `work` as it finishes.  digests: record a digest of each solved Ŵ (for --verify).  world: the processes the
+    windows and every matrix's rows are spread over (edgequant.distributed); the writer keeps `work`, and its
+    report is the build's."""
+    import numpy as np
 
     from . import layerwise
-    from .gptq.solver import concat_blocks
-    from .gptq.target import asymmetric_target
 
     types = {t.name: t.qtype for t in plan}
     names = hf_to_gguf(m)
     report = GptqReport()
     host = ThreadPoolExecutor(max_workers=8)
 
-    pending: dict[str, dict] = {"packed": {}, "entries": {}}  # the layer being solved (sequential: in groups)
+    # the layer being solved (sequential: in groups): this rank's packed rows and report entries, the writer's digests
+    pending: dict[str, dict] = {"packed": {}, "entries": {}, "digests": {}}
 
     def on_layer(index, weights):
         new = {}
@@ -255,68 +297,74 @@ def gptq_layers(m: SourceModel, plan: list[TensorPlan], ids: torch.Tensor, devic
                 continue
             c = codec(qtype)
             if isinstance(stats, layerwise.ExpertStats):
+                n_expert = w.shape[0]
+                mine = world.share_of(n_expert)
                 w_hat, blocks, entry = solve_experts(w.detach().float(), stats, c, settings, device,
-                                                     f"{hf_name} (layer {index})")
-                pending["packed"][name] = host.submit(lambda c=c, b=blocks: c.pack(b).reshape(-1))
-                pending["entries"][name] = entry
-                if digests:
-                    entry["digest"] = host.submit(digest, w_hat.cpu().numpy())
+                                                     f"{hf_name} (layer {index})", range(mine.start, mine.stop))
+                del entry["act_order"]  # joined over the ranks from rows and ordered
+                world.share_rows(w_hat)
                 new[hf_name] = w_hat
-                continue
-            w_here = m.to_gguf(hf_name, w.detach().float()).contiguous()  # on the device
-            h = stats.hessian
-            w_hat, parts, loss, fit_loss, act_ordered = torch.empty_like(w_here), [], 0.0, 0.0, 0
-            for r in range(0, len(w_here), ROWS_PER_SOLVE):
-                rows = w_here[r : r + ROWS_PER_SOLVE]
-                target = rows
-                if settings.asymmetric and stats.cross is not None:
-                    target = asymmetric_target(rows, stats.s, stats.cross, settings.damp, settings.asymmetric)
-                try:
-                    with one_cpu_thread(device):
-                        blocks, w_rows, ordered = solve_in_order(target, h, c, settings)
-                except ValueError as e:  # H beyond any damping, or weights whose block scales overflow float16
-                    raise UserError(f"{hf_name} (layer {index}) cannot be quantized to {qtype.name}: {e} "
-                                    f"(largest |weight| {float(w_here.abs().max()):.3g})") from None
-                parts.append(blocks)
-                w_hat[r : r + len(rows)] = w_rows
-                loss += hessian_loss(target, w_rows, h)
-                act_ordered += ordered
-                del w_rows
-                fit_loss += hessian_loss(target, importance_weighted_fit(c, rows, h.diagonal()), h)
-                del target
-            blocks = concat_blocks(parts, axis=0)
+            else:
+                w_here = m.to_gguf(hf_name, w.detach().float()).contiguous()  # on the device
+                mine = world.share_of(len(w_here))
+                w_hat, blocks, entry = solve_rows(w_here, mine, stats, c, settings, device,
+                                                  f"{hf_name} (layer {index})", qtype.name)
+                world.share_rows(w_hat)
+                new[hf_name] = m.from_gguf(name, w_hat)
             # packing and hashing on host threads (both release the GIL), while the GPU goes on
-            pending["packed"][name] = host.submit(lambda c=c, b=blocks: c.pack(b).reshape(-1))
-            pending["entries"][name] = entry = {"loss": loss, "fit_loss": fit_loss,
-                                                "act_order": act_ordered / len(w_here)}
-            if digests:  # Ŵ to the host only for --verify
-                entry["digest"] = host.submit(digest, w_hat.cpu().numpy())
-            new[hf_name] = m.from_gguf(name, w_hat)
+            pending["packed"][name] = host.submit(lambda c=c, b=blocks: None if b is None else c.pack(b).reshape(-1))
+            pending["entries"][name] = entry
+            if digests and world.writer:  # Ŵ to the host only for --verify
+                pending["digests"][name] = host.submit(digest, w_hat.cpu().numpy())
         return new
 
     def on_done(index):
-        packed = {k: f.result() for k, f in pending["packed"].items()}
-        entries = pending["entries"]
-        for e in entries.values():
-            if "digest" in e:
-                e["digest"] = e["digest"].result()
-        work.save_layer(index, packed, entries)
-        report.add(entries)
-        pending["packed"], pending["entries"] = {}, {}
+        mine = {k: (f.result(), pending["entries"][k]) for k, f in pending["packed"].items()}
+        every = world.gather_objects(mine)  # rank order: each rank's rows, in order
+        if world.writer:
+            packed, entries = {}, {}
+            for k in mine:
+                parts = [got[k] for got in every]
+                packed[k] = np.concatenate([p for p, _ in parts if p is not None])
+                entries[k] = joined = {"loss": sum(e["loss"] for _, e in parts),
+                                       "fit_loss": sum(e["fit_loss"] for _, e in parts),
+                                       "act_order": sum(e["ordered"] for _, e in parts) / max(sum(e["rows"] for _, e in parts), 1)}
+                if any("experts" in e for _, e in parts):
+                    joined["experts"] = [x for _, e in parts for x in e["experts"]]
+                if k in pending["digests"]:
+                    joined["digest"] = pending["digests"][k].result()
+            work.save_layer(index, packed, entries)
+            report.add(entries)
+        pending["packed"], pending["entries"], pending["digests"] = {}, {}, {}
         if task is not None:
             loss, fit = sum(report.loss.values()), sum(report.fit_loss.values())
             progress.update(task, advance=1, description=f"GPTQ (done: {index}, loss {loss:.4g} = {loss / fit if fit else 1:.3f}× fit)")
 
-    work.open()
-    report.add(work.report())  # layers finished by an earlier, killed run
-    resume = work.resume_point()
+    def on_hidden(index, hidden):
+        """A checkpoint of the layer's outputs, all windows in one file, when the writer finds one due."""
+        if world.agree(work.checkpoint_due() if world.writer else None):
+            every = world.gather_windows(hidden, len(ids), batch)
+            if world.writer:
+                work.save_hidden_later(index, every)
+        if world.writer:
+            work.test_kill(index)
+
+    batch = layerwise.batch_of(ids)
+    if world.writer:
+        work.open()
+        report.add(work.report())  # layers finished by an earlier, killed run
+        resume = work.resume_point(hidden=False)
+    resume = world.agree(resume if world.writer else None)
     if resume is not None:
-        start, hidden = resume
-        task = progress.add_task("GPTQ", total=m.hp.n_layers + 1, completed=start) if progress is not None else None
+        start, _ = resume
+        hidden = work.hidden(start - 1, world.windows(len(ids), batch)) if start else None
+        task = (progress.add_task("GPTQ", total=m.hp.n_layers + 1, completed=start)
+                if progress is not None and world.writer else None)
         with host:
-            report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden,
-                                           on_hidden=work.checkpoint_hidden, on_done=on_done, precision=settings.calib_precision,
+            report.seconds = layerwise.run(m, ids, on_layer, device, start=start, hidden=hidden, batch=batch,
+                                           on_hidden=on_hidden, on_done=on_done, precision=settings.calib_precision,
                                            requantize=True, sequential=settings.sequential,
-                                           asymmetric=settings.asymmetric > 0)
-    work.flush()  # the last layers' files, written in the background
+                                           asymmetric=settings.asymmetric > 0, world=world)
+    if world.writer:
+        work.flush()  # the last layers' files, written in the background
     return report

@@ -128,15 +128,22 @@ class WorkDir:
         self._queue(self._write, CALIBRATION, lambda f: np.savez(f, **arrays))
         return windows
 
-    def resume_point(self) -> tuple[int, torch.Tensor | None] | None:
-        """(index of the first layer to solve, its inputs or None for the embeddings); None when every layer is done."""
+    def resume_point(self, hidden: bool = True) -> tuple[int, torch.Tensor | None] | None:
+        """(index of the first layer to solve, its inputs or None for the embeddings); None when every layer is done.
+        hidden=False: the inputs are left to hidden() (None in their place)."""
         self.flush()
         if (self.path / "layer-output.npz").is_file():
             return None
         done = sorted(int(p.stem.split("-")[1]) for p in self.path.glob("hidden-*.npy"))
         if not done:
             return 0, None
-        return done[-1] + 1, torch.from_numpy(np.load(self.path / f"hidden-{done[-1]}.npy"))
+        return done[-1] + 1, self.hidden(done[-1]) if hidden else None
+
+    def hidden(self, index: int, windows: slice = slice(None)) -> torch.Tensor:
+        """The saved outputs of layer `index`, of the calibration windows `windows` only (read from the file as it is
+        mapped: a process of a distributed build reads its own windows)."""
+        saved = np.load(self.path / f"hidden-{index}.npy", mmap_mode="r")
+        return torch.from_numpy(np.array(saved if windows == slice(None) else saved[..., windows, :, :]))  # a copy: writable
 
     def save_layer(self, index, packed: dict[str, np.ndarray], report: dict[str, dict]) -> None:
         """Queue layer `index`'s packed tensors and report for writing (after the head's, the hidden files go)."""
@@ -147,16 +154,26 @@ class WorkDir:
         self.where.update(dict.fromkeys(report, self.path / f"layer-{index}.npz"))
 
     def checkpoint_hidden(self, index: int, hidden: torch.Tensor) -> None:
-        """Queue save_hidden, unless the last save is still being written or was queued less than SAVE_EVERY times
-        its own cost ago: a small model's layer outputs are saved after every layer; an 8B's (4 GiB, seconds to
-        write) every few layers, so that the disk spends at most ~1/SAVE_EVERY of the build on them.  A resume
-        redoes the layers after the last one saved.  What waits here is a copy to host memory (pinned, reused)."""
+        """Queue save_hidden if checkpoint_due(); then test_kill.  What waits here is a copy to host memory (pinned,
+        reused)."""
         now = time.perf_counter()
+        if self.checkpoint_due(now):
+            self.save_hidden_later(index, hidden, now)
+        self.test_kill(index)
+
+    def checkpoint_due(self, now: float | None = None) -> bool:
+        """Whether a layer's outputs should be saved now: not while the last save is still being written, nor less
+        than SAVE_EVERY times its own cost after it was queued.  A small model's layer outputs are saved after every
+        layer; an 8B's (4 GiB, seconds to write) every few layers, so that the disk spends at most ~1/SAVE_EVERY of
+        the build on them.  A resume redoes the layers after the last one saved."""
+        now = time.perf_counter() if now is None else now
         busy = self._hidden_save is not None and not self._hidden_save.done()
-        if not busy and (self._save_cost is None or now - self._saved_at >= SAVE_EVERY * self._save_cost):
-            self._saved_at = now
-            self._hidden_save = self._queue(self._timed_save_hidden, index, self._host_copy(hidden), now)
-        self._test_kill(index)
+        return not busy and (self._save_cost is None or now - self._saved_at >= SAVE_EVERY * self._save_cost)
+
+    def save_hidden_later(self, index: int, hidden: torch.Tensor, now: float | None = None) -> None:
+        """Queue save_hidden of a copy of `hidden`."""
+        self._saved_at = now = time.perf_counter() if now is None else now
+        self._hidden_save = self._queue(self._timed_save_hidden, index, self._host_copy(hidden), now)
 
     def _host_copy(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.device.type == "cpu":
@@ -193,7 +210,7 @@ class WorkDir:
         """Wait for the queued writes; raise the first one's error, if any."""
         self._raise_failed(wait=True)
 
-    def _test_kill(self, index: int) -> None:
+    def test_kill(self, index: int) -> None:
         if os.environ.get("EDGEQUANT_TEST_KILL_AFTER_LAYER") == str(index):  # tests: a kill between two layers
             self.flush()
             os.kill(os.getpid(), signal.SIGKILL)

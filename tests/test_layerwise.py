@@ -158,15 +158,19 @@ def test_attention_with_repeated_heads_is_transformers_sdpa(masked):
 
 @pytest.mark.parametrize("rows", [1, 5, 12, 64])
 def test_stats_sum_the_upper_blocks_and_read_whole(monkeypatch, rows):
-    """Σxᵀx from the blocks on and right of the diagonal, mirrored on read, read between adds too: the full product
-    (and Σ x_fpᵀ x as it is), whatever the block against the width."""
+    """Σxᵀx from the blocks on and right of the diagonal, mirrored on read: the full product (and Σ x_fpᵀ x as it
+    is), whatever the block against the width; the first read finishes the sums, and an add after it is refused."""
     monkeypatch.setattr(layerwise, "GRAM_ROWS", rows)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(7, 12, generator=g, dtype=torch.float64).float() for _ in range(3)]
     fps = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
+    first = layerwise.Stats(12, torch.device("cpu"))
+    first.add(xs[0], fps[0])
+    torch.testing.assert_close(first.s, xs[0].T @ xs[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="after finish"):
+        first.add(xs[1])
     st = layerwise.Stats(12, torch.device("cpu"))
     st.add(xs[0], fps[0])
-    torch.testing.assert_close(st.s, xs[0].T @ xs[0], rtol=1e-6, atol=1e-6)
     st.add(xs[1], fps[1])
     st.add(xs[2], fps[2])
     x, fp = torch.cat(xs), torch.cat(fps)

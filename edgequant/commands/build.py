@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -71,6 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "half the activation memory)")
     g.add_argument("--work-dir", type=Path, metavar="DIR",
                    help="finished layers are kept here so that a killed build resumes when run again (default OUTPUT.work)")
+    d = p.add_argument_group("several processes (GPTQ; see README, \"Several GPUs\")")
+    d.add_argument("--gpus", type=int, metavar="N",
+                   help="spread the build over N GPUs of this machine, one process each (torch.distributed, nccl); "
+                        "under torchrun, leave it out")
+    d.add_argument("--processes", type=int, metavar="N",
+                   help="spread the build over N processes on the CPU (torch.distributed, gloo): the same code path as "
+                        "--gpus, for CPU machines and tests")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model*.bin when there are no safetensors (torch.load with weights_only=True)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -84,10 +92,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..budget import budget_request
     from ..build import build
     from ..convert.gguf_out import check_output_path
 
+    ranks = ranks_option(args)
+    if distributed.launched() and ranks not in (1, int(os.environ["WORLD_SIZE"])):
+        raise UserError(f"--gpus/--processes {ranks} in one of {os.environ['WORLD_SIZE']} processes started by torchrun: "
+                        f"leave the option out")
+    if ranks > 1 and not distributed.launched():
+        return distributed.spawn(ranks, args.argv)
     target, budget = budget_request(args.target, args.size, args.bpw, DEFAULT_TARGET)
     speed_floor = speed_floor_option(args.speed_floor, budget)
     if args.report is not None:  # before the build, not after it
@@ -96,10 +111,16 @@ def run(args: argparse.Namespace) -> int:
             tempfile.NamedTemporaryFile(dir=args.report.parent).close()
         except OSError as e:
             raise UserError(f"--report: cannot write to {args.report.parent}: {e.strerror}") from None
-    result = build(args.model, target, args.output, method=args.method, calib=calib_options(args),
+    calib = calib_options(args)
+    world = distributed.init(calib.torch_device().type)
+    result = build(args.model, target, args.output, method=args.method, calib=calib,
                    verify=args.verify, quiet=args.quiet or args.json, work_dir=args.work_dir,
                    allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, budget=budget,
-                   speed_floor=speed_floor)
+                   speed_floor=speed_floor, world=world)
+    world.agree(None)  # every rank waits for the writer's file
+    distributed.finish()
+    if result is None:  # not the writer
+        return 0
     if args.report is not None:
         from ..report import render
 
@@ -124,6 +145,30 @@ def speed_floor_option(value: float | None, budget) -> float:
     if not 0 <= value <= 2:  # also NaN
         raise UserError(f"--speed-floor {value:g}: give a ratio of the recipe's speed from 0 (no floor) to 2")
     return value
+
+
+def ranks_option(args: argparse.Namespace) -> int:
+    """How many processes --gpus or --processes asks for (1: this one), checked; --processes builds on the CPU,
+    --gpus on CUDA (args.device set so)."""
+    if args.gpus is not None and args.processes is not None:
+        raise UserError("--gpus and --processes: give one (--gpus N for N GPUs, --processes N for N CPU processes)")
+    n = args.gpus if args.gpus is not None else args.processes
+    if n is None:
+        return 1
+    option = "--gpus" if args.gpus is not None else "--processes"
+    if n < 1:
+        raise UserError(f"{option} {n}: give at least 1")
+    wanted = "cuda" if args.gpus is not None else "cpu"
+    if args.device not in ("auto", wanted):
+        raise UserError(f"{option} {n} --device {args.device}: {option} builds on {'CUDA GPUs' if wanted == 'cuda' else 'the CPU'}")
+    args.device = wanted
+    if wanted == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < n:
+            raise UserError(f"--gpus {n}: this machine has {torch.cuda.device_count()} CUDA GPUs; --processes N spreads "
+                            f"a build over N processes on the CPU")
+    return n
 
 
 def calib_options(args: argparse.Namespace):
