@@ -28,7 +28,7 @@ def mismatches(model_dir, text_file, tmp_path) -> tuple[int, list]:
     return len(lines), bad
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_phi3", "tiny_gemma2", "tiny_gemma3"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_phi3", "tiny_phi4_mini", "tiny_gemma2", "tiny_gemma3"])
 def test_fixture_tokenization_matches_reference(model, request, fixture_text, tmp_path):
     n, bad = mismatches(request.getfixturevalue(model), fixture_text, tmp_path)
     assert n > 300
