@@ -94,6 +94,7 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
+    PreTrainedTokenizerFast,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -547,7 +548,9 @@ def make_phi4_mini_tokenizer(train: Path, out: Path):
         "unk_token": "<|endoftext|>",
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return AutoTokenizer.from_pretrained(out)
+    # tokenizer.json's pipeline, as llama.cpp and AutoTokenizer (once config.json is there) read it: AutoTokenizer on
+    # the bare folder would take tokenizer_class and build transformers' GPT2Tokenizer, GPT-2's split instead of o200k's
+    return PreTrainedTokenizerFast.from_pretrained(out)
 
 
 # --------------------------------------------------------------------------------------------------------------------
