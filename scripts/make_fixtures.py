@@ -7,6 +7,8 @@ Everything is generated here, deterministically, so the fixtures carry no third-
     tests/fixtures/tiny-qwen2/             Qwen2ForCausalLM + Qwen2-style byte-level BPE (tokenizers library)
     tests/fixtures/tiny-phi3/              Phi3ForCausalLM (fused qkv/gate_up, partial LongRoPE) + Phi-3's
                                            Llama-2-style SentencePiece with its added chat tokens
+    tests/fixtures/tiny-phi4-mini/         Phi3ForCausalLM in Phi-4-mini's shape (tied, partial LongRoPE 4k -> 128k) +
+                                           byte-level BPE with o200k's split and Phi-4-mini's chat and tool tokens
     tests/fixtures/tiny-gemma2/            Gemma2ForCausalLM + Gemma-style SentencePiece (no dummy prefix)
     tests/fixtures/tiny-gemma3/            Gemma3ForCausalLM (text) + the same tokenizer
     tests/fixtures/tiny-gemma3-vl/         Gemma3ForConditionalGeneration: tiny-gemma3 as the text tower of a
@@ -33,6 +35,13 @@ and Phi-4-mini) and gate_up_proj (2 x 512 rows), Phi-4-mini's partial rotary (3/
 LongRoPE (short/long factor lists, 8192 positions over an original 2048), a sliding window, no BOS added, and the
 chat tokens after the SentencePiece vocabulary with the embedding padded past them (as Phi-3's 32064).
 
+tiny-phi4-mini is Phi-4-mini-instruct where it parts from Phi-3: GPT-4o's tokenizer (byte-level BPE, the o200k split
+regex exactly as its tokenizer.json has it, llama.cpp's pre-tokenizer "gpt-4o"; <|endoftext|> as BOS, EOS, padding and
+unknown token, then <|endofprompt|>, the chat and tool tokens; tokenizer_class GPT2Tokenizer, which llama.cpp's
+converter reads to take the BPE path), tied embeddings, 3:1 GQA (6 heads of 32 over 2 KV heads), 3/4 of each head
+rotated, LongRoPE from 4096 to 131072 positions (attention factor 1.19), a sliding_window larger than any context, the
+embedding padded past the tokenizer (640 > 617, as 200064 > 200029), and its Hub config layout and extra keys.
+
 tiny-gemma2 and tiny-gemma3 have their families' layer structure (norms before and after attention and the FFN,
 GELU-tanh, embeddings scaled by sqrt(hidden) and tied, head_dim given in the config) with a 32-token sliding
 window, so that a 128-token test window crosses it: Gemma 2 alternates sliding and global layers and soft-caps
@@ -52,8 +61,8 @@ Each model is trained for a few hundred AdamW steps on 128-token windows of trai
 seeds), saved in bf16, and its train/eval loss written to TRAINING.txt. Run from the repository root:
 
     python scripts/make_fixtures.py            # about two CPU-minutes (training runs on one thread)
-    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, gemma2, gemma3,
-                                               # gemma3_vl, qwen3_moe, mixtral)
+    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, phi4_mini, gemma2,
+                                               # gemma3, gemma3_vl, qwen3_moe, mixtral)
 
 tiny-gemma3-vl is how Gemma 3's 4B/12B/27B are published: Gemma3ForConditionalGeneration, a config whose text_config
 holds only what differs from Gemma3TextConfig's defaults (here: everything tiny, plus gemma-3-4b's linear rope
