@@ -7,6 +7,8 @@ Everything is generated here, deterministically, so the fixtures carry no third-
     tests/fixtures/tiny-qwen2/             Qwen2ForCausalLM + Qwen2-style byte-level BPE (tokenizers library)
     tests/fixtures/tiny-phi3/              Phi3ForCausalLM (fused qkv/gate_up, partial LongRoPE) + Phi-3's
                                            Llama-2-style SentencePiece with its added chat tokens
+    tests/fixtures/tiny-phi4-mini/         Phi3ForCausalLM in Phi-4-mini's shape (tied, partial LongRoPE 4k -> 128k) +
+                                           byte-level BPE with o200k's split and Phi-4-mini's chat and tool tokens
     tests/fixtures/tiny-gemma2/            Gemma2ForCausalLM + Gemma-style SentencePiece (no dummy prefix)
     tests/fixtures/tiny-gemma3/            Gemma3ForCausalLM (text) + the same tokenizer
     tests/fixtures/tiny-gemma3-vl/         Gemma3ForConditionalGeneration: tiny-gemma3 as the text tower of a
@@ -33,6 +35,13 @@ and Phi-4-mini) and gate_up_proj (2 x 512 rows), Phi-4-mini's partial rotary (3/
 LongRoPE (short/long factor lists, 8192 positions over an original 2048), a sliding window, no BOS added, and the
 chat tokens after the SentencePiece vocabulary with the embedding padded past them (as Phi-3's 32064).
 
+tiny-phi4-mini is Phi-4-mini-instruct where it parts from Phi-3: GPT-4o's tokenizer (byte-level BPE, the o200k split
+regex exactly as its tokenizer.json has it, llama.cpp's pre-tokenizer "gpt-4o"; <|endoftext|> as BOS, EOS, padding and
+unknown token, then <|endofprompt|>, the chat and tool tokens; tokenizer_class GPT2Tokenizer, which llama.cpp's
+converter reads to take the BPE path), tied embeddings, 3:1 GQA (6 heads of 32 over 2 KV heads), 3/4 of each head
+rotated, LongRoPE from 4096 to 131072 positions (attention factor 1.19), a sliding_window larger than any context, the
+embedding padded past the tokenizer (640 > 617, as 200064 > 200029), and its Hub config layout and extra keys.
+
 tiny-gemma2 and tiny-gemma3 have their families' layer structure (norms before and after attention and the FFN,
 GELU-tanh, embeddings scaled by sqrt(hidden) and tied, head_dim given in the config) with a 32-token sliding
 window, so that a 128-token test window crosses it: Gemma 2 alternates sliding and global layers and soft-caps
@@ -52,8 +61,8 @@ Each model is trained for a few hundred AdamW steps on 128-token windows of trai
 seeds), saved in bf16, and its train/eval loss written to TRAINING.txt. Run from the repository root:
 
     python scripts/make_fixtures.py            # about two CPU-minutes (training runs on one thread)
-    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, gemma2, gemma3,
-                                               # gemma3_vl, qwen3_moe, mixtral)
+    python scripts/make_fixtures.py phi3       # only the named fixtures (llama, qwen2, phi3, phi4_mini, gemma2,
+                                               # gemma3, gemma3_vl, qwen3_moe, mixtral)
 
 tiny-gemma3-vl is how Gemma 3's 4B/12B/27B are published: Gemma3ForConditionalGeneration, a config whose text_config
 holds only what differs from Gemma3TextConfig's defaults (here: everything tiny, plus gemma-3-4b's linear rope
@@ -94,6 +103,7 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
+    PreTrainedTokenizerFast,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -142,6 +152,19 @@ PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Phi-4-mini-instruct's tokenizer_config.json chat template (tools in the system turn; no newlines between turns)
+PHI4_MINI_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# o200k's (GPT-4o's) split, as Phi-4-mini's tokenizer.json has it (llama.cpp's pre-tokenizer "gpt-4o")
+O200K_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -497,6 +520,48 @@ def make_qwen2_tokenizer(train: Path, out: Path):
     return AutoTokenizer.from_pretrained(out)
 
 
+def make_phi4_mini_tokenizer(train: Path, out: Path):
+    """Phi-4-mini's tokenizer: byte-level BPE with o200k's split and no normalizer, its chat and tool tokens added
+    after the vocabulary (<|endoftext|> first: BOS, EOS, padding and unknown token); tokenizer_config.json as
+    Phi-4-mini-instruct's (GPT2Tokenizer, which is what llama.cpp's converter reads to take the BPE path)."""
+    byte_level = dict(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(**byte_level),
+    ])
+    tok.decoder = decoders.ByteLevel(**byte_level)
+    tok.post_processor = processors.ByteLevel(**byte_level)
+    trainer = trainers.BpeTrainer(vocab_size=605, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train([str(train)], trainer)
+    specials = ["<|endoftext|>", "<|endofprompt|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>",
+                "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>"]
+    tok.add_special_tokens(specials)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(tok.token_to_id(s)): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                                      "single_word": False, "special": True} for s in specials},
+        "bos_token": "<|endoftext|>",
+        "chat_template": PHI4_MINI_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "GPT2Tokenizer",
+        "unk_token": "<|endoftext|>",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    # tokenizer.json's pipeline, as llama.cpp and AutoTokenizer (once config.json is there) read it: AutoTokenizer on
+    # the bare folder would take tokenizer_class and build transformers' GPT2Tokenizer, GPT-2's split instead of o200k's
+    return PreTrainedTokenizerFast.from_pretrained(out)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------------
@@ -633,6 +698,42 @@ def make_phi3(train_path: Path, eval_path: Path) -> None:
         cfg["torch_dtype"] = cfg.pop("dtype")
 
     rewrite_json(out / "config.json", classic)
+
+
+def make_phi4_mini(train_path: Path, eval_path: Path) -> None:
+    """Phi-4-mini-instruct's config shape: tied embeddings, 3:1 GQA, 3/4 of each head rotated, LongRoPE from 4k to
+    128k, sliding_window larger than any context, and a vocabulary padded beyond the tokenizer (200064 > 200029)."""
+    out = fresh_dir(FIXTURES / "tiny-phi4-mini")
+    tok = make_phi4_mini_tokenizer(train_path, out)
+    torch.manual_seed(4)
+    head_dim, partial = 32, 0.75
+    n_factors = int(head_dim * partial) // 2
+    short = [round(1.0 + 0.05 * i / n_factors, 4) for i in range(n_factors)]
+    long = [round(1.0 + 30.0 * (i / (n_factors - 1)) ** 2, 4) for i in range(n_factors)]
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Phi3Config(
+        vocab_size=640, hidden_size=192, intermediate_size=512, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        rms_norm_eps=1e-5, sliding_window=262144, tie_word_embeddings=True, partial_rotary_factor=partial,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
+                         "original_max_position_embeddings": 4096, "partial_rotary_factor": partial},
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+    )
+    assert len(tok) < config.vocab_size
+    train_and_save("phi4_mini", Phi3ForCausalLM(config), tok, out, train_path, eval_path, bos=None, seed=44)
+
+    def hub(cfg: dict) -> None:
+        """Phi-4-mini-instruct's published layout: rope_theta, partial_rotary_factor and
+        original_max_position_embeddings at the top level, rope_scaling {type, long_factor, short_factor}, and its
+        extra keys (full_attn_mod, interpolate_factor, lm_head_bias)."""
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg["rope_scaling"] = {"type": rope["rope_type"], "long_factor": rope["long_factor"],
+                               "short_factor": rope["short_factor"]}
+        cfg["torch_dtype"] = cfg.pop("dtype")
+        cfg.update(full_attn_mod=1, interpolate_factor=1, lm_head_bias=False)
+
+    rewrite_json(out / "config.json", hub)
 
 
 GEMMA_SHAPE = dict(vocab_size=512, max_position_embeddings=8192, rms_norm_eps=1e-6, sliding_window=32,
@@ -783,7 +884,8 @@ def make_mixtral(train_path: Path, eval_path: Path) -> None:
     rewrite_json(out / "config.json", classic)
 
 
-MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "phi3": make_phi3, "gemma2": make_gemma2, "gemma3": make_gemma3,
+MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "phi3": make_phi3, "phi4_mini": make_phi4_mini,
+          "gemma2": make_gemma2, "gemma3": make_gemma3,
           "gemma3_vl": make_gemma3_vl,
           "qwen3_moe": make_qwen3_moe, "mixtral": make_mixtral}
 

@@ -47,6 +47,14 @@ def tiny_phi3() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_phi4_mini() -> Path:
+    """Phi3ForCausalLM in Phi-4-mini's shape: byte-level BPE with o200k's split (llama.cpp's "gpt-4o") and its chat
+    and tool tokens, tied embeddings, 3:1 GQA, 3/4 rotary with LongRoPE 4k -> 128k, vocabulary padded beyond the
+    tokenizer's, its Hub config layout."""
+    return FIXTURES / "tiny-phi4-mini"
+
+
+@pytest.fixture(scope="session")
 def tiny_gemma2() -> Path:
     """Gemma2ForCausalLM: pre/post norms, soft-capped attention and logits, alternating 32-token sliding window,
     scaled tied embeddings; Gemma's SentencePiece (no dummy prefix)."""

@@ -26,12 +26,12 @@ from parity_check import assert_parity
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / ".cache" / "llama-tools"  # scripts/build_llama_tools.sh
-DENSE = ["tiny_phi3", "tiny_gemma2", "tiny_gemma3", "tiny_gemma3_vl"]
+DENSE = ["tiny_phi3", "tiny_phi4_mini", "tiny_gemma2", "tiny_gemma3", "tiny_gemma3_vl"]
 MOE = ["tiny_qwen3_moe", "tiny_mixtral"]
 ARCHITECTURES = DENSE + MOE
 # llama.cpp's converter checks a BPE vocabulary's pre-tokenizer by hashing how it splits a fixed text, which a
 # retrained vocabulary changes: for these it is told the pre-tokenizer (scripts/convert_llama_cpp_bypass_pre.py)
-PRE_TOKENIZER = {"tiny_qwen3_moe": "qwen2"}
+PRE_TOKENIZER = {"tiny_qwen3_moe": "qwen2", "tiny_phi4_mini": "gpt-4o"}
 # Keys we write that llama.cpp's converter leaves out, with the value llama.cpp assumes when they are absent
 DEFAULTS = {"gemma2.rope.freq_base": 10000.0}
 

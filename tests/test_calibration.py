@@ -84,7 +84,7 @@ def test_load_model_equals_the_checkpoint(llama, tiny_llama):
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tiny_phi3", "tiny_gemma2", "tiny_gemma3"])
+@pytest.mark.parametrize("name", ["tiny_phi3", "tiny_phi4_mini", "tiny_gemma2", "tiny_gemma3"])
 def test_load_model_equals_the_checkpoint_for_each_architecture(name, request):
     """Also where the model computes scalars at init (Gemma's embedding scale, lost on the meta device) and where SDPA
     cannot compute it (Gemma 2's soft-capped attention)."""

@@ -48,6 +48,7 @@ def unigram_entropy(ids: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name,bos", [("tiny_llama", 1), ("tiny_qwen2", None), ("tiny_phi3", None),
+                                           ("tiny_phi4_mini", None),
                                            ("tiny_gemma2", 2), ("tiny_gemma3", 2)])
 def test_model_is_trained_and_matches_its_record(name, bos, request, fixture_text):
     model_dir = request.getfixturevalue(name)
@@ -158,6 +159,34 @@ def test_phi3_shapes(tiny_phi3):
     chat = tok.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"])
     assert chat == list(range(sp.vocab_size(), sp.vocab_size() + 5)) and len(tok) < cfg.vocab_size
     assert tok("x")["input_ids"][0] != sp.bos_id() and tok.eos_token == "<|endoftext|>"  # no BOS added
+
+
+def test_phi4_mini_shapes(tiny_phi4_mini):
+    """Phi-4-mini's config layout (tied, 3:1 GQA, 3/4 rotary, LongRoPE 4k -> 128k, vocabulary padded past the
+    tokenizer), no lm_head stored; its byte-level BPE splits as o200k does (worked out by hand from tiktoken's pattern:
+    case-aware words keep their contraction, digits in threes, a lone space before digits, "/" joins the next word)."""
+    raw = json.loads((tiny_phi4_mini / "config.json").read_text())
+    assert raw["rope_scaling"]["type"] == "longrope" and "rope_parameters" not in raw
+    assert (raw["original_max_position_embeddings"], raw["max_position_embeddings"]) == (4096, 131072)
+    assert raw["tie_word_embeddings"] and raw["partial_rotary_factor"] == 0.75 and raw["sliding_window"] == 262144
+    model, tok = load(tiny_phi4_mini)
+    cfg = model.config
+    assert cfg.model_type == "phi3" and cfg.num_attention_heads == 3 * cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert len(raw["rope_scaling"]["long_factor"]) == int(head_dim * 0.75) // 2
+    shapes = tensor_shapes(tiny_phi4_mini)
+    assert "lm_head.weight" not in shapes and shapes["model.embed_tokens.weight"] == (cfg.vocab_size, cfg.hidden_size)
+    assert len(tok) < cfg.vocab_size
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert raw["bos_token_id"] == raw["eos_token_id"] == raw["pad_token_id"] == eot
+    chat = tok.convert_tokens_to_ids(["<|endoftext|>", "<|endofprompt|>", "<|assistant|>", "<|end|>", "<|user|>",
+                                      "<|system|>", "<|tool|>"])
+    assert chat == list(range(eot, eot + 7))  # after the BPE vocabulary, <|endoftext|> first
+    assert tok("x")["input_ids"] == tok("x", add_special_tokens=False)["input_ids"]  # no BOS
+    pieces = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("I'm CamelCase 12345 a/b\n")
+    assert [p for p, _ in pieces] == ["I'm", "ĠCamel", "Case", "Ġ", "123", "45", "Ġa", "/b", "Ċ"]
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|user|>hi<|end|><|assistant|>"
 
 
 @pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])

@@ -301,7 +301,8 @@ def assert_close_sums(got, want):
 BIG = 1 << 40
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_phi3", "tiny_gemma2", "tiny_gemma3"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_phi3", "tiny_phi4_mini", "tiny_gemma2",
+                                   "tiny_gemma3"])
 @pytest.mark.parametrize("sequential, asymmetric", [(False, False), (False, True), (True, False), (True, True)])
 def test_passes_collect_what_transformers_computes(model, sequential, asymmetric, monkeypatch, request):
     """Every Stats and every layer output against transformers' own forward of the model as it is changed, with
