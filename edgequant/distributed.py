@@ -189,6 +189,9 @@ def finish() -> None:
     if _world.size > 1:
         import torch.distributed as dist
 
+        # every rank at the same point before any tears its connections down: a rank still in gloo's last exchange
+        # when its peer's sockets close can abort (std::terminate, seen once in CI under load)
+        dist.barrier()
         dist.destroy_process_group()
         _world = SINGLE
 

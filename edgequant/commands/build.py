@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise UserError(f"--report: cannot write to {args.report.parent}: {e.strerror}") from None
     calib = calib_options(args)
-    world = distributed.init(calib.torch_device().type)
+    # only a launched rank resolves its device here: a build that needs no torch (rtn, F16, --imatrix FILE) imports none
+    world = distributed.init(calib.torch_device().type) if distributed.launched() else distributed.SINGLE
     result = build(args.model, target, args.output, method=args.method, calib=calib,
                    verify=args.verify, quiet=args.quiet or args.json, work_dir=args.work_dir,
                    allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, budget=budget,
