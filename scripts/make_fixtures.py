@@ -480,14 +480,16 @@ def make_llama_tokenizer(train: Path, out: Path):
     return AutoTokenizer.from_pretrained(out)
 
 
-def make_qwen2_tokenizer(train: Path, out: Path):
-    """Byte-level BPE with the pipeline of Qwen2's tokenizer.json; tokenizer_config.json written as Qwen2's."""
+def train_byte_level_bpe(train: Path, split: str, nfc: bool) -> Tokenizer:
+    """A byte-level BPE (605 entries before the special tokens) trained on `train` with the pipeline of Qwen2's and
+    Phi-4-mini's tokenizer.json: the Split regex `split`, then byte-level; an NFC normalizer where the model has one."""
     byte_level = dict(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(**byte_level),
     ])
     tok.decoder = decoders.ByteLevel(**byte_level)
@@ -495,6 +497,12 @@ def make_qwen2_tokenizer(train: Path, out: Path):
     trainer = trainers.BpeTrainer(vocab_size=605, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train([str(train)], trainer)
+    return tok
+
+
+def make_qwen2_tokenizer(train: Path, out: Path):
+    """Byte-level BPE with the pipeline of Qwen2's tokenizer.json; tokenizer_config.json written as Qwen2's."""
+    tok = train_byte_level_bpe(train, QWEN2_SPLIT, nfc=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok.add_special_tokens(specials)  # after the BPE vocabulary, as in Qwen2
     tok.save(str(out / "tokenizer.json"))
@@ -524,18 +532,7 @@ def make_phi4_mini_tokenizer(train: Path, out: Path):
     """Phi-4-mini's tokenizer: byte-level BPE with o200k's split and no normalizer, its chat and tool tokens added
     after the vocabulary (<|endoftext|> first: BOS, EOS, padding and unknown token); tokenizer_config.json as
     Phi-4-mini-instruct's (GPT2Tokenizer, which is what llama.cpp's converter reads to take the BPE path)."""
-    byte_level = dict(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(O200K_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(**byte_level),
-    ])
-    tok.decoder = decoders.ByteLevel(**byte_level)
-    tok.post_processor = processors.ByteLevel(**byte_level)
-    trainer = trainers.BpeTrainer(vocab_size=605, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train([str(train)], trainer)
+    tok = train_byte_level_bpe(train, O200K_SPLIT, nfc=False)
     specials = ["<|endoftext|>", "<|endofprompt|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>",
                 "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>"]
     tok.add_special_tokens(specials)
