@@ -241,9 +241,7 @@ def refine_lattice(W, H, lat: Lattice, P, fitted, index, neg, iterations: int, b
                 score = sj[:, None].square() * quad + 2 * sj[:, None] * (lin.T @ P.T)  # (rows, K)
                 best, new = score.min(1)
                 cur = score.gather(1, idx[:, j // dim, None])[:, 0]
-                move = best < cur - 1e-6 * cur.abs()  # not a float tie
-                if not bool(move.any()):
-                    continue
+                move = best < cur - 1e-6 * cur.abs()  # not a float tie; no branch on it (a host sync per group)
                 new = torch.where(move, new, idx[:, j // dim])
                 delta = sj * sg * (P[new].T - old)  # the shift cancels; Ŵ changes by s·σ⊙(p' - p)
                 idx[:, j // dim] = new
