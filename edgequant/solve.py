@@ -132,8 +132,6 @@ def solve_in_order(target: torch.Tensor, h: torch.Tensor, c, settings: GptqSetti
     from .gptq.solver import pick_rows
 
     orders = {"off": (False,), "on": (True,), "auto": (False, True)}[settings.act_order]
-    if not c.scalar_grid:  # vector GPTQ (lattice types): groups of consecutive columns, no act-order
-        orders = (False,)
     sols = [solve(target, h, c, block_size=settings.block_size, damp=settings.damp, act_order=a, refine=settings.refine)
             for a in orders]
     if len(sols) == 1:

@@ -66,10 +66,38 @@ def test_uncorrelated_h_is_about_the_fit(name):
     assert 0.8 < ratio < 1.02, ratio
 
 
-def test_act_order_is_refused():
-    W, _, H = problem(rows=4)
-    with pytest.raises(ValueError, match="lattice"):
-        solve(W, H, codec("IQ3_S"), act_order=True)
+@pytest.mark.parametrize("name", LATTICE)
+def test_act_order_in_runs_of_8_columns(name):
+    """act_order for a lattice type: runs of 8 columns (whole groups) by descending Σ diag(H), on scales fitted once
+    from the original weights (GGUF cannot record a permutation).  The bytes dequantize to Ŵ exactly, the scales are
+    the codec's fit of W, and the OBS identity holds: every group's update was exact in the permuted order."""
+    c = codec(name)
+    W, _, H = problem(seed=4, rows=24, cols=512, n=2048)
+    d = np.repeat(np.random.default_rng(5).lognormal(0, 1, 64), 8) ** 0.5  # runs of 8 of unequal importance
+    H = (H * d[:, None] * d[None, :]).astype(F32)
+    sol = solve(W, H, c, act_order=True, refine=0)
+    assert_exact(c, sol)
+    static = c.fit(W, (np.diagonal(H) + 0.01 * np.diagonal(H).mean()).astype(F32))
+    assert np.array_equal(sol.blocks.d, static.d) and np.array_equal(sol.blocks.scales, static.scales)
+    exact = obs_loss(W, sol.w_hat.numpy(), H, 0.01)
+    assert sol.loss == pytest.approx(exact, rel=1e-4)
+    assert exact < 0.8 * fit_loss(c, W, H)
+    assert not np.array_equal(sol.w_hat.numpy(), solve(W, H, c, refine=0).w_hat.numpy())
+
+
+@pytest.mark.parametrize("name", ["IQ3_S", "IQ2_S", "IQ2_XXS", "IQ2_XS"])
+def test_refine_sign_moves_lower_the_loss(name, monkeypatch):
+    """Refine's second candidate per group, the signs of its continuous optimum (free-sign types, and the parity
+    types of 8): lower loss than refining with GPTQ's signs kept, and some signs do change."""
+    from edgequant.gptq import vector
+    c = codec(name)
+    W, _, H = problem(seed=1, rows=24, cols=512, n=2048)
+    with_moves = solve(W, H, c, refine=2)
+    monkeypatch.setattr(vector, "SIGN_MOVES", False)
+    kept = solve(W, H, c, refine=2)
+    assert_exact(c, with_moves)
+    assert not np.array_equal(with_moves.blocks.signs, kept.blocks.signs)
+    assert obs_loss(W, with_moves.w_hat.numpy(), H, 0.01) < 0.99 * obs_loss(W, kept.w_hat.numpy(), H, 0.01)
 
 
 @pytest.mark.parametrize("name", LATTICE)

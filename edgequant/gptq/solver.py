@@ -79,10 +79,9 @@ def solve(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_
     S = codec.block_size
     codec.check_shape(cols)
     if not codec.scalar_grid:  # groups of weights are codebook points: vector GPTQ, in groups of columns
-        if act_order:  # a group is `dim` consecutive columns; GGUF cannot record their permutation
-            raise ValueError(f"{codec.name} is a codebook (lattice) type: vector GPTQ has no act_order")
         from .vector import solve_lattice
-        return solve_lattice(W, H, codec, block_size=block_size, damp=damp, refine=refine, refine_damp=refine_damp)
+        return solve_lattice(W, H, codec, block_size=block_size, damp=damp, act_order=act_order, refine=refine,
+                             refine_damp=refine_damp)
     if block_size % S and S % block_size:
         raise ValueError(f"block_size {block_size} must be a multiple or a divisor of {codec.name}'s {S}")
     sweep, polish, refit_loop = pick_sweeps(backend, device)

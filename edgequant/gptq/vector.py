@@ -16,7 +16,10 @@ apply; here the columns go in groups of `dim`:
     identity), H⁻¹_gg = U_ggᵀ U_gg, so the metric is A = U_gg⁻¹ U_gg⁻ᵀ and the loss is ‖U_gg⁻ᵀ e_g‖²: exactly the
     sum of GPTQ's per-column errors (w'_j − q_j)² / U_jj² had the group's columns been rounded one by one to q_g;
   - the group's errors err = U_gg⁻ᵀ e_g are spread over the later columns as GPTQ does (rank-dim updates inside a
-    lazy batch, one GEMM per batch for the rest).
+    lazy batch, one GEMM per batch for the rest);
+  - with act_order, runs of 8 columns (whole groups, and IQ3_XXS's pairs of groups that share a sign parity) go by
+    descending Σ diag(H), the scales fitted once up front from the original weights (GGUF cannot record a
+    permutation, as for the scalar grids); refine then refits those scales.
 
 The loss of a point p (signs σ, scale s, IQ1_S shift δ, q = s·σ⊙(p + δ)) is, up to a constant,
 s²·(σσᵀ⊙A)·ppᵀ − 2s·(σ⊙A(w − sδσ))·p: one (rows, dim²) x (dim², K) and one (rows, dim) x (dim, K) product per
@@ -42,6 +45,7 @@ from .solver import Solution, concat_blocks, damped, inverse_cholesky
 F32 = np.float32
 BLOCK = 256  # every lattice type's super-block
 FLIP_SEARCH = True  # the parity flip by the exact metric (False: ggml's least-weight rule; kept to measure it)
+SIGN_MOVES = True  # refine may also change a group's signs (False: signs fixed after GPTQ; kept to measure it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +103,8 @@ def codebook_values(name: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, refine: int = 0,
-                  refine_damp: float = 0.1) -> Solution:
+def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                  refine: int = 0, refine_damp: float = 0.1) -> Solution:
     """Vector GPTQ of W (rows = output features, cols = input features) given H = 2XᵀX, onto lattice `codec`
     (module docstring), on H's device (the block fits through the fit contract, which takes lattice fits to the
     host); then `refine` rounds of refine_lattice on H + λ'I, λ' = refine_damp · mean(diag H) (or GPTQ's λ if
@@ -117,38 +121,53 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
         raise ValueError(f"block_size {block_size} must be a multiple of {lat.dim} and a multiple or divisor of 256")
     dead = H.diagonal() == 0  # as solver.solve: dead columns keep their weights' nearest point, decoupled
     H[dead, dead] = 1
-    U, lam, damp = inverse_cholesky(H, damp)
+    perm = torch.arange(cols, device=device)
+    if act_order:  # runs of 8 columns (whole groups; IQ3_XXS's parity pairs of groups of 4) by descending Σ diag(H)
+        runs = torch.argsort(H.diagonal().reshape(-1, 8).sum(1), descending=True, stable=True)
+        perm = (runs[:, None] * 8 + torch.arange(8, device=device)).flatten()
+    U, lam, damp = inverse_cholesky(H[perm][:, perm] if act_order else H, damp)
     importance = H.diagonal() + lam
     dim = lat.dim
     P = torch.from_numpy(codebook_values(lat.grid)).to(device)  # (K, dim)
     eye = torch.eye(dim, device=device)
     PP = (P[:, :, None] * P[:, None, :]).reshape(len(P), dim * dim)  # (K, dim²): p_i p_j
-    Wt = W.T.contiguous()  # (cols, rows): a column is a contiguous row
+    Wt = W.T[perm].contiguous()  # (cols, rows) in processing order: a column is a contiguous row
     Err = torch.empty(cols, rows, device=device)
-    index = torch.empty(cols // dim, rows, dtype=torch.int64, device=device)
+    index = torch.empty(cols // dim, rows, dtype=torch.int64, device=device)  # processing order, as neg
     neg = torch.empty(cols, rows, dtype=torch.bool, device=device)
-    fits = []
-    scale = shift = None
+    scale = torch.empty(cols // lat.sub, rows, device=device)  # every sub-block's multiplier, original order
+    shift = None if lat.shift is None else torch.empty_like(scale)
+    fits, original = [], perm.tolist()
+
+    def put(first: int, blocks) -> None:
+        scale[first // lat.sub:][:blocks.d.shape[1] * (BLOCK // lat.sub)] = \
+            torch.from_numpy(lat.scale(blocks).reshape(rows, -1).T.copy())
+        if shift is not None:
+            shift[first // lat.sub:][:blocks.d.shape[1] * (BLOCK // lat.sub)] = \
+                torch.from_numpy(lat.shift(blocks).reshape(rows, -1).T.copy())
+
+    if act_order:  # GGUF cannot record a permutation: the scales are fitted once, up front (as solver.solve's grid)
+        fits.append(fit(codec, W, importance).blocks())
+        put(0, fits[0])
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         for j in range(i1, i2, dim):
-            if j % BLOCK == 0:  # entering a codec block: all its columns are up to date
+            if not act_order and j % BLOCK == 0:  # entering a codec block: all its columns are up to date
                 fits.append(fit(codec, Wt[j:j + BLOCK].T, importance[j:j + BLOCK]).blocks())
-                scale = torch.from_numpy(lat.scale(fits[-1]).reshape(rows, -1).T.copy()).to(device)  # (sub-blocks, rows)
-                shift = None if lat.shift is None else \
-                    torch.from_numpy(lat.shift(fits[-1]).reshape(rows, -1).T.copy()).to(device)
+                put(j, fits[-1])
             g = slice(j, j + dim)
             Ugg = U[g, g]
             Uinv = torch.linalg.solve_triangular(Ugg, eye, upper=True)
             A = Uinv @ Uinv.T  # (H⁻¹_gg)⁻¹ of the columns not yet fixed
             w = Wt[g]  # (dim, rows), updated by every earlier error
-            s = scale[(j % BLOCK) // lat.sub]
+            sub = original[j] // lat.sub
+            s = scale[sub]
             W8 = A8 = None
             if lat.signs == "parity" and dim < 8 and j % 8 == 0:
                 U8inv = torch.linalg.solve_triangular(U[j:j + 8, j:j + 8], torch.eye(8, device=device), upper=True)
                 W8, A8 = Wt[j:j + 8], U8inv @ U8inv.T
             sigma = choose_signs(lat, w, neg, j, A, W8, A8)
-            t = w if shift is None else w - s * shift[(j % BLOCK) // lat.sub]
+            t = w if shift is None else w - s * shift[sub]
             idx, best = best_points(P, PP, A, t, s, sigma, lat.signs == "none")
             if FLIP_SEARCH and lat.signs == "parity" and (j + dim) % 8 == 0:
                 # the parity flip by the exact metric: each coordinate of the closing group, for the rows that flipped
@@ -170,12 +189,16 @@ def solve_lattice(W, H, codec: Codec, *, block_size: int = 128, damp: float = 0.
             if shift is None:
                 q = (s * pts) * sigma  # the codec's (db * grid) * sign
             else:
-                q = s * (pts + shift[(j % BLOCK) // lat.sub])  # IQ1_S's dl * (grid + delta)
+                q = s * (pts + shift[sub])  # IQ1_S's dl * (grid + delta)
             err = torch.linalg.solve_triangular(Ugg.T, w - q, upper=False)  # U_ggᵀ err = e: GPTQ's errors in a row
             Err[g] = err
             Wt[j + dim:i2].addmm_(U[g, j + dim:i2].T, err, alpha=-1)
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err[i1:i2], alpha=-1)
     fitted = concat_blocks(fits)
+    if act_order:  # back to the original column order
+        index[perm[::dim] // dim] = index.clone()
+        neg[perm] = neg.clone()
+        Err[perm] = Err.clone()
     if refine:
         fitted = refine_lattice(W, damped(H, max(refine_damp * float(H.diagonal().mean()), lam)), lat, P, fitted,
                                 index, neg, refine, block_size)
@@ -194,7 +217,9 @@ def refine_lattice(W, H, lat: Lattice, P, fitted, index, neg, iterations: int, b
     """After vector GPTQ, exact coordinate descent on what the GGUF stores, as refine.py does for the scalar grids:
     each round refits every sub-block's integer scale l (Ŵ of a sub-block is unit·d·(l + ½) times its points' fixed
     values, so refine.refit_scales' integer Newton step applies as is), then moves each group of `dim` weights to
-    the codebook point of least exact loss with every other weight's error known (signs and IQ1's shifts kept):
+    the codebook point of least exact loss with every other weight's error known: with its signs kept, or (SIGN_MOVES;
+    groups of 8 with signs) with the signs of the group's continuous optimum Ŵ_J - H_JJ⁻¹G_J, parity-corrected by
+    flipping its least |value| — the better of the two (IQ1's shifts are kept):
     for a change Δ of Ŵ[r, J], ΔL = 2Δ·G[r, J] + Δᵀ H_JJ Δ, G = (Ŵ - W) H, kept current.  Only decreases are taken.
     W (rows, cols), H (damped) and P (K, dim) on one device; fitted: the fitted blocks of all the columns (d,
     scales, IQ1's shift); index (cols/dim, rows) and neg (cols, rows) are updated in place.  Returns fitted with
@@ -233,24 +258,50 @@ def refine_lattice(W, H, lat: Lattice, P, fitted, index, neg, iterations: int, b
                 HJJ, sg, sj = H[J, J], Sg[J], St[j]
                 old = P[idx[:, j // dim]].T  # (dim, rows)
                 w_cur = sj * sg * old if shift is None else sj * (old + shift[:, J].T)
-                lin = sg * (Gt[J] - HJJ @ w_cur)  # ΔL(p) = s²·pᵀ(σσᵀ⊙H)p + 2s·lin·p + const
-                if lat.signs == "none":
-                    quad = (PP @ HJJ.reshape(-1))[None, :]
-                else:
-                    quad = (HJJ[:, :, None] * (sg[:, None, :] * sg[None, :, :])).reshape(dim * dim, -1).T @ PP.T
-                score = sj[:, None].square() * quad + 2 * sj[:, None] * (lin.T @ P.T)  # (rows, K)
+                grad = Gt[J] - HJJ @ w_cur  # ΔL(q) = qᵀH_JJ q + 2q·grad + const, q the group's new Ŵ
+                score = group_scores(P, PP, HJJ, grad, sj, sg, lat.signs == "none")
                 best, new = score.min(1)
                 cur = score.gather(1, idx[:, j // dim, None])[:, 0]
+                new_sg = sg
+                if SIGN_MOVES and lat.signs != "none" and (lat.signs == "free" or dim == 8):
+                    # the signs of the group's continuous optimum w - H_JJ⁻¹G_J as a second candidate (parity
+                    # types: its least |value| flipped where the count of negatives is odd)
+                    u = w_cur - torch.linalg.solve(HJJ, Gt[J])
+                    n = u < 0
+                    if lat.signs == "parity":
+                        odd = n.sum(0) % 2 == 1
+                        n ^= odd[None, :] & (torch.arange(dim, device=device)[:, None] == u.abs().argmin(0)[None, :])
+                    alt = torch.where(n, -1.0, 1.0)
+                    best2, new2 = group_scores(P, PP, HJJ, grad, sj, alt, False).min(1)
+                    take = best2 < best
+                    best, new = torch.where(take, best2, best), torch.where(take, new2, new)
+                    new_sg = torch.where(take[None, :], alt, sg)
                 move = best < cur - 1e-6 * cur.abs()  # not a float tie; no branch on it (a host sync per group)
                 new = torch.where(move, new, idx[:, j // dim])
-                delta = sj * sg * (P[new].T - old)  # the shift cancels; Ŵ changes by s·σ⊙(p' - p)
+                new_sg = torch.where(move[None, :], new_sg, sg)
+                delta = sj * (new_sg * P[new].T - sg * old)  # the shift cancels; Ŵ changes by s·(σ'⊙p' - σ⊙p)
                 idx[:, j // dim] = new
+                Sg[J] = new_sg
                 Dt[Jb] = delta
                 Gt[j + dim:i2] += H[j + dim:i2, J] @ delta
             Gt[i2:].addmm_(H[i2:, i1:i2], Dt)
+        sign = Sg.T.contiguous() if lat.signs != "none" else sign
     index.copy_(idx.T)
+    if lat.signs != "none":
+        neg.copy_(sign.T < 0)
     scales = (sc - 0.5).round().to(torch.int64).cpu().numpy().reshape(fitted.scales.shape)
     return dataclasses.replace(fitted, scales=scales.astype(fitted.scales.dtype))
+
+
+def group_scores(P, PP, HJJ, grad, s, sigma, unsigned: bool) -> torch.Tensor:
+    """ΔL of moving each row's group to q = s·σ⊙p, for every codebook point p (up to a constant), (rows, K):
+    s²·pᵀ(σσᵀ⊙H_JJ)p + 2s·(σ⊙grad)·p."""
+    if unsigned:
+        quad = (PP @ HJJ.reshape(-1))[None, :]
+    else:
+        dim = len(HJJ)
+        quad = (HJJ[:, :, None] * (sigma[:, None, :] * sigma[None, :, :])).reshape(dim * dim, -1).T @ PP.T
+    return s[:, None].square() * quad + 2 * s[:, None] * ((sigma * grad).T @ P.T)
 
 
 def best_points(P, PP, A, t, s, sigma, unsigned: bool):
