@@ -465,10 +465,16 @@ static float dot_iq4_xs(int n, const void *vx, const void *vy) {
  *   IQ1_M         acc1[8] = fma(d*y.d, lanes, acc1);  acc2[8] = fma(d*y.d, delta lanes, acc2);
  *                 result fma(0.125, hsum8(acc2), hsum8(acc1))
  * Only the lane contents and these float steps must match ggml; how the integers get there is ours.  Indices, sign
- * bytes and scales are decoded a super-block at a time with vector ops into small arrays, which the per-32 table
- * lookups then read (per-lookup scalar decoding made IQ1_M half as fast as ggml).  The 7-bit sign indices are
- * completed with their parity (ksigns' rule, tested bit-exact against ggml) instead of a lookup.
+ * bytes and scales are decoded a super-block at a time with vector ops (per-lookup scalar decoding made IQ1_M half as
+ * fast as ggml), and for the next super-block (IQ2_S, IQ1_S, IQ1_M indices: the one after) while the current one's
+ * dots run: decoded just before its dots, that chain stands in front of all of them and the core cannot overlap
+ * enough of it (IQ2_XXS: 0.98x ggml's so, 1.14x with the same instructions a block ahead).  The 7-bit sign indices
+ * are completed with their parity (ksigns' rule, tested bit-exact against ggml) instead of a lookup.
  */
+
+/* Loops over the 32-element chunks of a super-block are unrolled, so that each chunk's shuffle controls and lane
+ * picks are constants (GCC's own heuristics stop unrolling some of them). */
+#define EQ_UNROLL8 _Pragma("GCC unroll 8")
 
 static inline __m256i lattice_lanes(__m256i sum, __m256i magnitude, __m256i signed_y, __m256i scale16) {
     return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_y), scale16));
@@ -486,75 +492,126 @@ static inline __m256i nibble_scales16(const uint8_t sc[8]) {
     return _mm256_add_epi16(_mm256_slli_epi16(wide, 1), _mm256_set1_epi16(1));
 }
 
-/* From the 8 metadata words of a super-block (IQ2_XXS, IQ3_XXS; lane c: four 7-bit sign indices and ls << 28): the 8
- * sign bits of each 8 elements, bytes 4c..4c+3 of `signs` (the 7 stored plus their parity, ksigns' rule, from a
- * 16-entry table of s ^ (s >> 4)), and the scales 2*ls + 1 as int16. */
-static inline void meta_signs_scales(__m256i meta, uint8_t signs[32], int16_t ls[8]) {
-    const __m256i parity = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
-                                            0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
-    __m256i bytes = _mm256_setzero_si256();
-    for (int l = 0; l < 4; ++l) {
-        const __m256i s7 = _mm256_and_si256(_mm256_srli_epi32(meta, 7 * l), _mm256_set1_epi32(127));
-        const __m256i odd = _mm256_shuffle_epi8(parity, _mm256_and_si256(_mm256_xor_si256(s7, _mm256_srli_epi32(s7, 4)), _mm256_set1_epi32(15)));
-        bytes = _mm256_or_si256(bytes, _mm256_slli_epi32(_mm256_or_si256(s7, _mm256_and_si256(odd, _mm256_set1_epi32(0xff))), 8 * l));
-    }
-    _mm256_storeu_si256((__m256i *)signs, bytes);
-    const __m256i scale = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(meta, 28), 1), _mm256_set1_epi32(1));
-    _mm_storeu_si128((__m128i *)ls, _mm_packs_epi32(_mm256_castsi256_si128(scale), _mm256_extracti128_si256(scale, 1)));
+/* The odd 32-bit words of a super-block's 64 bytes (IQ2_XXS; IQ3_XXS's last 32 bytes are those words alone): its 8
+ * metadata words, (m0 m1 m4 m5 | m2 m3 m6 m7) from the shuffle, then 64-bit quarters reordered. */
+static inline __m256i xxs_meta(const uint8_t q[64]) {
+    const __m256 words0 = _mm256_castsi256_ps(load256(q)), words1 = _mm256_castsi256_ps(load256(q + 32));
+    return _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(words0, words1, 0xdd)), 0xd8);
 }
 
+/* From the 8 metadata words of a super-block (IQ2_XXS, IQ3_XXS; lane c: four 7-bit sign indices and ls << 28): lane c
+ * of `signs` the 32 sign bits of chunk c (each 7-bit index moved to its own byte and completed with its parity in bit
+ * 7, ksigns' rule, from a 16-entry table of the parity of b ^ (b >> 4)), and lane c of `scales` its scale 2*ls + 1 in
+ * both 16-bit halves. */
+static inline void xxs_signs_scales(__m256i meta, __m256i *signs, __m256i *scales) {
+    const __m256i parity = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+                                            0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    const __m256i m7 = _mm256_set1_epi32(0x7f);
+    __m256i b = _mm256_or_si256(_mm256_and_si256(meta, m7), _mm256_and_si256(_mm256_slli_epi32(meta, 1), _mm256_slli_epi32(m7, 8)));
+    b = _mm256_or_si256(b, _mm256_and_si256(_mm256_slli_epi32(meta, 2), _mm256_slli_epi32(m7, 16)));
+    b = _mm256_or_si256(b, _mm256_and_si256(_mm256_slli_epi32(meta, 3), _mm256_slli_epi32(m7, 24)));
+    const __m256i folded = _mm256_and_si256(_mm256_xor_si256(b, _mm256_srli_epi16(b, 4)), _mm256_set1_epi8(15));
+    *signs = _mm256_or_si256(b, _mm256_shuffle_epi8(parity, folded));
+    const __m256i ls = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(meta, 28), 1), _mm256_set1_epi32(1));
+    *scales = _mm256_or_si256(ls, _mm256_slli_epi32(ls, 16));
+}
+
+/* Byte j of the result: byte 4k + j/8 of each 128-bit half of v (both halves holding the same 16 bytes), i.e. bytes
+ * 4k..4k+3 each spread over 8 bytes: one in-lane shuffle per 32 elements, where a broadcast first would be two. */
+static inline __m256i spread8(__m256i v, int k) {
+    return _mm256_shuffle_epi8(v, _mm256_add_epi8(_mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303),
+                                                  _mm256_set1_epi8((char)(4 * k))));
+}
+
+/* 0xFF in byte j where bit j of 32-bit word k of each 128-bit half of `words` (both halves alike) is set. */
+static inline __m256i word_bits_to_bytes(__m256i words, int k) {
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread8(words, k), bit), bit);
+}
+
+/* 32-bit lane c of v in all eight lanes (chunk c's scale pair from xxs_signs_scales). */
+static inline __m256i lane32(__m256i v, int c) { return _mm256_permutevar8x32_epi32(v, _mm256_set1_epi32(c)); }
+
+/* The signs and scales of the next super-block are decoded (xxs_signs_scales) while this one's dots run; two chunks a
+ * step, into two sums. */
 static float dot_iq2_xxs(int n, const void *vx, const void *vy) {
     const eq_iq2_xxs *x = (const eq_iq2_xxs *)vx;
     const eq_q8_K *y = (const eq_q8_K *)vy;
+    const int nb = n / EQ_QK_K;
     __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n / EQ_QK_K; ++i) {
+    __m256i next_signs, next_scales;
+    xxs_signs_scales(xxs_meta(x[0].qs), &next_signs, &next_scales);
+    for (int i = 0; i < nb; ++i) {
         const uint8_t *q = x[i].qs;
-        /* the odd words of the 64 bytes are the metadata: (m0 m1 m4 m5 | m2 m3 m6 m7), then 64-bit quarters reordered */
-        const __m256 words0 = _mm256_castsi256_ps(load256(q)), words1 = _mm256_castsi256_ps(load256(q + 32));
-        const __m256i meta = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(words0, words1, 0xdd)), 0xd8);
-        uint8_t signs[32];
-        int16_t ls[8];
-        meta_signs_scales(meta, signs, ls);
-        __m256i sum = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c, q += 8) {
-            const __m256i g = _mm256_set_epi64x((long long)eq_iq2xxs_grid[q[3]], (long long)eq_iq2xxs_grid[q[2]],
-                                                (long long)eq_iq2xxs_grid[q[1]], (long long)eq_iq2xxs_grid[q[0]]);
-            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), _mm256_set1_epi16(ls[c]));
+        const __m256i signs = next_signs, scales = next_scales;
+        if (i + 1 < nb) xxs_signs_scales(xxs_meta(x[i + 1].qs), &next_signs, &next_scales);
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        EQ_UNROLL8
+        for (int h = 0; h < 2; ++h) {
+            const __m256i half = _mm256_permute2x128_si256(signs, signs, h ? 0x11 : 0x00); /* chunks 4h..4h+3 */
+            EQ_UNROLL8
+            for (int k = 0; k < 4; k += 2) {
+                const int c = 4 * h + k;
+                const uint8_t *q0 = q + 8 * c, *q1 = q0 + 8;
+                const __m256i g0 = _mm256_set_epi64x((long long)eq_iq2xxs_grid[q0[3]], (long long)eq_iq2xxs_grid[q0[2]],
+                                                     (long long)eq_iq2xxs_grid[q0[1]], (long long)eq_iq2xxs_grid[q0[0]]);
+                const __m256i g1 = _mm256_set_epi64x((long long)eq_iq2xxs_grid[q1[3]], (long long)eq_iq2xxs_grid[q1[2]],
+                                                     (long long)eq_iq2xxs_grid[q1[1]], (long long)eq_iq2xxs_grid[q1[0]]);
+                sum0 = lattice_lanes(sum0, g0, negate_where(load256(y[i].qs + 32 * c), word_bits_to_bytes(half, k)), lane32(scales, c));
+                sum1 = lattice_lanes(sum1, g1, negate_where(load256(y[i].qs + 32 * c + 32), word_bits_to_bytes(half, k + 1)),
+                                     lane32(scales, c + 1));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
     return 0.125f * hsum8(acc);
+}
+
+/* IQ2_XS's 32 9-bit indices (q & 511) to idx, and the 8 sign bits of each 8 weights as byte k of the result: the 7
+ * stored ones plus their parity (ksigns' rule), from a 16-entry parity table of s ^ (s >> 4). */
+static inline __m256i iq2xs_decode(const uint16_t qs[32], uint16_t idx[32]) {
+    const __m256i parity = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+                                            0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    __m256i sb[2];
+    for (int half = 0; half < 2; ++half) {
+        const __m256i v = load256(qs + 16 * half);
+        _mm256_storeu_si256((__m256i *)(idx + 16 * half), _mm256_and_si256(v, _mm256_set1_epi16(511)));
+        const __m256i s7 = _mm256_srli_epi16(v, 9);
+        const __m256i odd = _mm256_shuffle_epi8(parity, _mm256_and_si256(_mm256_xor_si256(s7, _mm256_srli_epi16(s7, 4)), _mm256_set1_epi16(15)));
+        sb[half] = _mm256_or_si256(s7, _mm256_and_si256(odd, _mm256_set1_epi16(0xff)));
+    }
+    return _mm256_permute4x64_epi64(_mm256_packus_epi16(sb[0], sb[1]), 0xd8);
 }
 
 static float dot_iq2_xs(int n, const void *vx, const void *vy) {
     const eq_iq2_xs *x = (const eq_iq2_xs *)vx;
     const eq_q8_K *y = (const eq_q8_K *)vy;
+    const int nb = n / EQ_QK_K;
     __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n / EQ_QK_K; ++i) {
+    uint16_t idx[2][32];
+    __m256i next_signs = iq2xs_decode(x[0].qs, idx[0]);
+    for (int i = 0; i < nb; ++i) {
+        const uint16_t *q = idx[i & 1];
+        const __m256i signs = next_signs;
+        if (i + 1 < nb) next_signs = iq2xs_decode(x[i + 1].qs, idx[(i + 1) & 1]);
         const __m256i ls = nibble_scales16(x[i].scales);
-        /* indices q & 511 to memory for the lookups; the 8 sign bits of each 8 weights computed, not looked up:
-         * the 7 stored ones plus their parity (ksigns' rule), from a 16-entry parity table of s ^ (s >> 4) */
-        uint16_t idx[32];
-        uint8_t signs[32];
-        const __m256i parity = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
-                                                0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
-        __m256i sb[2];
-        for (int half = 0; half < 2; ++half) {
-            const __m256i v = load256(x[i].qs + 16 * half);
-            _mm256_storeu_si256((__m256i *)(idx + 16 * half), _mm256_and_si256(v, _mm256_set1_epi16(511)));
-            const __m256i s7 = _mm256_srli_epi16(v, 9);
-            const __m256i odd = _mm256_shuffle_epi8(parity, _mm256_and_si256(_mm256_xor_si256(s7, _mm256_srli_epi16(s7, 4)), _mm256_set1_epi16(15)));
-            sb[half] = _mm256_or_si256(s7, _mm256_and_si256(odd, _mm256_set1_epi16(0xff)));
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        EQ_UNROLL8
+        for (int h = 0; h < 2; ++h) {
+            const __m256i half = _mm256_permute2x128_si256(signs, signs, h ? 0x11 : 0x00); /* chunks 4h..4h+3 */
+            EQ_UNROLL8
+            for (int k = 0; k < 4; k += 2, q += 8) {
+                const int c = 4 * h + k;
+                const __m256i g0 = _mm256_set_epi64x((long long)eq_iq2xs_grid[q[3]], (long long)eq_iq2xs_grid[q[2]],
+                                                     (long long)eq_iq2xs_grid[q[1]], (long long)eq_iq2xs_grid[q[0]]);
+                const __m256i g1 = _mm256_set_epi64x((long long)eq_iq2xs_grid[q[7]], (long long)eq_iq2xs_grid[q[6]],
+                                                     (long long)eq_iq2xs_grid[q[5]], (long long)eq_iq2xs_grid[q[4]]);
+                sum0 = lattice_lanes(sum0, g0, negate_where(load256(y[i].qs + 32 * c), word_bits_to_bytes(half, k)), broadcast16(ls, c));
+                sum1 = lattice_lanes(sum1, g1, negate_where(load256(y[i].qs + 32 * c + 32), word_bits_to_bytes(half, k + 1)),
+                                     broadcast16(ls, c + 1));
+            }
         }
-        _mm256_storeu_si256((__m256i *)signs, _mm256_permute4x64_epi64(_mm256_packus_epi16(sb[0], sb[1]), 0xd8));
-        __m256i sum = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c) {
-            const uint16_t *q = idx + 4 * c;
-            const __m256i g = _mm256_set_epi64x((long long)eq_iq2xs_grid[q[3]], (long long)eq_iq2xs_grid[q[2]],
-                                                (long long)eq_iq2xs_grid[q[1]], (long long)eq_iq2xs_grid[q[0]]);
-            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), broadcast16(ls, c));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
     return 0.125f * hsum8(acc);
 }
@@ -595,21 +652,27 @@ static inline void iq3s_indices(const uint8_t qs[64], const uint8_t qh[8], uint1
 static float dot_iq2_s(int n, const void *vx, const void *vy) {
     const eq_iq2_s *x = (const eq_iq2_s *)vx;
     const eq_q8_K *y = (const eq_q8_K *)vy;
+    const int nb = n / EQ_QK_K;
     __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n / EQ_QK_K; ++i) {
-        const uint8_t *q = x[i].qs;
+    uint16_t idx[4][32];
+    for (int i = 0; i < 2 && i < nb; ++i) iq2s_indices(x[i].qs, x[i].qh, idx[i]);
+    for (int i = 0; i < nb; ++i) {
+        const uint16_t *k = idx[i & 3];
+        if (i + 2 < nb) iq2s_indices(x[i + 2].qs, x[i + 2].qh, idx[(i + 2) & 3]);
         const __m256i ls = nibble_scales16(x[i].scales);
-        __m256i sum = _mm256_setzero_si256();
-        uint16_t idx[32];
-        iq2s_indices(q, x[i].qh, idx);
-        for (int c = 0; c < 8; ++c) {
-            const uint16_t *k = idx + 4 * c;
-            const __m256i g = _mm256_set_epi64x((long long)eq_iq2s_grid[k[3]], (long long)eq_iq2s_grid[k[2]],
-                                                (long long)eq_iq2s_grid[k[1]], (long long)eq_iq2s_grid[k[0]]);
-            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(x[i].signs + 4 * c)),
-                                broadcast16(ls, c));
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        EQ_UNROLL8
+        for (int c = 0; c < 8; c += 2, k += 8) {
+            const __m256i g0 = _mm256_set_epi64x((long long)eq_iq2s_grid[k[3]], (long long)eq_iq2s_grid[k[2]],
+                                                 (long long)eq_iq2s_grid[k[1]], (long long)eq_iq2s_grid[k[0]]);
+            const __m256i g1 = _mm256_set_epi64x((long long)eq_iq2s_grid[k[7]], (long long)eq_iq2s_grid[k[6]],
+                                                 (long long)eq_iq2s_grid[k[5]], (long long)eq_iq2s_grid[k[4]]);
+            sum0 = lattice_lanes(sum0, g0, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(x[i].signs + 4 * c)),
+                                 broadcast16(ls, c));
+            sum1 = lattice_lanes(sum1, g1, negate_where(load256(y[i].qs + 32 * c + 32), bits_to_bytes(x[i].signs + 4 * c + 4)),
+                                 broadcast16(ls, c + 1));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
     return 0.125f * hsum8(acc);
 }
@@ -617,20 +680,34 @@ static float dot_iq2_s(int n, const void *vx, const void *vy) {
 static float dot_iq3_xxs(int n, const void *vx, const void *vy) {
     const eq_iq3_xxs *x = (const eq_iq3_xxs *)vx;
     const eq_q8_K *y = (const eq_q8_K *)vy;
+    const int nb = n / EQ_QK_K;
     __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n / EQ_QK_K; ++i) {
+    __m256i next_signs, next_scales;
+    xxs_signs_scales(load256(x[0].qs + 64), &next_signs, &next_scales);
+    for (int i = 0; i < nb; ++i) {
         const uint8_t *q = x[i].qs;
-        uint8_t signs[32];
-        int16_t ls[8];
-        meta_signs_scales(load256(x[i].qs + 64), signs, ls);
-        __m256i sum = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c, q += 8) {
-            const __m256i g = _mm256_set_epi32((int)eq_iq3xxs_grid[q[7]], (int)eq_iq3xxs_grid[q[6]], (int)eq_iq3xxs_grid[q[5]],
-                                               (int)eq_iq3xxs_grid[q[4]], (int)eq_iq3xxs_grid[q[3]], (int)eq_iq3xxs_grid[q[2]],
-                                               (int)eq_iq3xxs_grid[q[1]], (int)eq_iq3xxs_grid[q[0]]);
-            sum = lattice_lanes(sum, g, negate_where(load256(y[i].qs + 32 * c), bits_to_bytes(signs + 4 * c)), _mm256_set1_epi16(ls[c]));
+        const __m256i signs = next_signs, scales = next_scales;
+        if (i + 1 < nb) xxs_signs_scales(load256(x[i + 1].qs + 64), &next_signs, &next_scales);
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        EQ_UNROLL8
+        for (int h = 0; h < 2; ++h) {
+            const __m256i half = _mm256_permute2x128_si256(signs, signs, h ? 0x11 : 0x00); /* chunks 4h..4h+3 */
+            EQ_UNROLL8
+            for (int k = 0; k < 4; k += 2) {
+                const int c = 4 * h + k;
+                const uint8_t *q0 = q + 8 * c, *q1 = q0 + 8;
+                const __m256i g0 = _mm256_set_epi32((int)eq_iq3xxs_grid[q0[7]], (int)eq_iq3xxs_grid[q0[6]], (int)eq_iq3xxs_grid[q0[5]],
+                                                    (int)eq_iq3xxs_grid[q0[4]], (int)eq_iq3xxs_grid[q0[3]], (int)eq_iq3xxs_grid[q0[2]],
+                                                    (int)eq_iq3xxs_grid[q0[1]], (int)eq_iq3xxs_grid[q0[0]]);
+                const __m256i g1 = _mm256_set_epi32((int)eq_iq3xxs_grid[q1[7]], (int)eq_iq3xxs_grid[q1[6]], (int)eq_iq3xxs_grid[q1[5]],
+                                                    (int)eq_iq3xxs_grid[q1[4]], (int)eq_iq3xxs_grid[q1[3]], (int)eq_iq3xxs_grid[q1[2]],
+                                                    (int)eq_iq3xxs_grid[q1[1]], (int)eq_iq3xxs_grid[q1[0]]);
+                sum0 = lattice_lanes(sum0, g0, negate_where(load256(y[i].qs + 32 * c), word_bits_to_bytes(half, k)), lane32(scales, c));
+                sum1 = lattice_lanes(sum1, g1, negate_where(load256(y[i].qs + 32 * c + 32), word_bits_to_bytes(half, k + 1)),
+                                     lane32(scales, c + 1));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(sum), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(x[i].d) * y[i].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
     return 0.25f * hsum8(acc);
 }
@@ -657,6 +734,12 @@ static float dot_iq3_s(int n, const void *vx, const void *vy) {
     }
     return hsum8(acc);
 }
+
+/* IQ1 values g in {-1, 0, 1}: the int16 pairs ls*g*y of 32 elements, ls the unsigned byte scale of each element (at most
+ * 15).  sign(y, g) is g*y (0 where g is), so the scale rides in maddubs' unsigned operand, and with |y| <= 128 a pair is
+ * at most 3840 in magnitude: eight chunks add up in int16 (<= 30720) before one madd widens them to ggml's int32 lanes
+ * (sum over chunks of ls * 4 consecutive products), the same integers as a madd with the scale per chunk. */
+static inline __m256i iq1_pairs(__m256i g, __m256i yv, __m256i ls8) { return _mm256_maddubs_epi16(ls8, _mm256_sign_epi8(yv, g)); }
 
 /* The 32 11-bit indices of an IQ1_S super-block: index 4c + l = qs[4c + l] | bits 3l..3l+2 of qh[c] << 8, eight
  * at a time in 32-bit lanes, packed to uint16. */
@@ -685,11 +768,14 @@ static inline void iq1s_indices(const uint8_t qs[32], const uint16_t qh[8], uint
 static float dot_iq1_s(int n, const void *vx, const void *vy) {
     const eq_iq1_s *x = (const eq_iq1_s *)vx;
     const eq_q8_K *y = (const eq_q8_K *)vy;
+    const int nb = n / EQ_QK_K;
     __m256 acc = _mm256_setzero_ps();
     float acc1 = 0.0f;
-    for (int i = 0; i < n / EQ_QK_K; ++i) {
-        uint16_t idx[32];
-        iq1s_indices(x[i].qs, x[i].qh, idx);
+    uint16_t idx[4][32];
+    for (int i = 0; i < 2 && i < nb; ++i) iq1s_indices(x[i].qs, x[i].qh, idx[i]);
+    for (int i = 0; i < nb; ++i) {
+        const uint16_t *k = idx[i & 3];
+        if (i + 2 < nb) iq1s_indices(x[i + 2].qs, x[i + 2].qh, idx[(i + 2) & 3]);
         /* per 32 elements c (a 32-bit lane each): ls = 2*((qh >> 12) & 7) + 1, negated where the shift is; the shift
          * part is then sum(+-ls * (bsums[2c] + bsums[2c+1])) in one vector pass */
         const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x[i].qh));
@@ -698,16 +784,18 @@ static float dot_iq1_s(int n, const void *vx, const void *vy) {
         const __m256i neg = _mm256_srai_epi32(_mm256_slli_epi32(words, 16), 31);
         const __m256i pairs = _mm256_madd_epi16(load256(y[i].bsums), _mm256_set1_epi16(1));
         const int delta_sum = hsum8_i32(_mm256_mullo_epi32(pairs, _mm256_sub_epi32(_mm256_xor_si256(ls, neg), neg)));
-        int16_t ls16[16];
-        _mm_storeu_si128((__m128i *)ls16, _mm_packs_epi32(_mm256_castsi256_si128(ls), _mm256_extracti128_si256(ls, 1)));
-        __m256i sum = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c) {
-            const uint16_t *k = idx + 4 * c;
-            const __m256i g = _mm256_set_epi64x((long long)eq_iq1s_grid[k[3]], (long long)eq_iq1s_grid[k[2]],
-                                                (long long)eq_iq1s_grid[k[1]], (long long)eq_iq1s_grid[k[0]]);
-            const __m256i yc = load256(y[i].qs + 32 * c);
-            sum = lattice_lanes(sum, _mm256_sign_epi8(g, g), _mm256_sign_epi8(yc, g), _mm256_set1_epi16(ls16[c]));
+        const __m256i ls8 = _mm256_mullo_epi32(ls, _mm256_set1_epi32(0x01010101)); /* lane c: chunk c's scale in each byte */
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        EQ_UNROLL8
+        for (int c = 0; c < 8; c += 2, k += 8) {
+            const __m256i g0 = _mm256_set_epi64x((long long)eq_iq1s_grid[k[3]], (long long)eq_iq1s_grid[k[2]],
+                                                 (long long)eq_iq1s_grid[k[1]], (long long)eq_iq1s_grid[k[0]]);
+            const __m256i g1 = _mm256_set_epi64x((long long)eq_iq1s_grid[k[7]], (long long)eq_iq1s_grid[k[6]],
+                                                 (long long)eq_iq1s_grid[k[5]], (long long)eq_iq1s_grid[k[4]]);
+            sum0 = _mm256_add_epi16(sum0, iq1_pairs(g0, load256(y[i].qs + 32 * c), lane32(ls8, c)));
+            sum1 = _mm256_add_epi16(sum1, iq1_pairs(g1, load256(y[i].qs + 32 * c + 32), lane32(ls8, c + 1)));
         }
+        const __m256i sum = _mm256_madd_epi16(_mm256_add_epi16(sum0, sum1), _mm256_set1_epi16(1));
         const float d = y[i].d * half_to_float(x[i].d);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
         acc1 = fmaf(d, (float)delta_sum, acc1);
@@ -731,42 +819,46 @@ static inline void iq1m_indices(const uint8_t qs[32], const uint8_t qh[16], uint
 static float dot_iq1_m(int n, const void *vx, const void *vy) {
     const eq_iq1_m *x = (const eq_iq1_m *)vx;
     const eq_q8_K *y = (const eq_q8_K *)vy;
-    const __m256i one = _mm256_set1_epi8(1);
-    /* the shift bits of 4 groups of 8 from 2 qh bytes: byte 0 to the low 16 bytes, byte 1 to the high 16, tested
-     * against bit 3 (first group of each byte) and bit 7 (second) */
-    const __m256i spread = _mm256_set_epi64x(0x0101010101010101LL, 0x0101010101010101LL, 0, 0);
-    const __m256i shift_bit = _mm256_set_epi64x((long long)0x8080808080808080ULL, 0x0808080808080808LL,
-                                                (long long)0x8080808080808080ULL, 0x0808080808080808LL);
+    const __m128i one = _mm_set1_epi8(1), bit3 = _mm_set1_epi8(0x08), bit7 = _mm_set1_epi8((char)0x80);
+    const int nb = n / EQ_QK_K;
     __m256 acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
-    for (int i = 0; i < n / EQ_QK_K; ++i) {
-        const uint8_t *q = x[i].qs, *h = x[i].qh;
+    uint16_t idx[4][32];
+    for (int i = 0; i < 2 && i < nb; ++i) iq1m_indices(x[i].qs, x[i].qh, idx[i]);
+    for (int i = 0; i < nb; ++i) {
         const uint16_t *sc = x[i].scales;
-        /* the 16 scales 2l+1 as int16: 64-bit lane e holds the scales m = (0, 2, 1, 3)[e] of each word (sub-blocks
-         * 4j + m), so the low 128 bits hold the even sub-blocks and the high 128 the odd ones: word (c%2)*4 + c/2 of
-         * each half is then the pair (2c, 2c+1) of chunk c */
+        /* the 16 scales 2l+1 as bytes in each 128-bit half: 16-bit lane 4e + w of the shifted copies is 3-bit field e
+         * of word w (sub-block s = 4w + e); packed to bytes and the halves' 64-bit quarters paired up, sub-block s is at
+         * byte 4(s%4) + s/4 */
         uint64_t sc64;
         memcpy(&sc64, sc, 8);
-        __m256i scales = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)sc64), _mm256_set_epi64x(9, 3, 6, 0));
-        scales = _mm256_add_epi16(_mm256_slli_epi16(_mm256_and_si256(scales, _mm256_set1_epi16(7)), 1), _mm256_set1_epi16(1));
-        uint16_t idx[32];
-        iq1m_indices(q, h, idx);
-        __m256i sum1 = _mm256_setzero_si256(), sum2 = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c, h += 2) {
-            const uint16_t *k = idx + 4 * c;
+        __m256i ls16 = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)sc64), _mm256_setr_epi64x(0, 3, 6, 9));
+        ls16 = _mm256_add_epi16(_mm256_slli_epi16(_mm256_and_si256(ls16, _mm256_set1_epi16(7)), 1), _mm256_set1_epi16(1));
+        const __m256i ls8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(ls16, ls16), 0x88);
+        /* the shift of each 8 elements g (bit 3 of nibble g of qh) as a byte -1 or +1, groups 0..15 and 16..31 each in
+         * both halves of a vector, so that spread8 takes chunk c's four */
+        const __m128i h = _mm_loadu_si128((const __m128i *)x[i].qh);
+        const __m128i lo = _mm_cmpeq_epi8(_mm_and_si128(h, bit3), bit3), hi = _mm_cmpeq_epi8(_mm_and_si128(h, bit7), bit7);
+        const __m128i shift0 = _mm_or_si128(_mm_unpacklo_epi8(lo, hi), one), shift1 = _mm_or_si128(_mm_unpackhi_epi8(lo, hi), one);
+        const __m256i shifts[2] = {_mm256_set_m128i(shift0, shift0), _mm256_set_m128i(shift1, shift1)};
+        const uint16_t *k = idx[i & 3];
+        if (i + 2 < nb) iq1m_indices(x[i + 2].qs, x[i + 2].qh, idx[(i + 2) & 3]);
+        __m256i sum1[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, sum2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        EQ_UNROLL8
+        for (int c = 0; c < 8; ++c, k += 4) {
             const __m256i g = _mm256_set_epi64x((long long)eq_iq1s_grid[k[3]], (long long)eq_iq1s_grid[k[2]],
                                                 (long long)eq_iq1s_grid[k[1]], (long long)eq_iq1s_grid[k[0]]);
-            uint16_t hh;
-            memcpy(&hh, h, 2);
-            const __m256i bits = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi16((short)hh), spread), shift_bit);
-            const __m256i negative = _mm256_cmpeq_epi8(bits, shift_bit);
             const __m256i yc = load256(y[i].qs + 32 * c);
-            const __m256i scale = broadcast16(scales, (c % 2) * 4 + c / 2);
-            sum1 = lattice_lanes(sum1, _mm256_sign_epi8(g, g), _mm256_sign_epi8(yc, g), scale);
-            sum2 = lattice_lanes(sum2, one, negate_where(yc, negative), scale);
+            const int s0 = 2 * c, s1 = 2 * c + 1; /* the sub-blocks of the chunk's two halves */
+            const __m256i ls = _mm256_shuffle_epi8(ls8, _mm256_set_m128i(_mm_set1_epi8((char)(4 * (s1 % 4) + s1 / 4)),
+                                                                         _mm_set1_epi8((char)(4 * (s0 % 4) + s0 / 4))));
+            sum1[c % 2] = _mm256_add_epi16(sum1[c % 2], iq1_pairs(g, yc, ls));
+            sum2[c % 2] = _mm256_add_epi16(sum2[c % 2], iq1_pairs(spread8(shifts[c / 4], c % 4), yc, ls));
         }
+        const __m256i lanes1 = _mm256_madd_epi16(_mm256_add_epi16(sum1[0], sum1[1]), _mm256_set1_epi16(1));
+        const __m256i lanes2 = _mm256_madd_epi16(_mm256_add_epi16(sum2[0], sum2[1]), _mm256_set1_epi16(1));
         const __m256 d = _mm256_set1_ps(y[i].d * half_to_float(eq_iq1m_d(sc)));
-        acc1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum1), acc1);
-        acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum2), acc2);
+        acc1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes1), acc1);
+        acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes2), acc2);
     }
     return fmaf(0.125f, hsum8(acc2), hsum8(acc1));
 }

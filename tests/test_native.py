@@ -341,7 +341,7 @@ def test_lattice_activation_type_is_ggmls(ggml, qtype):
 def test_lattice_dot_bit_exact(ggml, qtype, isa, kind):
     need_ggml_isa(ggml, isa)
     rng = np.random.default_rng(11)
-    for n in (256, 1024):  # one super-block, and several
+    for n in (256, 512, 768, 1024):  # one super-block, two and three (the AVX2 kernels decode up to two ahead), four
         raw = lattice_weights(qtype, kind, rng, n=n)
         for act in ggml.quantize(Q.Q8_K, activation_rows(n, rng), isa):
             np.testing.assert_array_equal(bits(native.dot_rows(raw, act, qtype, isa)), bits(ggml.dot_rows(qtype, raw, act, isa)),
