@@ -218,7 +218,7 @@ def refine_lattice(W, H, lat: Lattice, P, fitted, index, neg, iterations: int, b
     each round refits every sub-block's integer scale l (Ŵ of a sub-block is unit·d·(l + ½) times its points' fixed
     values, so refine.refit_scales' integer Newton step applies as is), then moves each group of `dim` weights to
     the codebook point of least exact loss with every other weight's error known: with its signs kept, or (SIGN_MOVES;
-    groups of 8 with signs) with the signs of the group's continuous optimum Ŵ_J - H_JJ⁻¹G_J, parity-corrected by
+    free-sign types, and the parity types' groups of 8) with the signs of the group's continuous optimum Ŵ_J - H_JJ⁻¹G_J, parity-corrected by
     flipping its least |value| — the better of the two (IQ1's shifts are kept):
     for a change Δ of Ŵ[r, J], ΔL = 2Δ·G[r, J] + Δᵀ H_JJ Δ, G = (Ŵ - W) H, kept current.  Only decreases are taken.
     W (rows, cols), H (damped) and P (K, dim) on one device; fitted: the fitted blocks of all the columns (d,
